@@ -1,0 +1,65 @@
+//! Types shared by the `toa` eBPF programs and userspace, and the TCP option parser.
+//!
+//! Everything here is `no_std` and free of allocation so that the eBPF programs and the host
+//! (unit tests, fuzzing, userspace) run the very same code.
+#![no_std]
+
+pub mod counters;
+pub mod parse;
+pub mod probe;
+
+pub use counters::Counter;
+pub use parse::{find_toa, OptionArea, Parsed, OPTION_AREA_MAX, OPTION_BUF_LEN, TOA_KIND};
+
+/// `AF_INET`, as the kernel and the option parser use it.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`.
+pub const AF_INET6: u16 = 10;
+
+/// The client address carried by a TOA option, as stored per socket.
+///
+/// `port` and `addr` stay in network byte order, exactly as on the wire; an IPv4 address
+/// occupies the first four bytes of `addr` and the rest is zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ClientAddr {
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Port, network byte order.
+    pub port: [u8; 2],
+    /// Address, network byte order.
+    pub addr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<ClientAddr>() == 20);
+
+/// What the agent keeps for one socket (BPF socket storage, freed with the socket).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockState {
+    pub client: ClientAddr,
+    /// One of the `STATE_*` values.
+    pub state: u8,
+    /// Segments after the handshake still to look at while `state == STATE_SEARCHING`.
+    pub segments_left: u8,
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<SockState>() == 24);
+
+/// The handshake ACK had no TOA: later segments are being looked at.
+pub const STATE_SEARCHING: u8 = 1;
+/// `client` holds the address given by the load balancer.
+pub const STATE_FOUND: u8 = 2;
+
+/// How many segments after the handshake may still carry the option before the agent stops
+/// looking (balancers that use data segments put it on the first one or two).
+pub const SEARCH_SEGMENTS: u8 = 8;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain `repr(C)` data with no padding holes and no pointers.
+    unsafe impl aya::Pod for super::ClientAddr {}
+    unsafe impl aya::Pod for super::SockState {}
+    unsafe impl aya::Pod for super::probe::ProbeConfig {}
+}

@@ -1,0 +1,41 @@
+//! Configuration of the test writer (`toa probe`): the options it puts on one outgoing segment.
+
+/// Up to this many options are written, each in its own slot.
+pub const PROBE_OPTIONS: usize = 4;
+/// A slot holds one option of up to this many bytes.
+pub const PROBE_OPTION_MAX: usize = 40;
+
+/// Put the options on the ACK that completes the handshake.
+pub const PROBE_ON_ACK: u8 = 1;
+/// Put the options on the first segment that carries data.
+pub const PROBE_ON_DATA: u8 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeConfig {
+    /// `PROBE_ON_ACK` or `PROBE_ON_DATA`.
+    pub on: u8,
+    /// Number of slots in use.
+    pub count: u8,
+    /// Length of each option (its own length byte must say the same: the kernel checks).
+    pub lens: [u8; PROBE_OPTIONS],
+    pub _pad: [u8; 2],
+    pub options: [[u8; PROBE_OPTION_MAX]; PROBE_OPTIONS],
+}
+
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 8 + 4 * 40);
+
+impl ProbeConfig {
+    /// Total bytes to reserve in the header.
+    pub fn total_len(&self) -> usize {
+        let mut total = 0;
+        let mut i = 0;
+        while i < PROBE_OPTIONS {
+            if i < self.count as usize {
+                total += self.lens[i] as usize;
+            }
+            i += 1;
+        }
+        total
+    }
+}

@@ -1,0 +1,85 @@
+//! The test writer behind `toa probe`: plays the load balancer by putting the configured TCP
+//! options on the handshake ACK or on the first data segment of outgoing connections.
+//!
+//! Attached only to a temporary cgroup holding the probe process, so it touches nothing else.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+    },
+    btf_maps::Array,
+    helpers::generated::{bpf_reserve_hdr_opt, bpf_store_hdr_opt},
+    macros::{btf_map, sock_ops},
+    programs::SockOpsContext,
+};
+use toa_common::probe::{ProbeConfig, PROBE_ON_DATA, PROBE_OPTIONS, PROBE_OPTION_MAX};
+use toa_ebpf::packet::header_len;
+
+/// What to write, set by userspace before attaching.
+#[btf_map]
+static TOA_PROBE: Array<ProbeConfig, 1> = Array::new();
+
+#[sock_ops]
+pub fn toa_probe(ctx: SockOpsContext) -> u32 {
+    let Some(config) = TOA_PROBE.get(0) else {
+        return 1;
+    };
+    match ctx.op() {
+        // Ask for the header callbacks from the segment after the SYN-ACK on.
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+        }
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => {
+            // SAFETY: the context of a HDR_OPT_LEN callback.
+            unsafe { bpf_reserve_hdr_opt(ctx.ops, config.total_len() as u32, 0) };
+        }
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB => {
+            if config.on == PROBE_ON_DATA && !carries_data(ctx.ops) {
+                return 1;
+            }
+            write_options(ctx.ops, config);
+            // Once is enough: later segments go out untouched.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+        }
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn carries_data(ops: *mut bpf_sock_ops) -> bool {
+    // SAFETY: skb_len is readable in the header callbacks.
+    let skb_len = unsafe { (*ops).skb_len } as usize;
+    matches!(header_len(ops), Some(hdr) if skb_len > hdr)
+}
+
+#[inline(always)]
+fn write_options(ops: *mut bpf_sock_ops, config: &ProbeConfig) {
+    let mut i = 0;
+    while i < PROBE_OPTIONS {
+        if i >= config.count as usize {
+            break;
+        }
+        // Clamp, then test the lower bound, on the very register passed to the helper: written
+        // as one range check, LLVM tests a copy and the verifier cannot see the bound.
+        let len = (config.lens[i] as u32).min(PROBE_OPTION_MAX as u32);
+        if len >= 2 {
+            // SAFETY: `len` (2..=40) bytes of the 40-byte slot are readable.
+            unsafe { bpf_store_hdr_opt(ops, config.options[i].as_ptr().cast(), len, 0) };
+        }
+        i += 1;
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

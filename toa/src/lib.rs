@@ -1,0 +1,20 @@
+//! `toa`: real client addresses for TCP sockets behind FULLNAT load balancers, with eBPF.
+//!
+//! The load balancer writes the client's address into a TCP option (TOA). The eBPF programs
+//! embedded in this crate read it on incoming connections and make `getpeername()` and
+//! `accept()` return it. [`Agent`] owns the pinned state (load, open, unload, status, stats);
+//! [`probe`] plays the load balancer for tests and for operators checking a backend.
+
+pub mod agent;
+pub mod cgroup;
+pub mod error;
+mod link_info;
+pub mod probe;
+mod programs;
+pub mod system;
+
+pub use agent::{Agent, LoadOptions, Loaded, Status};
+pub use error::Error;
+
+/// Default bpffs directory holding the agent's pinned links and maps.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/toa";

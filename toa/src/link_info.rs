@@ -1,0 +1,75 @@
+//! What a pinned link is attached to, read from the kernel: aya's `LinkInfo` exposes neither
+//! the link's fd nor its cgroup, so this is the two bpf(2) calls it takes.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+/// The facts `toa status` shows about one attachment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkFacts {
+    pub program_id: u32,
+    /// Set for cgroup links.
+    pub cgroup_id: Option<u64>,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i64> {
+    // SAFETY: `attr` is a properly laid out bpf_attr prefix for `cmd`; its pointers (if any)
+    // reference buffers the caller keeps alive across the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// Opens a pinned object read-only.
+fn open_pin(path: &Path) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjGet { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel just returned this new descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Reads the program and cgroup of the link pinned at `path`.
+pub fn pinned_link(path: &Path) -> io::Result<LinkFacts> {
+    use std::os::fd::AsRawFd as _;
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let fd = open_pin(path)?;
+    // struct bpf_link_info: type, id, prog_id (u32 each), padding, then the union whose cgroup
+    // member is { u64 cgroup_id; u32 attach_type; }.
+    let mut info = [0u64; 16];
+    let mut attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let link_type = info[0] as u32;
+    Ok(LinkFacts {
+        program_id: info[1] as u32,
+        cgroup_id: (link_type == BPF_LINK_TYPE_CGROUP).then_some(info[2]),
+    })
+}

@@ -1,0 +1,154 @@
+//! The `toa` command: load, inspect and unload the TOA agent, and probe a backend.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use toa::{
+    probe::{self, ProbeOptions, Segment},
+    Agent, LoadOptions, Status, DEFAULT_PIN_DIR,
+};
+
+#[derive(Parser)]
+#[command(name = "toa", version, about = "Real client addresses behind FULLNAT load balancers (TCP Option Address, eBPF)")]
+struct Cli {
+    /// bpffs directory holding the agent's pinned programs and maps.
+    #[arg(long, global = true, env = "TOA_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the agent and attach it; it stays attached after this command exits.
+    Load {
+        /// cgroup v2 directory to scope the agent to (default: the root, i.e. every process).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach the agent and remove everything it pinned.
+    Unload,
+    /// Show whether the agent is loaded, where, and its programs.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the agent's counters.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Play the load balancer: connect with a TOA option, send a line, print the answer.
+    Probe {
+        /// The backend to connect to.
+        target: SocketAddr,
+        /// The client address the option announces.
+        #[arg(long = "as", value_name = "IP:PORT")]
+        client: SocketAddr,
+        /// The segment that carries the option.
+        #[arg(long, value_enum, default_value = "ack")]
+        on: Segment,
+        /// The line to send.
+        #[arg(long, default_value = "hello from toa probe")]
+        message: String,
+        /// Seconds to wait for the connection and the answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+        /// Write this option (hex, e.g. fe06000a0102) instead of the TOA; repeatable. For
+        /// testing how a backend copes with malformed options.
+        #[arg(long = "raw-option", value_name = "HEX", value_parser = parse_hex, hide = true)]
+        raw_options: Vec<Vec<u8>>,
+    },
+}
+
+fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
+    if s.len() % 2 != 0 {
+        return Err(format!("{s}: an even number of hex digits is needed"));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| format!("{s}: not hex")))
+        .collect()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("toa: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let agent = Agent::new(&cli.pin_dir);
+    match cli.command {
+        Command::Load { cgroup, json } => {
+            let loaded = agent.load(&LoadOptions { cgroup, pin_dir: cli.pin_dir.clone() })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&loaded)?);
+            } else {
+                if loaded.changed {
+                    let time = loaded.load_time_ms.map(|t| format!(" in {t} ms")).unwrap_or_default();
+                    println!("toa loaded{time}");
+                } else {
+                    println!("toa was already loaded; nothing changed");
+                }
+                print_status(&loaded.status);
+            }
+        }
+        Command::Unload => {
+            if agent.unload()? {
+                println!("toa unloaded");
+            } else {
+                println!("toa was not loaded; nothing to do");
+            }
+        }
+        Command::Status { json } => {
+            let status = agent.status()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+        }
+        Command::Stats { json } => {
+            let stats = agent.stats()?;
+            if json {
+                let map: serde_json::Map<_, _> = stats.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
+                println!("{}", serde_json::to_string_pretty(&map)?);
+            } else {
+                for (name, value) in stats {
+                    println!("{name:<24}{value}");
+                }
+            }
+        }
+        Command::Probe { target, client, on, message, timeout, raw_options } => {
+            let options = ProbeOptions { target, client, on, message, timeout: Duration::from_secs(timeout), raw_options };
+            print!("{}", probe::run(&options)?);
+        }
+    }
+    Ok(())
+}
+
+fn print_status(status: &Status) {
+    if !status.loaded {
+        println!("status:   not loaded (nothing pinned under {})", status.pin_dir.display());
+    } else {
+        println!("status:   loaded");
+        let cgroup = status.cgroup.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "unknown".into());
+        println!("cgroup:   {cgroup}");
+        println!("pins:     {}", status.pin_dir.display());
+        for p in &status.programs {
+            let insns = p.verified_insns.map(|n| format!(", {n} insns verified")).unwrap_or_default();
+            println!("program:  {} (id {}{insns})", p.name, p.id);
+        }
+    }
+    println!("kernel:   {}", status.kernel);
+    println!("version:  {}", status.version);
+}

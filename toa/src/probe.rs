@@ -1,0 +1,182 @@
+//! `toa probe`: play the load balancer. Connects to a backend with a TOA option naming a chosen
+//! client, sends one line and returns the backend's answer. The writer program is attached to a
+//! cgroup made for this process alone and everything is removed before returning.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use aya::{
+    maps::Array,
+    programs::{CgroupAttachMode, SockOps},
+    EbpfLoader,
+};
+use toa_common::{
+    parse::encode_toa,
+    probe::{ProbeConfig, PROBE_ON_ACK, PROBE_ON_DATA, PROBE_OPTIONS, PROBE_OPTION_MAX},
+    ClientAddr, AF_INET, AF_INET6,
+};
+
+use crate::{
+    cgroup::TempCgroup,
+    error::{chain, Error},
+    programs, system,
+};
+
+/// Which outgoing segment carries the options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Segment {
+    /// The ACK that completes the handshake (what most balancers do).
+    Ack,
+    /// The first segment that carries data.
+    Data,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    pub target: SocketAddr,
+    /// The client address to announce; ignored when `raw_options` is not empty.
+    pub client: SocketAddr,
+    pub on: Segment,
+    pub message: String,
+    pub timeout: Duration,
+    /// Options written as given, instead of a TOA for `client` (tests of malformed input).
+    pub raw_options: Vec<Vec<u8>>,
+}
+
+/// The classic TOA announcing `client`.
+pub fn toa_option(client: SocketAddr) -> Vec<u8> {
+    let mut addr = [0u8; 16];
+    let family = match client {
+        SocketAddr::V4(a) => {
+            addr[..4].copy_from_slice(&a.ip().octets());
+            AF_INET
+        }
+        SocketAddr::V6(a) => {
+            addr.copy_from_slice(&a.ip().octets());
+            AF_INET6
+        }
+    };
+    let client = ClientAddr { family, port: client.port().to_be_bytes(), addr };
+    let mut out = [0u8; 20];
+    let n = encode_toa(&client, &mut out);
+    out[..n].to_vec()
+}
+
+fn config(options: &ProbeOptions) -> Result<ProbeConfig, Error> {
+    let list = if options.raw_options.is_empty() {
+        vec![toa_option(options.client)]
+    } else {
+        options.raw_options.clone()
+    };
+    let bad = |detail: String| Error::Probe { detail };
+    if list.len() > PROBE_OPTIONS {
+        return Err(bad(format!("at most {PROBE_OPTIONS} options can be written")));
+    }
+    let mut cfg = ProbeConfig {
+        on: match options.on {
+            Segment::Ack => PROBE_ON_ACK,
+            Segment::Data => PROBE_ON_DATA,
+        },
+        count: list.len() as u8,
+        lens: [0; PROBE_OPTIONS],
+        _pad: [0; 2],
+        options: [[0; PROBE_OPTION_MAX]; PROBE_OPTIONS],
+    };
+    for (i, opt) in list.iter().enumerate() {
+        // The kernel writes an option only if its length byte matches what it is given.
+        if opt.len() < 2 || opt.len() > PROBE_OPTION_MAX || opt[1] as usize != opt.len() {
+            return Err(bad(format!(
+                "option {} ({:02x?}): its second byte must be its length (2..=40)",
+                i + 1,
+                opt
+            )));
+        }
+        cfg.lens[i] = opt.len() as u8;
+        cfg.options[i][..opt.len()].copy_from_slice(opt);
+    }
+    if cfg.total_len() > 40 {
+        return Err(bad("the options exceed the 40 bytes a TCP header can hold".into()));
+    }
+    Ok(cfg)
+}
+
+/// Runs the probe and returns what the backend answered.
+pub fn run(options: &ProbeOptions) -> Result<String, Error> {
+    system::require_root("toa probe")?;
+    system::require_kernel()?;
+    let cfg = config(options)?;
+    let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
+
+    // Declared before the programs so that it is dropped after them: detach, then leave.
+    let cgroup = TempCgroup::enter(&format!("toa-probe-{}", std::process::id()))?;
+    let mut ebpf = EbpfLoader::new().load(programs::PROBE).map_err(|e| load_err(&e))?;
+    let map = ebpf.map_mut("TOA_PROBE").ok_or_else(|| Error::Load { detail: "map TOA_PROBE missing".into() })?;
+    let mut array = Array::<_, ProbeConfig>::try_from(map).map_err(|e| load_err(&e))?;
+    array.set(0, cfg, 0).map_err(|e| load_err(&e))?;
+    let program: &mut SockOps = ebpf
+        .program_mut(programs::PROBE_WRITER)
+        .ok_or_else(|| Error::Load { detail: "program toa_probe missing".into() })?
+        .try_into()
+        .map_err(|e| load_err(&e))?;
+    program.load().map_err(|e| load_err(&e))?;
+    let dir = std::fs::File::open(cgroup.path())?;
+    program.attach(&dir, CgroupAttachMode::Single).map_err(|e| Error::Attach {
+        program: programs::PROBE_WRITER,
+        cgroup: cgroup.path().to_owned(),
+        detail: chain(&e),
+    })?;
+
+    exchange(options).map_err(|e| Error::Probe { detail: format!("{}: {e}", options.target) })
+}
+
+fn exchange(options: &ProbeOptions) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&options.target, options.timeout)?;
+    stream.set_read_timeout(Some(options.timeout))?;
+    stream.set_write_timeout(Some(options.timeout))?;
+    stream.write_all(options.message.as_bytes())?;
+    stream.write_all(b"\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(raw: Vec<Vec<u8>>) -> ProbeOptions {
+        ProbeOptions {
+            target: "198.18.0.1:80".parse().unwrap(),
+            client: "203.0.113.7:4242".parse().unwrap(),
+            on: Segment::Ack,
+            message: String::new(),
+            timeout: Duration::from_secs(1),
+            raw_options: raw,
+        }
+    }
+
+    #[test]
+    fn classic_options() {
+        assert_eq!(toa_option("203.0.113.7:4242".parse().unwrap()), [254, 8, 0x10, 0x92, 203, 0, 113, 7]);
+        let v6 = toa_option("[2001:db8::7]:4242".parse().unwrap());
+        assert_eq!(v6.len(), 20);
+        assert_eq!(&v6[..4], &[254, 20, 0x10, 0x92]);
+    }
+
+    #[test]
+    fn raw_options_need_a_matching_length_byte() {
+        assert!(config(&opts(vec![vec![254, 6, 0, 0, 0, 0]])).is_ok());
+        assert!(config(&opts(vec![vec![254, 8, 0]])).is_err());
+        assert!(config(&opts(vec![vec![254]])).is_err());
+        let long = |len: u8| {
+            let mut v = vec![30, len];
+            v.resize(len as usize, 0);
+            v
+        };
+        assert!(config(&opts(vec![long(20), long(20)])).is_ok());
+        assert!(config(&opts(vec![long(20), long(21)])).is_err(), "41 bytes do not fit");
+    }
+}

@@ -1,0 +1,102 @@
+//! Facts about the host: privileges, kernel release, bpffs, the kernel log.
+
+use std::{
+    ffi::CString,
+    fs,
+    io::{self, Write as _},
+    os::unix::ffi::OsStrExt as _,
+    path::Path,
+};
+
+use crate::Error;
+
+/// Fails unless running as root.
+pub fn require_root(what: &'static str) -> Result<(), Error> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NotRoot { what });
+    }
+    Ok(())
+}
+
+/// The kernel release (`uname -r`).
+pub fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// `(major, minor)` of a release string such as `6.1.0-41-cloud-amd64`.
+pub fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Fails on kernels older than 5.10 (no sock_ops header-option callbacks).
+pub fn require_kernel() -> Result<(), Error> {
+    let release = kernel_release();
+    match parse_release(&release) {
+        Some(version) if version >= (5, 10) => Ok(()),
+        Some(_) => Err(Error::KernelTooOld { release }),
+        // Unparsable release: let the kernel decide when the programs load.
+        None => Ok(()),
+    }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into a zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Makes sure `pin_dir`'s parent is on bpffs, mounting bpffs at /sys/fs/bpf when nothing is
+/// mounted there yet (as systemd does on most hosts).
+pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    if is_bpffs(parent) {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if parent != default {
+        return Err(Error::NotBpffs { path: pin_dir.to_owned() });
+    }
+    let target = CString::new("/sys/fs/bpf").expect("no NUL in a literal");
+    let fstype = CString::new("bpf").expect("no NUL in a literal");
+    // SAFETY: valid C strings; mount(2) has no other preconditions.
+    let rc = unsafe {
+        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(Error::Bpffs { path: default.to_owned(), source: io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// Writes one line to the kernel log, where operators of the classic module look
+/// (`dmesg | grep TOA`). Best effort: a missing /dev/kmsg must not fail a load.
+pub fn kernel_log(line: &str) {
+    if let Ok(mut kmsg) = fs::OpenOptions::new().write(true).open("/dev/kmsg") {
+        let _ = writeln!(kmsg, "<6>{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releases() {
+        assert_eq!(parse_release("6.1.0-41-cloud-amd64"), Some((6, 1)));
+        assert_eq!(parse_release("5.10.0"), Some((5, 10)));
+        assert_eq!(parse_release("6.18.44-fc-v509"), Some((6, 18)));
+        assert_eq!(parse_release("3.10.0-1160.el7.x86_64"), Some((3, 10)));
+        assert_eq!(parse_release("weird"), None);
+    }
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""A server that knows nothing of TOA (the Python twin of examples/peer_echo.rs).
+
+For each connection: read one line, answer with the address accept() returned and the one
+getpeername() returns after that read. Usage: peer_echo.py HOST PORT
+"""
+import socket
+import sys
+
+
+def show(addr):
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def main():
+    host, port = sys.argv[1], int(sys.argv[2])
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        # Dual-stack when listening on [::], as Go and Java do by default.
+        srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    srv.bind((host, port))
+    srv.listen(128)
+    print("listening on", show(srv.getsockname()), flush=True)
+    while True:
+        conn, accepted = srv.accept()
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.makefile("rb").readline()
+            except OSError:
+                pass
+            reply = f"accept={show(accepted)} peer={show(conn.getpeername())}\n"
+            conn.sendall(reply.encode())
+
+
+if __name__ == "__main__":
+    main()
