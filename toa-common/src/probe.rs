@@ -19,7 +19,9 @@ pub struct ProbeConfig {
     pub count: u8,
     /// Length of each option (its own length byte must say the same: the kernel checks).
     pub lens: [u8; PROBE_OPTIONS],
-    pub _pad: [u8; 2],
+    /// Set by the writer: options the kernel wrote, and options it refused.
+    pub written: u8,
+    pub refused: u8,
     pub options: [[u8; PROBE_OPTION_MAX]; PROBE_OPTIONS],
 }
 

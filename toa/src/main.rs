@@ -57,6 +57,9 @@ enum Command {
         /// Seconds to wait for the connection and the answer.
         #[arg(long, default_value_t = 5)]
         timeout: u64,
+        /// Connections to make; connection N announces the client port plus N.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        count: u32,
         /// Write this option (hex, e.g. fe06000a0102) instead of the TOA; repeatable. For
         /// testing how a backend copes with malformed options.
         #[arg(long = "raw-option", value_name = "HEX", value_parser = parse_hex, hide = true)]
@@ -128,9 +131,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Probe { target, client, on, message, timeout, raw_options } => {
-            let options = ProbeOptions { target, client, on, message, timeout: Duration::from_secs(timeout), raw_options };
-            print!("{}", probe::run(&options)?);
+        Command::Probe { target, client, on, message, timeout, count, raw_options } => {
+            let timeout = Duration::from_secs(timeout);
+            let options = ProbeOptions { target, client, on, message, timeout, count, raw_options };
+            probe::run(&options, |exchange| {
+                // What the backend said on stdout; what the probe did on stderr.
+                eprintln!("toa probe: from {} announcing {}", exchange.local, exchange.announced);
+                print!("{}", exchange.reply);
+            })?;
         }
     }
     Ok(())

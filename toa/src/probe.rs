@@ -42,6 +42,9 @@ pub struct ProbeOptions {
     pub on: Segment,
     pub message: String,
     pub timeout: Duration,
+    /// Connections to make, one after the other; connection `i` announces the client port
+    /// plus `i`, so that each one can be told apart.
+    pub count: u32,
     /// Options written as given, instead of a TOA for `client` (tests of malformed input).
     pub raw_options: Vec<Vec<u8>>,
 }
@@ -65,9 +68,9 @@ pub fn toa_option(client: SocketAddr) -> Vec<u8> {
     out[..n].to_vec()
 }
 
-fn config(options: &ProbeOptions) -> Result<ProbeConfig, Error> {
+fn config(options: &ProbeOptions, client: SocketAddr) -> Result<ProbeConfig, Error> {
     let list = if options.raw_options.is_empty() {
-        vec![toa_option(options.client)]
+        vec![toa_option(client)]
     } else {
         options.raw_options.clone()
     };
@@ -82,7 +85,8 @@ fn config(options: &ProbeOptions) -> Result<ProbeConfig, Error> {
         },
         count: list.len() as u8,
         lens: [0; PROBE_OPTIONS],
-        _pad: [0; 2],
+        written: 0,
+        refused: 0,
         options: [[0; PROBE_OPTION_MAX]; PROBE_OPTIONS],
     };
     for (i, opt) in list.iter().enumerate() {
@@ -103,11 +107,27 @@ fn config(options: &ProbeOptions) -> Result<ProbeConfig, Error> {
     Ok(cfg)
 }
 
-/// Runs the probe and returns what the backend answered.
-pub fn run(options: &ProbeOptions) -> Result<String, Error> {
+/// One connection of a probe.
+#[derive(Clone, Debug)]
+pub struct Exchange {
+    /// The probe's real address, as the backend's kernel sees it.
+    pub local: SocketAddr,
+    /// The client address announced in the option.
+    pub announced: SocketAddr,
+    /// What the backend answered.
+    pub reply: String,
+}
+
+/// Runs the probe, calling `on_reply` after each connection.
+pub fn run(options: &ProbeOptions, mut on_reply: impl FnMut(&Exchange)) -> Result<(), Error> {
     system::require_root("toa probe")?;
     system::require_kernel()?;
-    let cfg = config(options)?;
+    let announced = |i: u32| {
+        let mut client = options.client;
+        client.set_port(options.client.port().wrapping_add(i as u16));
+        client
+    };
+    let first = config(options, announced(0))?;
     let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
 
     // Declared before the programs so that it is dropped after them: detach, then leave.
@@ -115,7 +135,8 @@ pub fn run(options: &ProbeOptions) -> Result<String, Error> {
     let mut ebpf = EbpfLoader::new().load(programs::PROBE).map_err(|e| load_err(&e))?;
     let map = ebpf.map_mut("TOA_PROBE").ok_or_else(|| Error::Load { detail: "map TOA_PROBE missing".into() })?;
     let mut array = Array::<_, ProbeConfig>::try_from(map).map_err(|e| load_err(&e))?;
-    array.set(0, cfg, 0).map_err(|e| load_err(&e))?;
+    array.set(0, first, 0).map_err(|e| load_err(&e))?;
+    drop(array);
     let program: &mut SockOps = ebpf
         .program_mut(programs::PROBE_WRITER)
         .ok_or_else(|| Error::Load { detail: "program toa_probe missing".into() })?
@@ -129,18 +150,40 @@ pub fn run(options: &ProbeOptions) -> Result<String, Error> {
         detail: chain(&e),
     })?;
 
-    exchange(options).map_err(|e| Error::Probe { detail: format!("{}: {e}", options.target) })
+
+    let map = ebpf.map_mut("TOA_PROBE").ok_or_else(|| Error::Load { detail: "map TOA_PROBE missing".into() })?;
+    let mut array = Array::<_, ProbeConfig>::try_from(map).map_err(|e| load_err(&e))?;
+    for i in 0..options.count {
+        let client = announced(i);
+        let cfg = config(options, client)?;
+        array.set(0, cfg, 0).map_err(|e| load_err(&e))?;
+        let exchange = exchange(options, client)
+            .map_err(|e| Error::Probe { detail: format!("{}: {e}", options.target) })?;
+        let done = array.get(&0, 0).map_err(|e| load_err(&e))?;
+        if done.refused > 0 || done.written != cfg.count {
+            return Err(Error::Probe {
+                detail: format!(
+                    "the kernel wrote {} of the {} options (it refuses, e.g., kind 253/254 shorter \
+                     than 4 bytes, and the same kind twice with the same first two data bytes)",
+                    done.written, cfg.count
+                ),
+            });
+        }
+        on_reply(&exchange);
+    }
+    Ok(())
 }
 
-fn exchange(options: &ProbeOptions) -> std::io::Result<String> {
+fn exchange(options: &ProbeOptions, announced: SocketAddr) -> std::io::Result<Exchange> {
     let mut stream = TcpStream::connect_timeout(&options.target, options.timeout)?;
+    let local = stream.local_addr()?;
     stream.set_read_timeout(Some(options.timeout))?;
     stream.set_write_timeout(Some(options.timeout))?;
     stream.write_all(options.message.as_bytes())?;
     stream.write_all(b"\n")?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
-    Ok(reply)
+    Ok(Exchange { local, announced, reply })
 }
 
 #[cfg(test)]
@@ -154,8 +197,13 @@ mod tests {
             on: Segment::Ack,
             message: String::new(),
             timeout: Duration::from_secs(1),
+            count: 1,
             raw_options: raw,
         }
+    }
+
+    fn config_of(o: &ProbeOptions) -> Result<ProbeConfig, Error> {
+        config(o, o.client)
     }
 
     #[test]
@@ -168,15 +216,15 @@ mod tests {
 
     #[test]
     fn raw_options_need_a_matching_length_byte() {
-        assert!(config(&opts(vec![vec![254, 6, 0, 0, 0, 0]])).is_ok());
-        assert!(config(&opts(vec![vec![254, 8, 0]])).is_err());
-        assert!(config(&opts(vec![vec![254]])).is_err());
+        assert!(config_of(&opts(vec![vec![254, 6, 0, 0, 0, 0]])).is_ok());
+        assert!(config_of(&opts(vec![vec![254, 8, 0]])).is_err());
+        assert!(config_of(&opts(vec![vec![254]])).is_err());
         let long = |len: u8| {
             let mut v = vec![30, len];
             v.resize(len as usize, 0);
             v
         };
-        assert!(config(&opts(vec![long(20), long(20)])).is_ok());
-        assert!(config(&opts(vec![long(20), long(21)])).is_err(), "41 bytes do not fit");
+        assert!(config_of(&opts(vec![long(20), long(20)])).is_ok());
+        assert!(config_of(&opts(vec![long(20), long(21)])).is_err(), "41 bytes do not fit");
     }
 }

@@ -24,9 +24,11 @@ static TOA_PROBE: Array<ProbeConfig, 1> = Array::new();
 
 #[sock_ops]
 pub fn toa_probe(ctx: SockOpsContext) -> u32 {
-    let Some(config) = TOA_PROBE.get(0) else {
+    let Some(config) = TOA_PROBE.get_ptr_mut(0) else {
         return 1;
     };
+    // SAFETY: the map slot outlives the program; only this probe's connection uses it.
+    let config = unsafe { &mut *config };
     match ctx.op() {
         // Ask for the header callbacks from the segment after the SYN-ACK on.
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
@@ -57,7 +59,7 @@ fn carries_data(ops: *mut bpf_sock_ops) -> bool {
 }
 
 #[inline(always)]
-fn write_options(ops: *mut bpf_sock_ops, config: &ProbeConfig) {
+fn write_options(ops: *mut bpf_sock_ops, config: &mut ProbeConfig) {
     let mut i = 0;
     while i < PROBE_OPTIONS {
         if i >= config.count as usize {
@@ -68,7 +70,13 @@ fn write_options(ops: *mut bpf_sock_ops, config: &ProbeConfig) {
         let len = (config.lens[i] as u32).min(PROBE_OPTION_MAX as u32);
         if len >= 2 {
             // SAFETY: `len` (2..=40) bytes of the 40-byte slot are readable.
-            unsafe { bpf_store_hdr_opt(ops, config.options[i].as_ptr().cast(), len, 0) };
+            let rc = unsafe { bpf_store_hdr_opt(ops, config.options[i].as_ptr().cast(), len, 0) };
+            // Reported back so that `toa probe` fails instead of silently sending less.
+            if rc == 0 {
+                config.written += 1;
+            } else {
+                config.refused += 1;
+            }
         }
         i += 1;
     }

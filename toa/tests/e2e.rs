@@ -1,0 +1,306 @@
+//! End to end: the real agent in the kernel, real servers that know nothing of TOA, and
+//! `toa probe` playing the load balancer from another network namespace. Run as root.
+
+mod support;
+
+use std::{process::Command, time::Duration};
+
+use support::*;
+
+const CLIENT: &str = "203.0.113.7:4242";
+const CLIENT6: &str = "[2001:db8::7]:4242";
+
+/// What peer_echo answers for a connection.
+fn answer(accepted: &str, peer: &str) -> String {
+    format!("accept={accepted} peer={peer}\n")
+}
+
+/// The probe's real address, from its stderr ("toa probe: from ADDR announcing …").
+fn probe_source(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("toa probe: from "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no source in {stderr:?}"))
+        .to_owned()
+}
+
+/// The same address as an IPv6 socket shows it.
+fn mapped(v4: &str) -> String {
+    let (ip, port) = v4.rsplit_once(':').unwrap();
+    format!("[::ffff:{ip}]:{port}")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn toa4(ip: [u8; 4], port: u16) -> Vec<u8> {
+    let p = port.to_be_bytes();
+    vec![254, 8, p[0], p[1], ip[0], ip[1], ip[2], ip[3]]
+}
+
+#[test]
+fn ipv4_client_reaches_python_and_rust_servers() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    lab.rust_server("198.18.0.1:8081");
+    for port in [8080, 8081] {
+        let (out, _) = lab.probe(&format!("{SERVER_V4}:{port}"), &["--as", CLIENT]);
+        assert_eq!(out, answer(CLIENT, CLIENT), "server on port {port}");
+    }
+}
+
+#[test]
+fn ipv6_client_reaches_ipv6_listeners() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V6, 8080);
+    lab.rust_server("[fd00::1]:8081");
+    for port in [8080, 8081] {
+        let (out, _) = lab.probe(&format!("[{SERVER_V6}]:{port}"), &["--as", CLIENT6]);
+        assert_eq!(out, answer(CLIENT6, CLIENT6), "server on port {port}");
+    }
+}
+
+#[test]
+fn ipv4_client_on_dual_stack_listener_is_v4_mapped() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server("::", 8080);
+    lab.rust_server("[::]:8081");
+    let expected = mapped(CLIENT);
+    for port in [8080, 8081] {
+        let (out, _) = lab.probe(&format!("{SERVER_V4}:{port}"), &["--as", CLIENT]);
+        assert_eq!(out, answer(&expected, &expected), "server on port {port}");
+    }
+}
+
+#[test]
+fn option_on_first_data_segment() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT, "--on", "data"]);
+    // accept() returned before the data segment arrived: it still shows the balancer. After the
+    // first read, getpeername() shows the client.
+    assert_eq!(out, answer(&probe_source(&err), CLIENT));
+    assert_eq!(lab.stats()["data_segment_toa"], 1);
+}
+
+#[test]
+fn connection_without_option_keeps_its_address() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    let (local, reply) = lab.plain_exchange("198.18.0.1:8080");
+    assert_eq!(reply, answer(&local, &local));
+    let stats = lab.stats();
+    assert_eq!(stats["syn_recv_sock_no_toa"], 1);
+    assert_eq!(stats["syn_recv_sock_toa"], 0);
+    assert_eq!(stats["getname_toa_ok"], 0);
+}
+
+#[test]
+fn port_63881_is_read_as_a_port() {
+    // 0xF989 is what the kernel takes for a Fast Open option in kind 254; a TOA parser must not.
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    let client = "203.0.113.7:63881";
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--as", client]);
+    assert_eq!(out, answer(client, client));
+}
+
+/// Each malformed shape the kernel lets a sender write: the real address must stay. (The
+/// kernel's writer refuses EOL, lengths below 2 and lengths past the area; the parser's unit
+/// tests cover those.)
+#[test]
+fn malformed_options_keep_the_real_address() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    let ip = [203, 0, 113, 7];
+    let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        ("TOA of length 6", vec![vec![254, 6, 0x10, 0x92, 203, 0]]),
+        ("TOA of length 10", vec![vec![254, 10, 0x10, 0x92, 203, 0, 113, 7, 0, 0]]),
+        ("TOA of length 4", vec![vec![254, 4, 0x10, 0x92]]),
+        ("TOA inside another option", vec![[vec![30, 10], toa4(ip, 4242)].concat()]),
+        ("IPv4 TOA under kind 253", vec![[vec![253, 8], toa4(ip, 4242)[2..].to_vec()].concat()]),
+    ];
+    for (what, options) in cases {
+        let mut args = vec![];
+        for o in &options {
+            args.push("--raw-option".to_owned());
+            args.push(hex(o));
+        }
+        args.extend(["--as".to_owned(), CLIENT.to_owned()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (out, err) = lab.probe("198.18.0.1:8080", &args);
+        let real = probe_source(&err);
+        assert_eq!(out, answer(&real, &real), "{what}");
+    }
+    let stats = lab.stats();
+    assert_eq!(stats["syn_recv_sock_toa"], 0);
+    assert_eq!(stats["getname_toa_ok"], 0);
+    // Only the three wrong lengths are malformed TOAs; a TOA hidden inside another option and
+    // kind 253 are well-formed lists without a (classic) TOA.
+    assert_eq!(stats["option_malformed"], 3);
+}
+
+#[test]
+fn several_options_first_valid_wins() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    let first = toa4([203, 0, 113, 7], 4242);
+    let second = toa4([198, 51, 100, 9], 80);
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--raw-option", &hex(&first), "--raw-option", &hex(&second), "--as", CLIENT]);
+    assert_eq!(out, answer(CLIENT, CLIENT));
+    // A TOA of a wrong length is skipped; the valid one after it counts.
+    let bad = vec![254, 6, 0x01, 0xbb, 10, 0];
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--raw-option", &hex(&bad), "--raw-option", &hex(&first), "--as", CLIENT]);
+    assert_eq!(out, answer(CLIENT, CLIENT));
+}
+
+#[test]
+fn full_forty_byte_option_area() {
+    let mut lab = Lab::new();
+    // Without timestamps the ACK carries only our options: 20 bytes of another option and an
+    // IPv6 TOA fill the 40-byte area exactly, the TOA in its last 20 bytes.
+    run(Command::new("ip").args(["netns", "exec", &lab.client_ns, "sysctl", "-qw", "net.ipv4.tcp_timestamps=0"]));
+    lab.load();
+    lab.python_server("::", 8080);
+    let mut filler = vec![30, 20];
+    filler.resize(20, 0xaa);
+    let toa6 = {
+        let mut o = vec![254, 20, 0x10, 0x92];
+        o.extend("2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        o
+    };
+    let (out, _) = lab.probe("[fd00::1]:8080", &["--raw-option", &hex(&filler), "--raw-option", &hex(&toa6), "--as", CLIENT6]);
+    assert_eq!(out, answer(CLIENT6, CLIENT6));
+}
+
+#[test]
+fn many_connections_each_get_their_own_client() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.rust_server("198.18.0.1:8080");
+    let n = 200u16;
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--as", "203.0.113.7:10000", "--count", &n.to_string()]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), n as usize);
+    for (i, line) in lines.iter().enumerate() {
+        let client = format!("203.0.113.7:{}", 10000 + i);
+        assert_eq!(format!("{line}\n"), answer(&client, &client), "connection {i}");
+    }
+    let stats = lab.stats();
+    assert_eq!(stats["syn_recv_sock_toa"], u64::from(n));
+    assert_eq!(stats["getname_toa_ok"], 2 * u64::from(n));
+}
+
+#[test]
+fn unload_restores_addresses_and_leaves_nothing() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    assert_eq!(out, answer(CLIENT, CLIENT));
+
+    let status = lab.status_json();
+    let ids: Vec<u64> = status["programs"].as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), 3);
+    assert!(cgroup_attachments(&lab.cgroup).contains("toa_sock_ops"));
+
+    let out = lab.unload();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "toa unloaded\n");
+    assert!(!lab.pin_dir.exists(), "pins left behind");
+    assert!(eventually(Duration::from_secs(5), || ids.iter().all(|id| !program_exists(*id))), "programs still loaded: {ids:?}");
+    assert!(!cgroup_attachments(&lab.cgroup).contains("toa_"), "still attached: {}", cgroup_attachments(&lab.cgroup));
+    assert_eq!(lab.status_json()["loaded"], false);
+
+    let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    let real = probe_source(&err);
+    assert_eq!(out, answer(&real, &real));
+    // Unloading again is harmless.
+    assert_eq!(String::from_utf8_lossy(&lab.unload().stdout), "toa was not loaded; nothing to do\n");
+}
+
+#[test]
+fn load_twice_is_harmless() {
+    let mut lab = Lab::new();
+    lab.load();
+    let before = lab.status_json();
+    let out = lab.load();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("toa was already loaded; nothing changed"));
+    assert_eq!(lab.status_json(), before);
+    assert_eq!(cgroup_attachments(&lab.cgroup).matches("toa_sock_ops").count(), 1);
+    lab.python_server(SERVER_V4, 8080);
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    assert_eq!(out, answer(CLIENT, CLIENT));
+}
+
+#[test]
+fn status_names_the_cgroup_and_programs() {
+    let lab = Lab::new();
+    assert_eq!(lab.status_json()["loaded"], false);
+    lab.load();
+    let status = lab.status_json();
+    assert_eq!(status["loaded"], true);
+    assert_eq!(status["cgroup"], lab.cgroup.to_str().unwrap());
+    let names: Vec<&str> = status["programs"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["toa_sock_ops", "toa_getpeer4", "toa_getpeer6"]);
+}
+
+#[test]
+fn bad_input_fails_clearly_and_attaches_nothing() {
+    let lab = Lab::new();
+    // A cgroup that does not exist.
+    let out = lab.toa().args(["load", "--cgroup", "/sys/fs/cgroup/no-such-toa-cgroup"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--cgroup /sys/fs/cgroup/no-such-toa-cgroup: not a cgroup v2 directory"), "{err}");
+    assert!(!lab.pin_dir.exists());
+
+    // A pin directory outside bpffs.
+    let out = lab.toa().args(["load", "--cgroup"]).arg(&lab.cgroup).args(["--pin-dir", "/tmp/toa-not-bpffs/x"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not on a bpffs mount"), "{err}");
+    assert!(!cgroup_attachments(&lab.cgroup).contains("toa_"));
+
+    // Not root.
+    let mut cmd = lab.toa();
+    cmd.args(["load", "--cgroup"]).arg(&lab.cgroup);
+    // SAFETY: setuid between fork and exec, async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt as _;
+        cmd.pre_exec(|| if libc::setuid(65534) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err, "toa: error: toa load must run as root (it loads eBPF programs into the kernel): run it with sudo\n");
+    assert!(!lab.pin_dir.exists());
+    assert!(!cgroup_attachments(&lab.cgroup).contains("toa_"));
+
+    // A probe option whose length byte lies.
+    let out = lab.probe_cmd("198.18.0.1:8080", &["--as", CLIENT, "--raw-option", "fe0800"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("its second byte must be its length"));
+}
+
+#[test]
+fn probe_leaves_nothing_behind() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    let child = lab.probe_cmd("198.18.0.1:8080", &["--as", CLIENT]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    // Its cgroup (named after its PID) is gone, and with it the writer attached there.
+    assert!(!cgroup2_mount().join(format!("toa-probe-{pid}")).exists());
+}

@@ -1,0 +1,261 @@
+//! A lab for end-to-end tests: two network namespaces joined by a veth pair, a cgroup for the
+//! servers, a pin directory for the agent, and the servers themselves. Everything is created
+//! per test and removed by `Drop`, also when the test fails.
+//!
+//! Server namespace: 198.18.0.1/24 and fd00::1/64; client namespace: .2 and fd00::2.
+#![allow(dead_code)]
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+pub const SERVER_V4: &str = "198.18.0.1";
+pub const CLIENT_V4: &str = "198.18.0.2";
+pub const SERVER_V6: &str = "fd00::1";
+pub const CLIENT_V6: &str = "fd00::2";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub fn toa_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_toa")
+}
+
+/// Runs a command that must succeed; panics with its output otherwise.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn ip(args: &[&str]) {
+    run(Command::new("ip").args(args));
+}
+
+/// The cgroup v2 mount point, from /proc/mounts. Privileged tests fail loudly without it.
+pub fn cgroup2_mount() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
+    let dir = mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<_> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
+        })
+        .expect("these tests need a cgroup v2 hierarchy mounted");
+    PathBuf::from(dir)
+}
+
+pub struct Lab {
+    pub name: String,
+    pub server_ns: String,
+    pub client_ns: String,
+    pub cgroup: PathBuf,
+    pub pin_dir: PathBuf,
+    servers: Vec<Child>,
+}
+
+impl Lab {
+    pub fn new() -> Self {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "the end-to-end tests must run as root");
+        let name = format!("toa-t{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let lab = Lab {
+            server_ns: format!("{name}-s"),
+            client_ns: format!("{name}-c"),
+            cgroup: cgroup2_mount().join(&name),
+            pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
+            name,
+            servers: Vec::new(),
+        };
+        // From here on `Drop` cleans up whatever was made, should a step fail.
+        ip(&["netns", "add", &lab.server_ns]);
+        ip(&["netns", "add", &lab.client_ns]);
+        ip(&["-n", &lab.server_ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &lab.client_ns]);
+        for (ns, v4, v6) in [(&lab.server_ns, SERVER_V4, SERVER_V6), (&lab.client_ns, CLIENT_V4, CLIENT_V6)] {
+            ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
+            ip(&["-n", ns, "-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        fs::create_dir(&lab.cgroup).expect("create the test cgroup");
+        lab
+    }
+
+    /// `toa` with this lab's pin directory.
+    pub fn toa(&self) -> Command {
+        let mut cmd = Command::new(toa_bin());
+        cmd.env("TOA_PIN_DIR", &self.pin_dir);
+        cmd
+    }
+
+    /// Loads the agent on this lab's cgroup.
+    pub fn load(&self) -> Output {
+        run(self.toa().arg("load").arg("--cgroup").arg(&self.cgroup))
+    }
+
+    pub fn unload(&self) -> Output {
+        run(self.toa().arg("unload"))
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = run(self.toa().args(["status", "--json"]));
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        let out = run(self.toa().args(["stats", "--json"]));
+        serde_json::from_slice(&out.stdout).expect("stats --json is JSON")
+    }
+
+    /// Starts the Python server (knows nothing of TOA) on `host`:`port` in the server namespace
+    /// and the lab's cgroup; returns once it listens.
+    pub fn python_server(&mut self, host: &str, port: u16) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peer_echo.py");
+        let mut cmd = Command::new("python3");
+        cmd.args([script, host, &port.to_string()]);
+        self.start_server(cmd);
+    }
+
+    /// Starts the Rust server (examples/peer_echo.rs, std only) on `addr`.
+    pub fn rust_server(&mut self, addr: &str) {
+        let mut cmd = Command::new(example_bin("peer_echo"));
+        cmd.arg(addr);
+        self.start_server(cmd);
+    }
+
+    fn start_server(&mut self, mut cmd: Command) {
+        in_netns_and_cgroup(&mut cmd, &self.netns_path(&self.server_ns), Some(&self.cgroup));
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        self.servers.push(child);
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read the server's first line");
+        assert!(line.starts_with("listening on"), "server did not start: {line:?}");
+    }
+
+    pub fn netns_path(&self, ns: &str) -> PathBuf {
+        PathBuf::from("/run/netns").join(ns)
+    }
+
+    /// Runs `toa probe` from the client namespace; returns (stdout, stderr).
+    pub fn probe(&self, target: &str, args: &[&str]) -> (String, String) {
+        let out = run(&mut self.probe_cmd(target, args));
+        (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    }
+
+    pub fn probe_cmd(&self, target: &str, args: &[&str]) -> Command {
+        let mut cmd = self.toa();
+        cmd.arg("probe").arg(target).args(args);
+        in_netns_and_cgroup(&mut cmd, &self.netns_path(&self.client_ns), None);
+        cmd
+    }
+
+    /// A plain connection (no option at all) from the client namespace: sends a line, returns
+    /// (the client's own address, the server's answer).
+    pub fn plain_exchange(&self, target: &str) -> (String, String) {
+        use std::io::{Read as _, Write as _};
+        let ns = self.netns_path(&self.client_ns);
+        let target: std::net::SocketAddr = target.parse().unwrap();
+        std::thread::spawn(move || {
+            // A thread of its own: setns(CLONE_NEWNET) changes only the calling thread.
+            let f = fs::File::open(&ns).unwrap();
+            // SAFETY: a valid namespace fd.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"plain\n").unwrap();
+            let mut reply = String::new();
+            s.read_to_string(&mut reply).unwrap();
+            (s.local_addr().unwrap().to_string(), reply)
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for child in &mut self.servers {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.pin_dir.exists() {
+            let _ = self.toa().arg("unload").output();
+        }
+        let _ = fs::remove_dir(&self.cgroup);
+        for ns in [&self.server_ns, &self.client_ns] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// Makes `cmd` run in a network namespace and, optionally, a cgroup, from its first
+/// instruction: sockets take their cgroup and namespace when they are created.
+pub fn in_netns_and_cgroup(cmd: &mut Command, netns: &Path, cgroup: Option<&Path>) {
+    let ns = fs::File::open(netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
+    let procs = cgroup.map(|c| fs::OpenOptions::new().write(true).open(c.join("cgroup.procs")).expect("open cgroup.procs"));
+    // SAFETY: between fork and exec only async-signal-safe calls (write, setns) on fds opened
+    // before the fork, which the closure keeps alive.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Path of an example binary built by `cargo test` next to the test binaries.
+pub fn example_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/e2e-… → target/<profile>/examples/<name>
+    let path = exe.parent().and_then(Path::parent).expect("target dir").join("examples").join(name);
+    assert!(path.exists(), "{} missing: build it first (`cargo build --examples`; `cargo xtask test` does)", path.display());
+    path
+}
+
+/// Waits until `cond` holds, for at most `limit`.
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// Whether bpftool still shows the program with this id.
+pub fn program_exists(id: u64) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .expect("bpftool is needed by the tests (installed by `cargo xtask setup`)")
+        .status
+        .success()
+}
+
+/// Programs bpftool shows attached to a cgroup (its own attachments only).
+pub fn cgroup_attachments(cgroup: &Path) -> String {
+    let out = run(Command::new("bpftool").arg("cgroup").arg("show").arg(cgroup));
+    String::from_utf8(out.stdout).unwrap()
+}
