@@ -103,14 +103,15 @@ pub enum Parsed {
 ///
 /// A TOA of a wrong length is skipped by its length byte and the search goes on; a broken option
 /// list ends the search, since nothing after it can be trusted to be an option boundary.
-#[inline(always)]
+#[inline(never)]
 pub fn find_toa(area: &mut OptionArea) -> Parsed {
-    let len = area.len();
-    let len = if len > OPTION_AREA_MAX { OPTION_AREA_MAX } else { len };
     let mut malformed = false;
     area.set_cursor(0);
     // Every option is at least one byte long, so 40 rounds reach the end of any area.
     for _ in 0..OPTION_AREA_MAX {
+        // Both re-read each round: what one round learns about them must not split the next.
+        let len = area.len();
+        let len = if len > OPTION_AREA_MAX { OPTION_AREA_MAX } else { len };
         let off = area.cursor();
         if off >= len {
             break;
@@ -153,16 +154,16 @@ pub fn find_toa(area: &mut OptionArea) -> Parsed {
 /// Reads `port(2) + address(4 or 16)` following the kind and length bytes at `off`.
 #[inline(always)]
 fn read_client(area: &[u8; OPTION_BUF_LEN], off: usize, family: u16) -> ClientAddr {
-    let mut client = ClientAddr {
-        family,
-        port: [area[(off + 2) & MASK], area[(off + 3) & MASK]],
-        addr: [0; 16],
-    };
-    let addr_len = if family == AF_INET { 4 } else { 16 };
-    let mut i = 0;
-    while i < addr_len {
-        client.addr[i & 15] = area[(off + 4 + i) & MASK];
-        i += 1;
+    let at = |i: usize| area[(off + i) & MASK];
+    let mut client = ClientAddr { family, port: [at(2), at(3)], addr: [0; 16] };
+    // Straight-line copies with constant indexes: cheap for the verifier.
+    if family == AF_INET {
+        client.addr[..4].copy_from_slice(&[at(4), at(5), at(6), at(7)]);
+    } else {
+        client.addr = [
+            at(4), at(5), at(6), at(7), at(8), at(9), at(10), at(11),
+            at(12), at(13), at(14), at(15), at(16), at(17), at(18), at(19),
+        ];
     }
     client
 }
