@@ -83,9 +83,11 @@ fn option_on_first_data_segment() {
     lab.load();
     lab.python_server(SERVER_V4, 8080);
     let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT, "--on", "data"]);
-    // accept() returned before the data segment arrived: it still shows the balancer. After the
-    // first read, getpeername() shows the client.
-    assert_eq!(out, answer(&probe_source(&err), CLIENT));
+    // accept() shows the balancer if it returned before the data segment arrived, the client if
+    // the server was slower than the network (a race in the kernel, not in toa). After the first
+    // read, getpeername() always shows the client.
+    let real = probe_source(&err);
+    assert!(out == answer(&real, CLIENT) || out == answer(CLIENT, CLIENT), "{out:?} (real address {real})");
     assert_eq!(lab.stats()["data_segment_toa"], 1);
 }
 

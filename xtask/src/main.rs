@@ -40,8 +40,17 @@ enum Task {
 /// bpf-linker must match the LLVM major version of rustc.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run_task(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(cli: Cli) -> Result<()> {
     let root = workspace_root();
     env::set_current_dir(&root)?;
     match cli.task {
