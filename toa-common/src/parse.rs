@@ -15,10 +15,13 @@ pub const TOA_LEN_V4: u8 = 8;
 pub const TOA_LEN_V6: u8 = 20;
 /// A TCP header has at most 40 bytes of options (data offset 15 × 4 − 20).
 pub const OPTION_AREA_MAX: usize = 40;
-/// Size of the buffer the parser reads: a power of two above [`OPTION_AREA_MAX`] so that
-/// masking an index keeps it in bounds.
-pub const OPTION_BUF_LEN: usize = 64;
-const MASK: usize = OPTION_BUF_LEN - 1;
+/// Every offset the parser computes is masked into `0..64`.
+const MASK: usize = 63;
+/// Size of the buffer the parser reads: the masked range plus room for the 20 bytes of a TOA
+/// read at the largest masked offset. The compiler may fold `(off + i) & MASK` into
+/// `(off & MASK) + i` where it can prove the two equal; 6.1's verifier cannot, and must still
+/// see every read inside the buffer.
+pub const OPTION_BUF_LEN: usize = MASK + 1 + 32;
 
 const KIND_EOL: u8 = 0;
 const KIND_NOP: u8 = 1;
