@@ -69,6 +69,14 @@ impl Lab {
     pub fn new() -> Self {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "the end-to-end tests must run as root");
+        // An agent on the cgroup root rewrites the test servers' addresses too, which would
+        // make "the real address is kept" untestable.
+        let root_hooks = cgroup_attachments(&cgroup2_mount());
+        assert!(
+            !root_hooks.contains("toa_sock_ops"),
+            "toa is loaded on the cgroup v2 root of this host; the end-to-end tests need it \
+             unloaded: run `toa unload` first\n{root_hooks}"
+        );
         let name = format!("toa-t{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let lab = Lab {
             server_ns: format!("{name}-s"),
