@@ -171,7 +171,7 @@ fn full_forty_byte_option_area() {
     let mut lab = Lab::new();
     // Without timestamps the ACK carries only our options: 20 bytes of another option and an
     // IPv6 TOA fill the 40-byte area exactly, the TOA in its last 20 bytes.
-    run(Command::new("ip").args(["netns", "exec", &lab.client_ns, "sysctl", "-qw", "net.ipv4.tcp_timestamps=0"]));
+    lab.in_client_ns(|| std::fs::write("/proc/sys/net/ipv4/tcp_timestamps", "0").unwrap());
     lab.load();
     lab.python_server("::", 8080);
     let mut filler = vec![30, 20];

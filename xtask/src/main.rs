@@ -14,6 +14,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod cpio;
+mod kernels;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -33,8 +36,25 @@ enum Task {
         #[arg(long, default_value = "/usr/local/bin")]
         prefix: PathBuf,
     },
-    /// Run every test: unit tests, then the end-to-end suite (root).
-    Test,
+    /// Run every test: unit tests, the end-to-end suite, then the kernel matrix (root).
+    Test {
+        /// Skip the kernel matrix (quicker, for development).
+        #[arg(long)]
+        host_only: bool,
+    },
+    /// Run the end-to-end suite on Debian's 6.1 and 6.12 kernels under qemu and on the host.
+    Kernels {
+        /// Also boot this vmlinuz (repeatable); from an unpacked linux-image package its veth
+        /// module is found next to boot/.
+        #[arg(long = "kernel", value_name = "VMLINUZ")]
+        kernels: Vec<PathBuf>,
+        /// Do not download and boot Debian's kernels.
+        #[arg(long)]
+        no_debian: bool,
+        /// Do not rewrite the table in README.md.
+        #[arg(long)]
+        no_readme: bool,
+    },
 }
 
 /// bpf-linker must match the LLVM major version of rustc.
@@ -72,12 +92,21 @@ fn run_task(cli: Cli) -> Result<()> {
             println!("installed {}", dest.display());
             run(Command::new(&dest).arg("load"))
         }
-        Task::Test => {
+        Task::Test { host_only } => {
             require_root("cargo xtask test")?;
             setup()?;
             // The end-to-end tests start examples/peer_echo as a server.
             cargo(&["build", "--package", "toa", "--examples", "--bins"])?;
-            cargo(&["test", "--package", "toa-common", "--package", "toa", "--", "--test-threads=2"])
+            cargo(&["test", "--package", "toa-common", "--package", "toa", "--", "--test-threads=2"])?;
+            if host_only {
+                return Ok(());
+            }
+            kernels::run_matrix(&root, &[], true, true)
+        }
+        Task::Kernels { kernels, no_debian, no_readme } => {
+            require_root("cargo xtask kernels")?;
+            setup()?;
+            kernels::run_matrix(&root, &kernels, !no_debian, !no_readme)
         }
     }
 }
@@ -95,7 +124,7 @@ fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status().with_context(|| format!("failed to start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
@@ -103,18 +132,52 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn cargo(args: &[&str]) -> Result<()> {
+pub(crate) fn cargo(args: &[&str]) -> Result<()> {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run(Command::new(cargo).args(args))
 }
 
-fn output(cmd: &mut Command) -> Option<String> {
+pub(crate) fn output(cmd: &mut Command) -> Option<String> {
     let out = cmd.output().ok()?;
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn have(program: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {program}")]).output().is_ok_and(|o| o.status.success())
+/// A program's path, searched in PATH (or the path itself when it has a slash).
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Path::new(program).is_file().then(|| PathBuf::from(program));
+    }
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
+}
+
+/// The cgroup v2 mount point, from /proc/mounts.
+pub(crate) fn cgroup2_mount() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<_> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .context("no cgroup v2 hierarchy is mounted")
+}
+
+/// Installs, with apt-get, the packages of the programs that are missing: (program, package).
+pub(crate) fn apt_install_missing(needed: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = needed.iter().filter(|(bin, _)| which(bin).is_none()).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if which("apt-get").is_none() {
+        bail!("missing {}: install them with your package manager", missing.join(", "));
+    }
+    println!("xtask: installing {}", missing.join(", "));
+    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn setup() -> Result<()> {
@@ -182,18 +245,5 @@ fn bpf_linker() -> Result<()> {
 
 /// bpftool, ip and python3, from Debian's packages when missing.
 fn test_tools() -> Result<()> {
-    let missing: Vec<&str> = [("bpftool", "bpftool"), ("ip", "iproute2"), ("python3", "python3")]
-        .into_iter()
-        .filter(|(bin, _)| !have(bin))
-        .map(|(_, pkg)| pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !have("apt-get") {
-        bail!("missing {}: install them with your package manager", missing.join(", "));
-    }
-    println!("xtask: installing {}", missing.join(", "));
-    run(Command::new("apt-get").arg("update").arg("-qq"))?;
-    run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    apt_install_missing(&[("bpftool", "bpftool"), ("ip", "iproute2"), ("python3", "python3")])
 }

@@ -170,17 +170,26 @@ impl Lab {
         cmd
     }
 
+    /// Runs `f` in a thread that has entered the client namespace (setns(CLONE_NEWNET) changes
+    /// only the calling thread; /proc/sys/net then shows that namespace too).
+    pub fn in_client_ns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = self.netns_path(&self.client_ns);
+        std::thread::spawn(move || {
+            let file = fs::File::open(&ns).unwrap();
+            // SAFETY: a valid namespace fd.
+            assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
     /// A plain connection (no option at all) from the client namespace: sends a line, returns
     /// (the client's own address, the server's answer).
     pub fn plain_exchange(&self, target: &str) -> (String, String) {
         use std::io::{Read as _, Write as _};
-        let ns = self.netns_path(&self.client_ns);
         let target: std::net::SocketAddr = target.parse().unwrap();
-        std::thread::spawn(move || {
-            // A thread of its own: setns(CLONE_NEWNET) changes only the calling thread.
-            let f = fs::File::open(&ns).unwrap();
-            // SAFETY: a valid namespace fd.
-            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        self.in_client_ns(move || {
             let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             s.write_all(b"plain\n").unwrap();
@@ -188,8 +197,6 @@ impl Lab {
             s.read_to_string(&mut reply).unwrap();
             (s.local_addr().unwrap().to_string(), reply)
         })
-        .join()
-        .unwrap()
     }
 }
 
