@@ -251,8 +251,9 @@ fn initramfs_base(root: &Path, built: &Built) -> Result<Archive> {
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LD_LIBRARY_PATH=/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu
 export RUST_BACKTRACE=0
+# No tmpfs over /run or /tmp: the files below may live there (a checkout in /tmp), and the
+# initramfs is RAM already.
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-mount -t tmpfs run /run; mount -t tmpfs tmp /tmp
 mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
 [ -f /veth.ko ] && insmod /veth.ko
 ip link set lo up
