@@ -4,6 +4,7 @@
 fn main() -> anyhow::Result<()> {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../toa-ebpf");
     println!("cargo:rerun-if-changed=../toa-common/src");
+    println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     if std::env::var_os("AYA_BUILD_SKIP").is_some_and(|v| v == "1") {
         // Host-only builds (e.g. clippy of the CLI): embed empty objects.
         let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

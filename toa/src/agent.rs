@@ -114,29 +114,50 @@ impl Agent {
         self.remove_pins()?;
 
         let started = Instant::now();
-        let (ebpf, links) = attach(&cgroup)?;
-        let elapsed = started.elapsed();
-        if let Err(e) = self.pin(&ebpf, links) {
+        fs::create_dir_all(&self.pin_dir)?;
+        let result = attach(&cgroup, &self.pin_dir).and_then(|(_ebpf, links)| self.pin_links(links));
+        if let Err(e) = result {
+            // The maps were pinned while loading; the unpinned links detach when dropped.
             let _ = self.remove_pins();
             return Err(e);
         }
+        let elapsed = started.elapsed();
         system::kernel_log("TOA: toa loaded");
         Ok(Loaded { changed: true, status: self.status()?, load_time_ms: Some(ms(elapsed)) })
     }
 
-    fn pin(&self, ebpf: &Ebpf, links: Vec<(&'static str, FdLink)>) -> Result<(), Error> {
-        let pin_err = |path: &Path, e: &dyn std::error::Error| Error::Pin { path: path.to_owned(), detail: chain(e) };
-        fs::create_dir_all(&self.pin_dir)?;
-        for (file, name) in [MAP_SOCKS, MAP_STATS] {
-            let path = self.pin_dir.join(file);
-            let map = ebpf.map(name).ok_or_else(|| Error::Load { detail: format!("map {name} missing from the object") })?;
-            map.pin(&path).map_err(|e| pin_err(&path, &e))?;
+    /// Moves a loaded agent to another cgroup without losing what it knows: new programs are
+    /// loaded on the pinned maps and attached first, then the old links are unpinned (which
+    /// detaches them), then the new ones are pinned. At no point is nothing attached.
+    pub fn relocate(&self, cgroup: Option<&Path>) -> Result<Loaded, Error> {
+        system::require_root("toa")?;
+        let cgroup = cgroup::resolve(cgroup)?;
+        if !self.is_pinned() {
+            return Err(Error::NotLoaded { pin_dir: self.pin_dir.clone() });
         }
+        if self.status()?.cgroup.as_deref() == Some(cgroup.as_path()) {
+            return Ok(Loaded { changed: false, status: self.status()?, load_time_ms: None });
+        }
+        let started = Instant::now();
+        let (_ebpf, links) = attach(&cgroup, &self.pin_dir)?;
+        for (file, _) in LINKS {
+            fs::remove_file(self.pin_dir.join(file))?;
+        }
+        self.pin_links(links)?;
+        Ok(Loaded { changed: true, status: self.status()?, load_time_ms: Some(ms(started.elapsed())) })
+    }
+
+    fn pin_links(&self, links: Vec<(&'static str, FdLink)>) -> Result<(), Error> {
         for (file, link) in links {
             let path = self.pin_dir.join(file);
-            link.pin(&path).map_err(|e| pin_err(&path, &e))?;
+            link.pin(&path).map_err(|e| Error::Pin { path: path.clone(), detail: chain(&e) })?;
         }
         Ok(())
+    }
+
+    /// True while every link pin is there and still names a program (for health checks).
+    pub fn is_attached(&self) -> bool {
+        LINKS.iter().all(|(file, _)| link_info::pinned_link(&self.pin_dir.join(file)).is_ok())
     }
 
     /// Detaches everything by removing the pins. Returns false when nothing was loaded.
@@ -218,11 +239,17 @@ impl Agent {
     }
 }
 
-/// Loads the agent object and attaches its three programs; the links are not pinned yet, so
-/// dropping them (on any error) detaches them.
-fn attach(cgroup: &Path) -> Result<(Ebpf, Vec<(&'static str, FdLink)>), Error> {
+/// Loads the agent object on the maps pinned in `pin_dir` (created and pinned there if absent)
+/// and attaches its three programs; the links are not pinned yet, so dropping them (on any
+/// error) detaches them.
+fn attach(cgroup: &Path, pin_dir: &Path) -> Result<(Ebpf, Vec<(&'static str, FdLink)>), Error> {
+    programs::require_embedded()?;
     let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
-    let mut ebpf = EbpfLoader::new().load(programs::AGENT).map_err(|e| load_err(&e))?;
+    let mut ebpf = EbpfLoader::new()
+        .map_pin_path(MAP_SOCKS.1, pin_dir.join(MAP_SOCKS.0))
+        .map_pin_path(MAP_STATS.1, pin_dir.join(MAP_STATS.0))
+        .load(programs::AGENT)
+        .map_err(|e| load_err(&e))?;
     let cgroup_dir = fs::File::open(cgroup)?;
     let mut links = Vec::new();
     for (file, name) in LINKS {

@@ -122,6 +122,7 @@ pub struct Exchange {
 pub fn run(options: &ProbeOptions, mut on_reply: impl FnMut(&Exchange)) -> Result<(), Error> {
     system::require_root("toa probe")?;
     system::require_kernel()?;
+    programs::require_embedded()?;
     let announced = |i: u32| {
         let mut client = options.client;
         client.set_port(options.client.port().wrapping_add(i as u16));

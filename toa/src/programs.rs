@@ -10,3 +10,16 @@ pub const SOCK_OPS: &str = "toa_sock_ops";
 pub const GETPEERNAME4: &str = "toa_getpeer4";
 pub const GETPEERNAME6: &str = "toa_getpeer6";
 pub const PROBE_WRITER: &str = "toa_probe";
+
+/// Fails when this binary was built without its programs (`AYA_BUILD_SKIP=1`, for host-only
+/// checks), instead of letting the ELF parser say something obscure.
+pub fn require_embedded() -> Result<(), crate::Error> {
+    if AGENT.is_empty() || PROBE.is_empty() {
+        return Err(crate::Error::Load {
+            detail: "this toa binary was built with AYA_BUILD_SKIP=1 and carries no eBPF programs; \
+                     rebuild it without that variable"
+                .into(),
+        });
+    }
+    Ok(())
+}
