@@ -45,6 +45,22 @@ impl Counter {
         Counter::StorageFailed,
     ];
 
+    /// One line on what the counter counts (metrics help text).
+    pub const fn help(self) -> &'static str {
+        match self {
+            Counter::SynRecvSockToa => "incoming connections established with a TOA on the handshake ACK",
+            Counter::SynRecvSockNoToa => "incoming connections established without a TOA on the handshake ACK",
+            Counter::GetnameToaOk => "accept()/getpeername() answered with the client address",
+            Counter::GetnameToaMismatch => "client address that the socket's family cannot hold (real address kept)",
+            Counter::GetnameToaBypass => "getpeername() on a socket that is not TCP (left alone)",
+            Counter::GetnameToaEmpty => "getpeername() on a TCP socket without a client address",
+            Counter::DataSegmentToa => "TOA found on a segment after the handshake ACK",
+            Counter::SearchGaveUp => "connections whose first segments carried no TOA (stopped looking)",
+            Counter::OptionMalformed => "malformed TOA or option list seen (real address kept)",
+            Counter::StorageFailed => "socket storage allocation failures (real address kept)",
+        }
+    }
+
     /// The name shown by `toa stats` (classic names first).
     pub const fn name(self) -> &'static str {
         match self {

@@ -57,6 +57,12 @@ pub enum Error {
     #[error("toa is not loaded (nothing pinned under {pin_dir}): run `toa load`")]
     NotLoaded { pin_dir: PathBuf },
 
+    #[error("config {path}: {detail}")]
+    Config { path: PathBuf, detail: String },
+
+    #[error("cannot serve metrics on {addr}: {detail}; pick another address with --metrics")]
+    Metrics { addr: std::net::SocketAddr, detail: String },
+
     #[error("toa probe: {detail}")]
     Probe { detail: String },
 

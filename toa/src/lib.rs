@@ -7,10 +7,14 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod config;
 pub mod error;
 mod link_info;
+pub mod logging;
+pub mod metrics;
 pub mod probe;
-mod programs;
+pub mod programs;
+pub mod service;
 pub mod system;
 
 pub use agent::{Agent, LoadOptions, Loaded, Status};

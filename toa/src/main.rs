@@ -2,18 +2,20 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use toa::{
+    config::{LogFormat, Overrides},
+    logging,
     probe::{self, ProbeOptions, Segment},
-    Agent, LoadOptions, Status, DEFAULT_PIN_DIR,
+    programs, service, Agent, LoadOptions, Status, DEFAULT_PIN_DIR,
 };
 
 #[derive(Parser)]
-#[command(name = "toa", version, about = "Real client addresses behind FULLNAT load balancers (TCP Option Address, eBPF)")]
+#[command(name = "toa", about = "Real client addresses behind FULLNAT load balancers (TCP Option Address, eBPF)")]
 struct Cli {
-    /// bpffs directory holding the agent's pinned programs and maps.
-    #[arg(long, global = true, env = "TOA_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
-    pin_dir: PathBuf,
+    /// bpffs directory holding the agent's pinned programs and maps [default: /sys/fs/bpf/toa].
+    #[arg(long, global = true, env = "TOA_PIN_DIR")]
+    pin_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,6 +30,24 @@ enum Command {
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Run as a service: load, serve metrics, reload on SIGHUP, unload on SIGTERM.
+    Run {
+        /// Configuration file [default: /etc/toa/toa.toml, if it exists].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// cgroup v2 directory to scope the agent to (default: the root).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Address of the metrics and health endpoint [default: 127.0.0.1:9431].
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<SocketAddr>,
+        /// On SIGTERM leave the programs attached, so a restart loses no client address.
+        #[arg(long)]
+        keep_loaded: bool,
+        /// Log lines as text or JSON [default: text].
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
     },
     /// Detach the agent and remove everything it pinned.
     Unload,
@@ -60,6 +80,9 @@ enum Command {
         /// Connections to make; connection N announces the client port plus N.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=65536))]
         count: u32,
+        /// One connection: send each line of stdin, print each answer, until stdin ends.
+        #[arg(long, conflicts_with_all = ["message", "count"])]
+        stdin: bool,
         /// Write this option (hex, e.g. fe06000a0102) instead of the TOA; repeatable. For
         /// testing how a backend copes with malformed options.
         #[arg(long = "raw-option", value_name = "HEX", value_parser = parse_hex, hide = true)]
@@ -78,7 +101,13 @@ fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The version names the embedded programs too: two builds of one version can differ.
+    let version: &'static str = Box::leak(format!("{} (programs {})", env!("CARGO_PKG_VERSION"), programs::hash()).into_boxed_str());
+    let matches = Cli::command().version(version).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -89,10 +118,18 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let agent = Agent::new(&cli.pin_dir);
+    let pin_dir = cli.pin_dir.clone().unwrap_or_else(|| DEFAULT_PIN_DIR.into());
+    let agent = Agent::new(&pin_dir);
+    if !matches!(cli.command, Command::Run { .. }) {
+        logging::init(LogFormat::Text);
+    }
     match cli.command {
+        Command::Run { config, cgroup, metrics, keep_loaded, log_format } => {
+            let flags = Overrides { cgroup, pin_dir: cli.pin_dir, metrics, keep_loaded, log_format };
+            service::run(config, flags)?;
+        }
         Command::Load { cgroup, json } => {
-            let loaded = agent.load(&LoadOptions { cgroup, pin_dir: cli.pin_dir.clone() })?;
+            let loaded = agent.load(&LoadOptions { cgroup, pin_dir: pin_dir.clone() })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&loaded)?);
             } else {
@@ -131,13 +168,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Probe { target, client, on, message, timeout, count, raw_options } => {
+        Command::Probe { target, client, on, message, timeout, count, stdin, raw_options } => {
             let timeout = Duration::from_secs(timeout);
-            let options = ProbeOptions { target, client, on, message, timeout, count, raw_options };
+            let options = ProbeOptions { target, client, on, message, timeout, count, interactive: stdin, raw_options };
             probe::run(&options, |exchange| {
                 // What the backend said on stdout; what the probe did on stderr.
-                eprintln!("toa probe: from {} announcing {}", exchange.local, exchange.announced);
-                print!("{}", exchange.reply);
+                if !stdin {
+                    eprintln!("toa probe: from {} announcing {}", exchange.local, exchange.announced);
+                    print!("{}", exchange.reply);
+                }
             })?;
         }
     }

@@ -45,6 +45,9 @@ pub struct ProbeOptions {
     /// Connections to make, one after the other; connection `i` announces the client port
     /// plus `i`, so that each one can be told apart.
     pub count: u32,
+    /// Instead of `message`: one connection that sends each line read from stdin and prints
+    /// each answer line, until stdin ends.
+    pub interactive: bool,
     /// Options written as given, instead of a TOA for `client` (tests of malformed input).
     pub raw_options: Vec<Vec<u8>>,
 }
@@ -178,13 +181,36 @@ pub fn run(options: &ProbeOptions, mut on_reply: impl FnMut(&Exchange)) -> Resul
 fn exchange(options: &ProbeOptions, announced: SocketAddr) -> std::io::Result<Exchange> {
     let mut stream = TcpStream::connect_timeout(&options.target, options.timeout)?;
     let local = stream.local_addr()?;
-    stream.set_read_timeout(Some(options.timeout))?;
     stream.set_write_timeout(Some(options.timeout))?;
+    if options.interactive {
+        return interact(stream, local, announced);
+    }
+    stream.set_read_timeout(Some(options.timeout))?;
     stream.write_all(options.message.as_bytes())?;
     stream.write_all(b"\n")?;
+    // Half-close: the backend sees the end of what we send and can close its side.
+    stream.shutdown(std::net::Shutdown::Write)?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
     Ok(Exchange { local, announced, reply })
+}
+
+/// One line from stdin, one answer line from the backend, printed at once; the connection stays
+/// open between lines (tests use it to look at a live connection).
+fn interact(stream: TcpStream, local: SocketAddr, announced: SocketAddr) -> std::io::Result<Exchange> {
+    use std::io::BufRead as _;
+    eprintln!("toa probe: from {local} announcing {announced}");
+    let mut from_backend = std::io::BufReader::new(&stream);
+    for line in std::io::stdin().lock().lines() {
+        (&stream).write_all(format!("{}\n", line?).as_bytes())?;
+        let mut answer = String::new();
+        if from_backend.read_line(&mut answer)? == 0 {
+            break;
+        }
+        print!("{answer}");
+        std::io::Write::flush(&mut std::io::stdout())?;
+    }
+    Ok(Exchange { local, announced, reply: String::new() })
 }
 
 #[cfg(test)]
@@ -199,6 +225,7 @@ mod tests {
             message: String::new(),
             timeout: Duration::from_secs(1),
             count: 1,
+            interactive: false,
             raw_options: raw,
         }
     }

@@ -5,6 +5,14 @@ pub static AGENT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "
 /// The test writer used by `toa probe`.
 pub static PROBE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/toa-probe"));
 
+/// First 16 hex digits of the SHA-256 of both embedded objects: tells which programs a binary
+/// carries (`toa --version`, the `toa_build_info` metric).
+pub fn hash() -> String {
+    use sha2::{Digest as _, Sha256};
+    let digest = Sha256::new().chain_update(AGENT).chain_update(PROBE).finalize();
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
 /// Program names, as the kernel shows them (at most 15 characters).
 pub const SOCK_OPS: &str = "toa_sock_ops";
 pub const GETPEERNAME4: &str = "toa_getpeer4";

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """A server that knows nothing of TOA (the Python twin of examples/peer_echo.rs).
 
-For each connection: read one line, answer with the address accept() returned and the one
-getpeername() returns after that read. Usage: peer_echo.py HOST PORT
+For each line a client sends: answer with the address accept() returned for the connection
+and the one getpeername() returns now; close when the client does. Usage: peer_echo.py HOST PORT
 """
 import socket
 import sys
+import threading
 
 
 def show(addr):
@@ -26,14 +27,17 @@ def main():
     print("listening on", show(srv.getsockname()), flush=True)
     while True:
         conn, accepted = srv.accept()
-        with conn:
-            conn.settimeout(5)
-            try:
-                conn.makefile("rb").readline()
-            except OSError:
-                pass
-            reply = f"accept={show(accepted)} peer={show(conn.getpeername())}\n"
-            conn.sendall(reply.encode())
+        threading.Thread(target=answer, args=(conn, accepted), daemon=True).start()
+
+
+def answer(conn, accepted):
+    with conn:
+        try:
+            for _ in conn.makefile("rb"):
+                reply = f"accept={show(accepted)} peer={show(conn.getpeername())}\n"
+                conn.sendall(reply.encode())
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

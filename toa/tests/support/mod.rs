@@ -193,6 +193,7 @@ impl Lab {
             let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             s.write_all(b"plain\n").unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
             let mut reply = String::new();
             s.read_to_string(&mut reply).unwrap();
             (s.local_addr().unwrap().to_string(), reply)

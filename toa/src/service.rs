@@ -1,0 +1,110 @@
+//! `toa run`: the agent as a service. Loads (or adopts what is already loaded), serves metrics
+//! and health over HTTP, reloads its configuration on SIGHUP, and on SIGTERM unloads, or with
+//! `keep_loaded` leaves the programs attached so that a restart loses no client address.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use signal_hook::{
+    consts::{SIGHUP, SIGINT, SIGTERM},
+    iterator::Signals,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{ConfigFile, Overrides, Settings, DEFAULT_CONFIG},
+    logging, metrics, Agent, Error, LoadOptions,
+};
+
+/// Runs until SIGTERM or SIGINT.
+pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
+    let path = config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
+    let mut settings = Settings::merge(&ConfigFile::read(&path, config.is_some())?, &flags);
+    logging::init(settings.log_format);
+
+    // Bind first: a taken or invalid address fails before anything is attached.
+    let server = tiny_http::Server::http(settings.metrics)
+        .map_err(|e| Error::Metrics { addr: settings.metrics, detail: e.to_string() })?;
+    let server = Arc::new(server);
+    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+
+    let agent = Agent::new(&settings.pin_dir);
+    let loaded = agent.load(&LoadOptions { cgroup: settings.cgroup.clone(), pin_dir: settings.pin_dir.clone() })?;
+    let cgroup = loaded.status.cgroup.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    if loaded.changed {
+        info!(cgroup, load_time_ms = loaded.load_time_ms, "toa loaded");
+    } else {
+        info!(cgroup, "toa loaded (already attached; kept as it was)");
+    }
+    if !loaded.status.programs.is_empty() {
+        let ids: Vec<u32> = loaded.status.programs.iter().map(|p| p.id).collect();
+        info!(?ids, metrics = %settings.metrics, "serving metrics on http://{}/metrics", settings.metrics);
+    }
+
+    let ready = Arc::new(AtomicBool::new(true));
+    let http = {
+        let server = Arc::clone(&server);
+        let ready = Arc::clone(&ready);
+        let pin_dir = settings.pin_dir.clone();
+        std::thread::spawn(move || serve(&server, pin_dir, &ready))
+    };
+
+    let mut signals = signals;
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            match reload(&agent, &path, config.is_some(), &flags, &settings) {
+                Ok(new) => settings = new,
+                Err(e) => error!("configuration not reloaded, keeping the previous one: {e}"),
+            }
+            continue;
+        }
+        ready.store(false, Ordering::SeqCst);
+        if settings.keep_loaded {
+            info!("stopping; the programs stay attached (keep_loaded)");
+        } else {
+            agent.unload()?;
+            info!("toa unloaded");
+        }
+        break;
+    }
+    server.unblock();
+    let _ = http.join();
+    Ok(())
+}
+
+fn reload(agent: &Agent, path: &PathBuf, required: bool, flags: &Overrides, old: &Settings) -> Result<Settings, Error> {
+    let new = Settings::merge(&ConfigFile::read(path, required)?, flags);
+    if new.pin_dir != old.pin_dir || new.metrics != old.metrics || new.log_format != old.log_format {
+        warn!("pin_dir, metrics and log_format take effect at the next start");
+    }
+    if new.cgroup != old.cgroup {
+        let moved = agent.relocate(new.cgroup.as_deref())?;
+        let cgroup = moved.status.cgroup.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+        info!(cgroup, "moved to another cgroup; open connections keep their client");
+    }
+    info!(keep_loaded = new.keep_loaded, "configuration reloaded");
+    Ok(Settings { pin_dir: old.pin_dir.clone(), metrics: old.metrics, log_format: old.log_format, ..new })
+}
+
+/// `/metrics`, `/healthz` (programs attached), `/readyz` (loaded and not stopping).
+fn serve(server: &tiny_http::Server, pin_dir: PathBuf, ready: &AtomicBool) {
+    let registry = metrics::registry(pin_dir.clone());
+    let agent = Agent::new(pin_dir);
+    for request in server.incoming_requests() {
+        let (code, body, content_type) = match request.url() {
+            "/metrics" => (200, metrics::render(&registry), "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            "/healthz" if agent.is_attached() => (200, "ok\n".to_owned(), "text/plain"),
+            "/healthz" => (503, "programs not attached\n".to_owned(), "text/plain"),
+            "/readyz" if ready.load(Ordering::SeqCst) && agent.is_attached() => (200, "ok\n".to_owned(), "text/plain"),
+            "/readyz" => (503, "not ready\n".to_owned(), "text/plain"),
+            _ => (404, "try /metrics, /healthz or /readyz\n".to_owned(), "text/plain"),
+        };
+        let header = tiny_http::Header::from_bytes("Content-Type", content_type).expect("a valid literal header");
+        let _ = request.respond(tiny_http::Response::from_string(body).with_status_code(code).with_header(header));
+    }
+}
