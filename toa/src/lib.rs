@@ -8,6 +8,8 @@
 pub mod agent;
 pub mod cgroup;
 pub mod config;
+pub mod conns;
+pub mod doctor;
 pub mod error;
 mod link_info;
 pub mod logging;

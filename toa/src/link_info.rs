@@ -73,3 +73,32 @@ pub fn pinned_link(path: &Path) -> io::Result<LinkFacts> {
         cgroup_id: (link_type == BPF_LINK_TYPE_CGROUP).then_some(info[2]),
     })
 }
+
+/// Ids of the programs attached to a cgroup for one attach type (`BPF_PROG_QUERY`).
+pub fn cgroup_programs(cgroup: &Path, attach_type: u32) -> io::Result<Vec<u32>> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    #[repr(C)]
+    struct Query {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    let dir = std::fs::File::open(cgroup)?;
+    let mut ids = [0u32; 64];
+    let mut attr = Query {
+        target_fd: dir.as_raw_fd() as u32,
+        attach_type,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        _pad: 0,
+    };
+    bpf(BPF_PROG_QUERY, &mut attr)?;
+    Ok(ids[..(attr.prog_cnt as usize).min(ids.len())].to_vec())
+}

@@ -61,6 +61,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the live connections that carry a client address (this network namespace).
+    Conns {
+        #[arg(long)]
+        json: bool,
+        /// Look in another network namespace (e.g. /run/netns/NAME or /proc/PID/ns/net).
+        #[arg(long, value_name = "PATH")]
+        netns: Option<PathBuf>,
+    },
+    /// Check whether `toa load` can work on this host, and say how to fix what is missing.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
     /// Play the load balancer: connect with a TOA option, send a line, print the answer.
     Probe {
         /// The backend to connect to.
@@ -168,6 +181,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Doctor { json } => {
+            let checks = toa::doctor::run(&pin_dir);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                for c in &checks {
+                    println!("{:<5} {:<15} {}", if c.ok { "ok" } else { "FAIL" }, c.name, c.detail);
+                    if let Some(fix) = &c.fix {
+                        println!("{:<21} fix: {fix}", "");
+                    }
+                }
+            }
+            if checks.iter().any(|c| !c.ok) {
+                anyhow::bail!("some checks failed: toa load would not work here (fixes above)");
+            }
+        }
+        Command::Conns { json, netns } => {
+            if let Some(netns) = netns {
+                enter_netns(&netns)?;
+            }
+            let conns = toa::conns::list(&pin_dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&conns)?);
+            } else {
+                println!("{:<8} {:<46} {:<46} {:<46} PROCESS", "STATE", "LOCAL", "BALANCER", "CLIENT");
+                for c in conns {
+                    let process = c.pid.map(|p| format!("{}({p})", c.process.unwrap_or_default())).unwrap_or_default();
+                    println!("{:<8} {:<46} {:<46} {:<46} {process}", c.state, c.local, c.balancer, c.client);
+                }
+            }
+        }
         Command::Probe { target, client, on, message, timeout, count, stdin, raw_options } => {
             let timeout = Duration::from_secs(timeout);
             let options = ProbeOptions { target, client, on, message, timeout, count, interactive: stdin, raw_options };
@@ -179,6 +223,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             })?;
         }
+    }
+    Ok(())
+}
+
+fn enter_netns(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::File::open(path).map_err(|e| anyhow::anyhow!("--netns {}: {e}", path.display()))?;
+    // SAFETY: a valid descriptor; single-threaded here, so the whole process moves.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        anyhow::bail!("--netns {}: {} (is it a network namespace?)", path.display(), std::io::Error::last_os_error());
     }
     Ok(())
 }

@@ -173,15 +173,51 @@ impl Lab {
     /// Runs `f` in a thread that has entered the client namespace (setns(CLONE_NEWNET) changes
     /// only the calling thread; /proc/sys/net then shows that namespace too).
     pub fn in_client_ns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let ns = self.netns_path(&self.client_ns);
-        std::thread::spawn(move || {
-            let file = fs::File::open(&ns).unwrap();
-            // SAFETY: a valid namespace fd.
-            assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-            f()
+        in_netns(self.netns_path(&self.client_ns), f)
+    }
+
+    pub fn in_server_ns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_netns(self.netns_path(&self.server_ns), f)
+    }
+
+    /// An HTTP GET on the server namespace's loopback: (status code, body).
+    pub fn http_get(&self, port: u16, path: &str) -> Option<(u16, String)> {
+        let path = path.to_owned();
+        self.in_server_ns(move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            let code = text.split_whitespace().nth(1)?.parse().ok()?;
+            let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+            Some((code, body))
         })
-        .join()
-        .unwrap()
+    }
+
+    /// Starts `toa run ARGS` in the server namespace (metrics on its loopback); returns once
+    /// /readyz answers 200.
+    pub fn start_service(&self, port: u16, args: &[&str]) -> Service {
+        let mut cmd = self.toa();
+        cmd.arg("run").args(["--metrics", &format!("127.0.0.1:{port}")]).args(args);
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        in_netns_and_cgroup(&mut cmd, &self.netns_path(&self.server_ns), None);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        let mut service = Service { child: Some(child) };
+        let ready = eventually(Duration::from_secs(10), || {
+            assert!(service.running(), "toa run exited early: {}", service.stderr());
+            matches!(self.http_get(port, "/readyz"), Some((200, _)))
+        });
+        assert!(ready, "toa run never became ready");
+        service
+    }
+
+    /// A second cgroup inside the lab's, removed with the lab.
+    pub fn sub_cgroup(&self, name: &str) -> PathBuf {
+        let dir = self.cgroup.join(name);
+        fs::create_dir(&dir).expect("create a sub-cgroup");
+        dir
     }
 
     /// A plain connection (no option at all) from the client namespace: sends a line, returns
@@ -210,11 +246,71 @@ impl Drop for Lab {
         if self.pin_dir.exists() {
             let _ = self.toa().arg("unload").output();
         }
+        if let Ok(subs) = fs::read_dir(&self.cgroup) {
+            for sub in subs.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+                let _ = fs::remove_dir(sub.path());
+            }
+        }
         let _ = fs::remove_dir(&self.cgroup);
         for ns in [&self.server_ns, &self.client_ns] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
+}
+
+/// A `toa run` started by a test; `Drop` ends it (by its PID) if the test did not.
+pub struct Service {
+    child: Option<Child>,
+}
+
+impl Service {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    /// SIGTERM, then waits for the exit; returns (success, stderr).
+    pub fn stop(&mut self) -> (bool, String) {
+        self.signal(libc::SIGTERM);
+        let child = self.child.take().expect("running");
+        let out = child.wait_with_output().expect("wait for toa run");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    fn stderr(&mut self) -> String {
+        let Some(mut child) = self.child.take() else { return String::new() };
+        let _ = child.kill();
+        child.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `f` in a thread that entered the network namespace at `ns`.
+pub fn in_netns<T: Send + 'static>(ns: PathBuf, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        let file = fs::File::open(&ns).unwrap();
+        // SAFETY: a valid namespace fd; only this thread moves.
+        assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        f()
+    })
+    .join()
+    .unwrap()
 }
 
 /// Makes `cmd` run in a network namespace and, optionally, a cgroup, from its first

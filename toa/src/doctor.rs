@@ -1,0 +1,198 @@
+//! `toa doctor`: can `toa load` work here, and if not, what to do about it. Each BPF feature
+//! is checked by using it (load the programs, attach them to a scratch cgroup), not by
+//! comparing version numbers.
+
+use std::{fs, path::Path};
+
+use aya::{
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    EbpfLoader,
+};
+use serde::Serialize;
+
+use crate::{cgroup, error::chain, link_info, programs, system, Agent};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+    /// What to do when it failed.
+    pub fix: Option<String>,
+}
+
+fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+    Check { name, ok: true, detail: detail.into(), fix: None }
+}
+
+fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+    Check { name, ok: false, detail: detail.into(), fix: Some(fix.into()) }
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+const BPF_CGROUP_SOCK_OPS: u32 = 3;
+const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
+
+/// Runs every check; `toa load` would work when all pass.
+pub fn run(pin_dir: &Path) -> Vec<Check> {
+    let mut checks = vec![kernel(), privileges()];
+    let privileged = checks[1].ok;
+    let v2 = cgroup::v2_mount();
+    checks.push(match &v2 {
+        Ok(m) => pass("cgroup v2", format!("mounted at {}", m.display())),
+        Err(e) => fail("cgroup v2", e.to_string(), "mount it: mount -t cgroup2 none /sys/fs/cgroup"),
+    });
+    checks.push(bpffs(pin_dir));
+    if !privileged {
+        let why = "not checked without privileges";
+        for name in ["BPF programs", "cgroup attach"] {
+            checks.push(fail(name, why, "run toa doctor as root"));
+        }
+        return checks;
+    }
+    checks.push(programs_load());
+    if let Ok(mount) = &v2 {
+        checks.push(attach_scratch(mount));
+        checks.push(neighbours(mount));
+    }
+    let status = Agent::new(pin_dir).status();
+    checks.push(match status {
+        Ok(s) if s.loaded => pass(
+            "toa",
+            format!("loaded on {}", s.cgroup.map(|p| p.display().to_string()).unwrap_or_else(|| "?".into())),
+        ),
+        _ => pass("toa", format!("not loaded (nothing pinned under {})", pin_dir.display())),
+    });
+    checks
+}
+
+fn kernel() -> Check {
+    let release = system::kernel_release();
+    match system::parse_release(&release) {
+        Some(v) if v >= (5, 10) => pass("kernel", format!("{release} (5.10 or newer)")),
+        Some(_) => fail("kernel", format!("{release} is older than 5.10"), "upgrade the kernel to 5.10 or newer"),
+        None => pass("kernel", format!("{release} (version not recognised; the checks below decide)")),
+    }
+}
+
+fn privileges() -> Check {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| eff & (1 << cap) != 0;
+    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
+        .into_iter()
+        .filter(|(c, _)| !has(*c))
+        .map(|(_, n)| n)
+        .collect();
+    if missing.is_empty() {
+        pass("privileges", "CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN")
+    } else {
+        fail("privileges", format!("missing {}", missing.join(", ")), "run as root (sudo), or grant those capabilities")
+    }
+}
+
+fn bpffs(pin_dir: &Path) -> Check {
+    match system::is_bpffs(pin_dir.parent().unwrap_or(Path::new("/"))) {
+        true => pass("bpffs", format!("{} is on bpffs", pin_dir.parent().unwrap_or(pin_dir).display())),
+        false if pin_dir.parent() == Some(Path::new("/sys/fs/bpf")) => {
+            pass("bpffs", "not mounted at /sys/fs/bpf; toa load mounts it")
+        }
+        false => fail(
+            "bpffs",
+            format!("{} is not on bpffs", pin_dir.display()),
+            "pass a --pin-dir under /sys/fs/bpf, or mount bpffs: mount -t bpf bpf DIR",
+        ),
+    }
+}
+
+fn programs_load() -> Check {
+    if let Err(e) = programs::require_embedded() {
+        return fail("BPF programs", e.to_string(), "rebuild toa without AYA_BUILD_SKIP");
+    }
+    let result = (|| -> Result<String, String> {
+        let mut ebpf = EbpfLoader::new().load(programs::AGENT).map_err(|e| chain(&e))?;
+        let mut counts = Vec::new();
+        for name in [programs::SOCK_OPS, programs::GETPEERNAME4, programs::GETPEERNAME6] {
+            let program = ebpf.program_mut(name).ok_or(format!("{name} missing"))?;
+            let info = if name == programs::SOCK_OPS {
+                let p: &mut SockOps = program.try_into().map_err(|e| chain(&e))?;
+                p.load().map_err(|e| chain(&e))?;
+                p.info()
+            } else {
+                let p: &mut CgroupSockAddr = program.try_into().map_err(|e| chain(&e))?;
+                p.load().map_err(|e| chain(&e))?;
+                p.info()
+            };
+            let insns = info.ok().and_then(|i| i.verified_instruction_count()).map(|n| format!(" ({n} insns)"));
+            counts.push(format!("{name}{}", insns.unwrap_or_default()));
+        }
+        Ok(format!("socket storage, sock_ops and getpeername programs load: {}", counts.join(", ")))
+    })();
+    match result {
+        Ok(detail) => pass("BPF programs", detail),
+        Err(e) => fail(
+            "BPF programs",
+            e,
+            "this kernel lacks a BPF feature toa needs (CONFIG_BPF_SYSCALL, CONFIG_CGROUP_BPF, socket storage, 5.10 sock_ops header options)",
+        ),
+    }
+}
+
+/// Attaches the programs to a scratch cgroup, then removes it: the same path `toa load` takes.
+fn attach_scratch(mount: &Path) -> Check {
+    let dir = mount.join(format!("toa-doctor-{}", std::process::id()));
+    let result = (|| -> Result<(), String> {
+        fs::create_dir(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let file = fs::File::open(&dir).map_err(|e| e.to_string())?;
+        let mut ebpf = EbpfLoader::new().load(programs::AGENT).map_err(|e| chain(&e))?;
+        let sock_ops: &mut SockOps = ebpf.program_mut(programs::SOCK_OPS).ok_or("sock_ops missing")?.try_into().map_err(|e| chain(&e))?;
+        sock_ops.load().map_err(|e| chain(&e))?;
+        sock_ops.attach(&file, CgroupAttachMode::Single).map_err(|e| chain(&e))?;
+        for name in [programs::GETPEERNAME4, programs::GETPEERNAME6] {
+            let p: &mut CgroupSockAddr = ebpf.program_mut(name).ok_or("program missing")?.try_into().map_err(|e| chain(&e))?;
+            p.load().map_err(|e| chain(&e))?;
+            p.attach(&file, CgroupAttachMode::Single).map_err(|e| chain(&e))?;
+        }
+        Ok(())
+        // Dropping `ebpf` detaches everything.
+    })();
+    let _ = fs::remove_dir(&dir);
+    match result {
+        Ok(()) => pass("cgroup attach", "sock_ops and getpeername4/6 attach to a cgroup (scratch cgroup, removed)"),
+        Err(e) => fail("cgroup attach", e, "the kernel refused cgroup BPF links: check CONFIG_CGROUP_BPF and that no policy forbids BPF"),
+    }
+}
+
+/// Other programs on the hooks toa uses, at the cgroup root: they keep running next to toa.
+fn neighbours(mount: &Path) -> Check {
+    let names: Vec<(u32, String)> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| (p.id(), p.name_as_str().unwrap_or("?").to_owned()))
+        .collect();
+    let mut others = Vec::new();
+    for (attach, hook) in [
+        (BPF_CGROUP_SOCK_OPS, "sock_ops"),
+        (BPF_CGROUP_INET4_GETPEERNAME, "getpeername4"),
+        (BPF_CGROUP_INET6_GETPEERNAME, "getpeername6"),
+    ] {
+        for id in link_info::cgroup_programs(mount, attach).unwrap_or_default() {
+            let name = names.iter().find(|(i, _)| *i == id).map(|(_, n)| n.as_str()).unwrap_or("?");
+            if !name.starts_with("toa_") {
+                others.push(format!("{hook}: {name} (id {id})"));
+            }
+        }
+    }
+    if others.is_empty() {
+        pass("other programs", "no other program on sock_ops or getpeername at the cgroup root")
+    } else {
+        // Not a failure: cgroup links run side by side. Worth knowing when debugging.
+        pass("other programs", format!("also attached at the root, running next to toa: {}", others.join("; ")))
+    }
+}
