@@ -24,12 +24,35 @@ struct Cli {
     task: Task,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Arch {
+    #[value(name = "x86_64")]
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    fn musl_target(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-unknown-linux-musl",
+            Arch::Aarch64 => "aarch64-unknown-linux-musl",
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Task {
     /// Install the build and test prerequisites (idempotent).
     Setup,
-    /// Build the release binary (target/release/toa).
-    Build,
+    /// Build the release binary (target/release/toa), or static ones with --static.
+    Build {
+        /// Static (musl) binaries with the programs embedded: one file to copy to any host.
+        #[arg(long = "static")]
+        static_: bool,
+        /// Architectures for --static (repeatable).
+        #[arg(long, value_enum, default_values = ["x86_64"], requires = "static_")]
+        arch: Vec<Arch>,
+    },
     /// Build, install to /usr/local/bin/toa and load the agent on this host (root).
     Install {
         /// Where to install the binary.
@@ -75,9 +98,16 @@ fn run_task(cli: Cli) -> Result<()> {
     env::set_current_dir(&root)?;
     match cli.task {
         Task::Setup => setup(),
-        Task::Build => {
+        Task::Build { static_: false, .. } => {
             setup()?;
             cargo(&["build", "--release", "--package", "toa"])
+        }
+        Task::Build { static_: true, arch } => {
+            setup()?;
+            for arch in arch {
+                build_static(&root, arch)?;
+            }
+            Ok(())
         }
         Task::Install { prefix } => {
             require_root("cargo xtask install")?;
@@ -109,6 +139,27 @@ fn run_task(cli: Cli) -> Result<()> {
             kernels::run_matrix(&root, &kernels, !no_debian, !no_readme)
         }
     }
+}
+
+/// A static binary for `arch`; rust-lld links the musl targets, so no cross toolchain is needed.
+fn build_static(root: &Path, arch: Arch) -> Result<()> {
+    let target = arch.musl_target();
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    if !installed.lines().any(|t| t.trim() == target) {
+        run(Command::new("rustup").args(["target", "add", target]))?;
+    }
+    let linker_var = format!("CARGO_TARGET_{}_LINKER", target.to_uppercase().replace('-', "_"));
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--release", "--package", "toa", "--bin", "toa", "--target", target]);
+    if arch != Arch::X86_64 {
+        cmd.env(linker_var, "rust-lld");
+    }
+    run(&mut cmd)?;
+    let bin = root.join("target").join(target).join("release/toa");
+    let size = std::fs::metadata(&bin)?.len();
+    println!("built {} ({:.1} MB)", bin.display(), size as f64 / 1e6);
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {
