@@ -25,10 +25,14 @@ pub enum Counter {
     OptionMalformed,
     /// Socket storage could not be allocated (memory pressure): the real address is kept.
     StorageFailed,
+    /// A valid option from a source outside the trust list: ignored.
+    UntrustedOption,
+    /// The NAT64 getsockopt (`TOA_SO_GET_LOOKUP`) answered with a client address.
+    Nat64Lookup,
 }
 
 /// Number of counters (size of the `TOA_STATS` map).
-pub const COUNTERS: u32 = 10;
+pub const COUNTERS: u32 = 12;
 
 impl Counter {
     /// Every counter, in map order.
@@ -43,6 +47,8 @@ impl Counter {
         Counter::SearchGaveUp,
         Counter::OptionMalformed,
         Counter::StorageFailed,
+        Counter::UntrustedOption,
+        Counter::Nat64Lookup,
     ];
 
     /// One line on what the counter counts (metrics help text).
@@ -58,6 +64,8 @@ impl Counter {
             Counter::SearchGaveUp => "connections whose first segments carried no TOA (stopped looking)",
             Counter::OptionMalformed => "malformed TOA or option list seen (real address kept)",
             Counter::StorageFailed => "socket storage allocation failures (real address kept)",
+            Counter::UntrustedOption => "valid options from sources outside the trust list (ignored)",
+            Counter::Nat64Lookup => "getsockopt(TOA_SO_GET_LOOKUP) answers with a client address",
         }
     }
 
@@ -74,6 +82,8 @@ impl Counter {
             Counter::SearchGaveUp => "search_gave_up",
             Counter::OptionMalformed => "option_malformed",
             Counter::StorageFailed => "storage_failed",
+            Counter::UntrustedOption => "untrusted_option",
+            Counter::Nat64Lookup => "nat64_lookup",
         }
     }
 }

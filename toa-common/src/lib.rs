@@ -4,10 +4,12 @@
 //! (unit tests, fuzzing, userspace) run the very same code.
 #![no_std]
 
+pub mod config;
 pub mod counters;
 pub mod parse;
 pub mod probe;
 
+pub use config::AgentConfig;
 pub use counters::Counter;
 pub use parse::{find_toa, OptionArea, Parsed, OPTION_AREA_MAX, OPTION_BUF_LEN, TOA_KIND};
 
@@ -18,20 +20,31 @@ pub const AF_INET6: u16 = 10;
 
 /// The client address carried by a TOA option, as stored per socket.
 ///
-/// `port` and `addr` stay in network byte order, exactly as on the wire; an IPv4 address
+/// Ports and addresses stay in network byte order, exactly as on the wire; an IPv4 address
 /// occupies the first four bytes of `addr` and the rest is zero.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ClientAddr {
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
-    /// Port, network byte order.
+    /// Port, network byte order (meaningful with `CLIENT_HAS_PORT`).
     pub port: [u8; 2],
     /// Address, network byte order.
     pub addr: [u8; 16],
+    /// The virtual IP the client connected to (ByteDance's layout; with `CLIENT_HAS_VIP`).
+    pub vip_port: [u8; 2],
+    pub vip_addr: [u8; 4],
+    /// `CLIENT_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 5],
 }
 
-const _: () = assert!(core::mem::size_of::<ClientAddr>() == 20);
+const _: () = assert!(core::mem::size_of::<ClientAddr>() == 32);
+
+/// The option carried a port (Alibaba CDN's does not: the kernel's port stays).
+pub const CLIENT_HAS_PORT: u8 = 1;
+/// The option carried the virtual IP (ByteDance).
+pub const CLIENT_HAS_VIP: u8 = 2;
 
 /// What the agent keeps for one socket (BPF socket storage, freed with the socket).
 #[repr(C)]
@@ -45,7 +58,7 @@ pub struct SockState {
     pub _pad: [u8; 2],
 }
 
-const _: () = assert!(core::mem::size_of::<SockState>() == 24);
+const _: () = assert!(core::mem::size_of::<SockState>() == 36);
 
 /// The handshake ACK had no TOA: later segments are being looked at.
 pub const STATE_SEARCHING: u8 = 1;
@@ -62,4 +75,5 @@ mod user {
     unsafe impl aya::Pod for super::ClientAddr {}
     unsafe impl aya::Pod for super::SockState {}
     unsafe impl aya::Pod for super::probe::ProbeConfig {}
+    unsafe impl aya::Pod for super::config::AgentConfig {}
 }

@@ -5,7 +5,10 @@
 //! masked with `OPTION_BUF_LEN - 1`, which costs nothing on the host and lets every kernel's
 //! verifier see that each read stays inside the buffer.
 
-use crate::{ClientAddr, AF_INET, AF_INET6};
+use crate::{
+    config::{AgentConfig, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_PICK_LAST},
+    ClientAddr, AF_INET, AF_INET6, CLIENT_HAS_PORT, CLIENT_HAS_VIP,
+};
 
 /// The option kind of the classic TOA (Huawei ELB, DPVS, LVS FULLNAT, UCloud).
 pub const TOA_KIND: u8 = 254;
@@ -13,6 +16,14 @@ pub const TOA_KIND: u8 = 254;
 pub const TOA_LEN_V4: u8 = 8;
 /// Length of a TOA carrying `port + IPv6`.
 pub const TOA_LEN_V6: u8 = 20;
+/// ByteDance's TOA: client port + IPv4, 2 pad, VIP port + IPv4 (under kind 254).
+pub const BYTEDANCE_LEN: u8 = 16;
+/// Alibaba CDN's option kind, with a version byte then IPv4 (length 7) or IPv6 (length 19).
+pub const ALIBABA_CDN_KIND: u8 = 28;
+pub const ALIBABA_CDN_LEN_V4: u8 = 7;
+pub const ALIBABA_CDN_LEN_V6: u8 = 19;
+/// The only version of Alibaba CDN's layout.
+pub const ALIBABA_CDN_VERSION: u8 = 1;
 /// A TCP header has at most 40 bytes of options (data offset 15 × 4 − 20).
 pub const OPTION_AREA_MAX: usize = 40;
 /// Every offset the parser computes is masked into `0..64`.
@@ -41,11 +52,24 @@ pub struct OptionArea {
     pub len: u32,
     /// Offset of the option being parsed.
     pub cursor: u32,
+    /// With `FLAG_PICK_LAST`: 1 once `last` holds a valid option. Kept here, not in a register,
+    /// for the same reason as the cursor.
+    pub has_last: u32,
+    /// 1 once a malformed option was seen (same reason).
+    pub malformed: u32,
+    pub last: ClientAddr,
 }
 
 impl OptionArea {
     pub const fn zeroed() -> Self {
-        Self { bytes: [0; OPTION_BUF_LEN], len: 0, cursor: 0 }
+        Self {
+            bytes: [0; OPTION_BUF_LEN],
+            len: 0,
+            cursor: 0,
+            has_last: 0,
+            malformed: 0,
+            last: ClientAddr { family: 0, port: [0; 2], addr: [0; 16], vip_port: [0; 2], vip_addr: [0; 4], flags: 0, _pad: [0; 5] },
+        }
     }
 
     /// Stores byte `i` (masked into the buffer, which the verifier needs to see).
@@ -73,6 +97,26 @@ impl OptionArea {
     }
 
     #[inline(always)]
+    fn word(&self, w: Word) -> u32 {
+        let field = match w {
+            Word::HasLast => &self.has_last,
+            Word::Malformed => &self.malformed,
+        };
+        // SAFETY: a plain field of `self`.
+        unsafe { core::ptr::read_volatile(field) }
+    }
+
+    #[inline(always)]
+    fn set_word(&mut self, w: Word, value: u32) {
+        let field = match w {
+            Word::HasLast => &mut self.has_last,
+            Word::Malformed => &mut self.malformed,
+        };
+        // SAFETY: a plain field of `self`.
+        unsafe { core::ptr::write_volatile(field, value) };
+    }
+
+    #[inline(always)]
     fn set_cursor(&mut self, off: usize) {
         // SAFETY: a plain field of `self`.
         unsafe { core::ptr::write_volatile(&mut self.cursor, off as u32) };
@@ -88,31 +132,42 @@ impl OptionArea {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<OptionArea>() == OPTION_BUF_LEN + 8);
+const _: () = assert!(core::mem::size_of::<OptionArea>() == OPTION_BUF_LEN + 16 + 32);
+
+/// The parser's state words kept in `OptionArea`.
+#[derive(Clone, Copy)]
+enum Word {
+    HasLast,
+    Malformed,
+}
 
 /// What a segment's options say about the client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Parsed {
-    /// The first well-formed TOA.
+    /// The first (or, with `FLAG_PICK_LAST`, the last) well-formed option.
     Found(ClientAddr),
-    /// No TOA, and the option list is well formed.
+    /// No option the configuration asks for, and the option list is well formed.
     Absent,
-    /// No well-formed TOA, and a TOA of the wrong length or a broken option list was seen
-    /// (length byte missing, length < 2, or an option running past the option area).
+    /// None well formed, and an option of a configured kind with a wrong length (or version),
+    /// or a broken option list was seen (length byte missing, length < 2, or an option running
+    /// past the option area).
     Malformed,
 }
 
-/// Finds the first well-formed TOA in the first `area.len` bytes of `area` (at most 40).
+/// Finds the client address in the first `area.len` bytes of `area` (at most 40), reading the
+/// layouts `cfg` enables: the classic ones under each enabled kind, ByteDance's, Alibaba CDN's.
 ///
-/// A TOA of a wrong length is skipped by its length byte and the search goes on; a broken option
-/// list ends the search, since nothing after it can be trusted to be an option boundary.
+/// An option of a configured kind with a wrong length is skipped by its length byte and the
+/// search goes on; a broken option list ends the search, since nothing after it can be trusted
+/// to be an option boundary.
 #[inline(never)]
-pub fn find_toa(area: &mut OptionArea) -> Parsed {
-    let mut malformed = false;
+pub fn find_toa(area: &mut OptionArea, cfg: &AgentConfig) -> Parsed {
     area.set_cursor(0);
-    // Every option is at least one byte long, so 40 rounds reach the end of any area.
+    area.set_word(Word::HasLast, 0);
+    area.set_word(Word::Malformed, 0);
+    // Every option is at least one byte long, so 40 rounds reach the end of any area. Nothing
+    // lives in registers from one round to the next: see `OptionArea`.
     for _ in 0..OPTION_AREA_MAX {
-        // Both re-read each round: what one round learns about them must not split the next.
         let len = area.len();
         let len = if len > OPTION_AREA_MAX { OPTION_AREA_MAX } else { len };
         let off = area.cursor();
@@ -128,47 +183,139 @@ pub fn find_toa(area: &mut OptionArea) -> Parsed {
             continue;
         }
         if off + 1 >= len {
-            malformed = true;
+            area.set_word(Word::Malformed, 1);
             break;
         }
         let opt_len = area.bytes[(off + 1) & MASK] as usize;
         if opt_len < 2 || off + opt_len > len {
-            malformed = true;
+            area.set_word(Word::Malformed, 1);
             break;
         }
-        if kind == TOA_KIND {
-            if opt_len == TOA_LEN_V4 as usize {
-                return Parsed::Found(read_client(&area.bytes, off, AF_INET));
+        match read_option(area, off, kind, opt_len, cfg) {
+            Read::Found => {
+                area.set_word(Word::HasLast, 1);
+                // SAFETY: a plain field of the config; volatile so that it is not hoisted out of
+                // the loop into a register that would split the verifier's states.
+                let flags = unsafe { core::ptr::read_volatile(&cfg.flags) };
+                if flags & FLAG_PICK_LAST == 0 {
+                    // One way out of the loop for every outcome: the compiler then has no reason
+                    // to duplicate the loop, which would double the verifier's walk.
+                    break;
+                }
             }
-            if opt_len == TOA_LEN_V6 as usize {
-                return Parsed::Found(read_client(&area.bytes, off, AF_INET6));
-            }
-            malformed = true;
+            Read::Malformed => area.set_word(Word::Malformed, 1),
+            Read::NotOurs => {}
         }
         area.set_cursor(off + opt_len);
     }
-    if malformed {
+    if area.word(Word::HasLast) != 0 {
+        return Parsed::Found(area.last);
+    }
+    if area.word(Word::Malformed) != 0 {
         Parsed::Malformed
     } else {
         Parsed::Absent
     }
 }
 
-/// Reads `port(2) + address(4 or 16)` following the kind and length bytes at `off`.
-#[inline(always)]
-fn read_client(area: &[u8; OPTION_BUF_LEN], off: usize, family: u16) -> ClientAddr {
-    let at = |i: usize| area[(off + i) & MASK];
-    let mut client = ClientAddr { family, port: [at(2), at(3)], addr: [0; 16] };
-    // Straight-line copies with constant indexes: cheap for the verifier.
-    if family == AF_INET {
-        client.addr[..4].copy_from_slice(&[at(4), at(5), at(6), at(7)]);
-    } else {
-        client.addr = [
-            at(4), at(5), at(6), at(7), at(8), at(9), at(10), at(11),
-            at(12), at(13), at(14), at(15), at(16), at(17), at(18), at(19),
-        ];
+/// What one option is to the parser.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// A kind the configuration does not ask for.
+    NotOurs,
+    /// A layout the configuration asks for: the client is in `area.last`.
+    Found,
+    /// A kind it asks for, but not in any layout read under that kind.
+    Malformed,
+}
+
+/// The layouts [`classify`] tells apart.
+const LAYOUT_NONE: u32 = 0;
+const LAYOUT_MALFORMED: u32 = 1;
+const LAYOUT_CLASSIC_V4: u32 = 2;
+const LAYOUT_CLASSIC_V6: u32 = 3;
+const LAYOUT_BYTEDANCE: u32 = 4;
+const LAYOUT_ALIBABA_V4: u32 = 5;
+const LAYOUT_ALIBABA_V6: u32 = 6;
+
+/// Which layout an option of `kind` and `len` is under `cfg`.
+///
+/// Out of line on purpose: eBPF has no "set on condition" instruction, so every comparison that
+/// yields a bool is a branch, and the booleans combined here would multiply the paths the
+/// verifier walks through the rest of the parse loop. As a separate function only its result,
+/// one of seven values, reaches the caller.
+#[inline(never)]
+fn classify(kind: u8, len: u8, version: u8, cfg: &AgentConfig) -> u32 {
+    if cfg.kind_enabled(kind) {
+        if len == TOA_LEN_V4 {
+            return LAYOUT_CLASSIC_V4;
+        }
+        if len == TOA_LEN_V6 {
+            return LAYOUT_CLASSIC_V6;
+        }
     }
-    client
+    if kind == TOA_KIND && cfg.has(FLAG_DIALECT_BYTEDANCE) && len == BYTEDANCE_LEN {
+        return LAYOUT_BYTEDANCE;
+    }
+    if kind == ALIBABA_CDN_KIND && cfg.has(FLAG_DIALECT_ALIBABA_CDN) {
+        if version == ALIBABA_CDN_VERSION && len == ALIBABA_CDN_LEN_V4 {
+            return LAYOUT_ALIBABA_V4;
+        }
+        if version == ALIBABA_CDN_VERSION && len == ALIBABA_CDN_LEN_V6 {
+            return LAYOUT_ALIBABA_V6;
+        }
+        return LAYOUT_MALFORMED;
+    }
+    if cfg.kind_enabled(kind) || (kind == TOA_KIND && cfg.has(FLAG_DIALECT_BYTEDANCE)) {
+        return LAYOUT_MALFORMED;
+    }
+    LAYOUT_NONE
+}
+
+/// Reads the option at `off`. The client goes straight into `area.last` (map memory in the
+/// kernel) rather than through registers and stack, which would differ from path to path and
+/// keep the verifier from merging the loop's states.
+#[inline(always)]
+fn read_option(area: &mut OptionArea, off: usize, kind: u8, len: usize, cfg: &AgentConfig) -> Read {
+    let version = area.bytes[(off + 2) & MASK];
+    match classify(kind, len as u8, version, cfg) {
+        LAYOUT_CLASSIC_V4 => store(area, off, AF_INET, Some(2), 4, false),
+        LAYOUT_CLASSIC_V6 => store(area, off, AF_INET6, Some(2), 4, false),
+        LAYOUT_BYTEDANCE => store(area, off, AF_INET, Some(2), 4, true),
+        // No port in this layout: the kernel's stays.
+        LAYOUT_ALIBABA_V4 => store(area, off, AF_INET, None, 3, false),
+        LAYOUT_ALIBABA_V6 => store(area, off, AF_INET6, None, 3, false),
+        LAYOUT_MALFORMED => return Read::Malformed,
+        _ => return Read::NotOurs,
+    }
+    Read::Found
+}
+
+/// Writes the client of the option at `off` into `area.last`, field by field (a temporary
+/// struct's stack slots would differ from path to path): the port at `port_at`, the address at
+/// `addr_at`, and with `vip` ByteDance's virtual IP at 10..16.
+#[inline(always)]
+fn store(area: &mut OptionArea, off: usize, family: u16, port_at: Option<usize>, addr_at: usize, vip: bool) {
+    let at = |area: &OptionArea, i: usize| area.bytes[(off + i) & MASK];
+    area.last.family = family;
+    area.last.flags = 0;
+    area.last.port = [0, 0];
+    area.last.vip_port = [0, 0];
+    area.last.vip_addr = [0; 4];
+    if let Some(p) = port_at {
+        area.last.port = [at(area, p), at(area, p + 1)];
+        area.last.flags |= CLIENT_HAS_PORT;
+    }
+    if vip {
+        area.last.vip_port = [at(area, 10), at(area, 11)];
+        area.last.vip_addr = [at(area, 12), at(area, 13), at(area, 14), at(area, 15)];
+        area.last.flags |= CLIENT_HAS_VIP;
+    }
+    let mut i = 0;
+    while i < 16 {
+        area.last.addr[i] = if i < 4 || family == AF_INET6 { at(area, addr_at + i) } else { 0 };
+        i += 1;
+    }
 }
 
 /// Writes a classic TOA (`kind, len, port, address`) for `client` into `out`; returns its
@@ -203,14 +350,22 @@ mod tests {
         o
     }
 
-    fn v4(port: [u8; 2], ip: [u8; 4]) -> Parsed {
+    fn client(family: u16, port: [u8; 2], ip: &[u8]) -> ClientAddr {
         let mut addr = [0; 16];
-        addr[..4].copy_from_slice(&ip);
-        Parsed::Found(ClientAddr { family: AF_INET, port, addr })
+        addr[..ip.len()].copy_from_slice(ip);
+        ClientAddr { family, port, addr, flags: CLIENT_HAS_PORT, ..ClientAddr::default() }
+    }
+
+    fn v4(port: [u8; 2], ip: [u8; 4]) -> Parsed {
+        Parsed::Found(client(AF_INET, port, &ip))
     }
 
     fn parse(options: &[u8]) -> Parsed {
-        find_toa(&mut OptionArea::from_slice(options))
+        parse_with(options, &AgentConfig::classic())
+    }
+
+    fn parse_with(options: &[u8], cfg: &AgentConfig) -> Parsed {
+        find_toa(&mut OptionArea::from_slice(options), cfg)
     }
 
     fn cat(parts: &[&[u8]]) -> [u8; 64] {
@@ -230,7 +385,7 @@ mod tests {
 
     #[test]
     fn ipv6_alone() {
-        assert_eq!(parse(&toa6()), Parsed::Found(ClientAddr { family: AF_INET6, port: PORT, addr: V6 }));
+        assert_eq!(parse(&toa6()), Parsed::Found(client(AF_INET6, PORT, &V6)));
     }
 
     #[test]
@@ -316,7 +471,7 @@ mod tests {
         let mut area = OptionArea::from_slice(&o[..44]);
         area.bytes[40..44].copy_from_slice(&V4); // stale bytes beyond the area
         area.len = 44; // a length beyond 40 is clamped
-        assert_eq!(find_toa(&mut area), Parsed::Malformed);
+        assert_eq!(find_toa(&mut area, &AgentConfig::classic()), Parsed::Malformed);
     }
 
     #[test]
@@ -334,14 +489,74 @@ mod tests {
 
     #[test]
     fn encode_round_trips() {
-        for client in [
-            ClientAddr { family: AF_INET, port: PORT, addr: [203, 0, 113, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] },
-            ClientAddr { family: AF_INET6, port: PORT, addr: V6 },
-        ] {
+        for c in [client(AF_INET, PORT, &V4), client(AF_INET6, PORT, &V6)] {
             let mut out = [0u8; 20];
-            let n = encode_toa(&client, &mut out);
-            assert_eq!(parse(&out[..n]), Parsed::Found(client));
+            let n = encode_toa(&c, &mut out);
+            assert_eq!(parse(&out[..n]), Parsed::Found(c));
         }
+    }
+
+    fn with(flags: u32, kinds: &[u8]) -> AgentConfig {
+        let mut cfg = AgentConfig::classic();
+        cfg.flags = flags;
+        for k in kinds {
+            cfg.enable_kind(*k);
+        }
+        cfg
+    }
+
+    #[test]
+    fn other_kinds_when_enabled() {
+        let o200 = [200, 8, PORT[0], PORT[1], V4[0], V4[1], V4[2], V4[3]];
+        assert_eq!(parse(&o200), Parsed::Absent);
+        assert_eq!(parse_with(&o200, &with(0, &[200])), v4(PORT, V4));
+        let mut o253 = toa6();
+        o253[0] = 253;
+        assert_eq!(parse_with(&o253, &with(0, &[253])), Parsed::Found(client(AF_INET6, PORT, &V6)));
+        // An enabled kind with a wrong length is malformed; a disabled one is someone else's.
+        assert_eq!(parse_with(&[200, 6, 0, 0, 0, 0], &with(0, &[200])), Parsed::Malformed);
+        assert_eq!(parse(&[200, 6, 0, 0, 0, 0]), Parsed::Absent);
+    }
+
+    #[test]
+    fn pick_last() {
+        let second = [198, 51, 100, 1];
+        let o = cat(&[&toa4(PORT, V4), &[1, 1], &toa4([0, 80], second)]);
+        assert_eq!(parse(&o[..18]), v4(PORT, V4));
+        assert_eq!(parse_with(&o[..18], &with(FLAG_PICK_LAST, &[])), v4([0, 80], second));
+        // The last valid one, even when a malformed one follows it.
+        let o = cat(&[&toa4(PORT, V4), &[254, 6, 0, 0, 0, 0]]);
+        assert_eq!(parse_with(&o[..14], &with(FLAG_PICK_LAST, &[])), v4(PORT, V4));
+        assert_eq!(parse_with(&[254, 6, 0, 0, 0, 0], &with(FLAG_PICK_LAST, &[])), Parsed::Malformed);
+    }
+
+    #[test]
+    fn bytedance() {
+        let o = [254, 16, 0x10, 0x92, 203, 0, 113, 7, 0, 0, 0x01, 0xbb, 192, 0, 2, 10];
+        assert_eq!(parse(&o), Parsed::Malformed, "length 16 is no classic TOA");
+        let Parsed::Found(c) = parse_with(&o, &with(FLAG_DIALECT_BYTEDANCE, &[])) else { panic!() };
+        assert_eq!((c.family, c.port, &c.addr[..4]), (AF_INET, PORT, &V4[..]));
+        assert_eq!((c.vip_port, c.vip_addr), ([0x01, 0xbb], [192, 0, 2, 10]));
+        assert_eq!(c.flags, CLIENT_HAS_PORT | CLIENT_HAS_VIP);
+        // Classic layouts under 254 still read with the dialect on.
+        assert_eq!(parse_with(&toa4(PORT, V4), &with(FLAG_DIALECT_BYTEDANCE, &[])), v4(PORT, V4));
+        assert_eq!(parse_with(&o[..12], &with(FLAG_DIALECT_BYTEDANCE, &[])), Parsed::Malformed);
+    }
+
+    #[test]
+    fn alibaba_cdn() {
+        let cfg = with(FLAG_DIALECT_ALIBABA_CDN, &[]);
+        let o = [28, 7, 1, 203, 0, 113, 7];
+        assert_eq!(parse(&o), Parsed::Absent, "kind 28 is not read unless asked");
+        let Parsed::Found(c) = parse_with(&o, &cfg) else { panic!() };
+        assert_eq!((c.family, &c.addr[..4], c.flags), (AF_INET, &V4[..], 0), "no port");
+        let mut o6 = [0u8; 19];
+        o6[..3].copy_from_slice(&[28, 19, 1]);
+        o6[3..].copy_from_slice(&V6);
+        let Parsed::Found(c) = parse_with(&o6, &cfg) else { panic!() };
+        assert_eq!((c.family, c.addr), (AF_INET6, V6));
+        assert_eq!(parse_with(&[28, 7, 2, 203, 0, 113, 7], &cfg), Parsed::Malformed, "unknown version");
+        assert_eq!(parse_with(&[28, 8, 1, 203, 0, 113, 7, 0], &cfg), Parsed::Malformed);
     }
 
     #[test]

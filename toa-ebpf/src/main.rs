@@ -1,12 +1,15 @@
 //! The TOA agent: reads the client address from a TCP option and gives it to `getpeername()`.
 //!
 //! One module per kernel hook: `sock_ops` finds the option on incoming connections and keeps the
-//! address in socket storage; `getpeername` hands it to applications. `maps` holds the state both
-//! share with userspace.
+//! address in socket storage; `getpeername` hands it to applications, `getsockname` the virtual
+//! IP where the option carries one, `getsockopt` answers the NAT64 lookup. `maps` holds the state
+//! they share with userspace.
 #![no_std]
 #![no_main]
 
 mod getpeername;
+mod getsockname;
+mod getsockopt;
 mod maps;
 mod sock_ops;
 

@@ -57,3 +57,40 @@ pub fn copy_options(ops: *const bpf_sock_ops, area: &mut OptionArea) -> bool {
     area.set_len(i);
     true
 }
+
+const IPPROTO_TCP: i32 = 6;
+const TCP_BPF_SYN: i32 = 1005;
+/// A TCP header with options is at most 60 bytes.
+const TCP_HEADER_MAX: usize = 60;
+
+/// Copies the option area of the SYN that opened this connection into `area`; needs a listener
+/// that saved its SYNs (`TCP_SAVE_SYN`). False when there is no saved SYN.
+#[inline(always)]
+pub fn copy_syn_options(ops: *mut bpf_sock_ops, area: &mut OptionArea) -> bool {
+    // SAFETY: the helper writes at most TCP_HEADER_MAX bytes into the 96-byte buffer.
+    let got = unsafe {
+        aya_ebpf::helpers::generated::bpf_getsockopt(
+            ops.cast(),
+            IPPROTO_TCP,
+            TCP_BPF_SYN,
+            area.bytes.as_mut_ptr().cast(),
+            TCP_HEADER_MAX as i32,
+        )
+    };
+    if got < TCP_HEADER_MIN as i64 {
+        return false;
+    }
+    let hdr_len = ((area.bytes[12] >> 4) as usize) * 4;
+    if hdr_len < TCP_HEADER_MIN {
+        return false;
+    }
+    // Move the options to the front, where the parser looks.
+    let mut i = 0;
+    while i < OPTION_AREA_MAX {
+        let byte = area.bytes[(i + TCP_HEADER_MIN) & 63];
+        area.set(i, byte);
+        i += 1;
+    }
+    area.set_len(hdr_len - TCP_HEADER_MIN);
+    true
+}

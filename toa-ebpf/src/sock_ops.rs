@@ -1,62 +1,98 @@
-//! sock_ops hook: find the TOA on an incoming connection and remember the client per socket.
+//! sock_ops hook: find the client address on an incoming connection and remember it per socket.
 //!
 //! The option usually rides on the ACK that completes the handshake
 //! (`PASSIVE_ESTABLISHED_CB`). If it is not there, the agent asks the kernel for the options of
-//! the next segments (`PARSE_HDR_OPT_CB`) and stops after `SEARCH_SEGMENTS`.
-
-use core::ffi::c_void;
+//! the next segments (`PARSE_HDR_OPT_CB`) and stops after `SEARCH_SEGMENTS`. With
+//! `FLAG_READ_SYN` listeners save their SYN (`TCP_LISTEN_CB`) and its options are read too.
+//! `TOA_CONFIG` says which layouts to read, from which sources and on which local ports.
 
 use aya_ebpf::{
     bindings::{
         bpf_sock, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
-        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
-    helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
+    helpers::generated::{bpf_setsockopt, bpf_sk_storage_delete, bpf_sk_storage_get},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use toa_common::{
-    find_toa, Counter, Parsed, SockState, SEARCH_SEGMENTS, STATE_FOUND, STATE_SEARCHING,
+    config::{FLAG_READ_SYN, FLAG_TRUST_REQUIRED},
+    find_toa, AgentConfig, Counter, Parsed, SockState, AF_INET, SEARCH_SEGMENTS, STATE_FOUND,
+    STATE_SEARCHING,
 };
-use toa_ebpf::packet::copy_options;
+use toa_ebpf::packet::{copy_options, copy_syn_options};
 
-use crate::maps::{count, TOA_SCRATCH, TOA_SOCKS};
+use crate::maps::{config, count, mapped, socks, trusted, TOA_SCRATCH};
+
+const IPPROTO_TCP: i32 = 6;
+const TCP_SAVE_SYN: i32 = 27;
 
 #[sock_ops]
 pub fn toa_sock_ops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
+    let Some(cfg) = config() else { return 1 };
+    if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        if cfg.has(FLAG_READ_SYN) {
+            save_syns(&ctx);
+        }
+        return 1;
+    }
     if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PARSE_HDR_OPT_CB {
         return 1;
     }
     // SAFETY: `sk` is readable in every sock_ops callback; null-checked before use.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    if sk.is_null() || !cfg.port_allowed(ctx.local_port() as u16) {
         return 1;
     }
     if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
-        on_established(&ctx, sk, parse_segment(&ctx));
+        on_established(&ctx, sk, cfg);
     } else {
-        on_later_segment(&ctx, sk);
+        on_later_segment(&ctx, sk, cfg);
     }
     1
 }
 
-/// Parses the current segment's options.
+/// Makes the listener keep each SYN, so its options can be read once the connection is
+/// established (costs one small allocation per connection, freed at close).
+fn save_syns(ctx: &SockOpsContext) {
+    let mut on: i32 = 1;
+    // SAFETY: a listener's context; optval is 4 bytes on the stack.
+    unsafe { bpf_setsockopt(ctx.ops.cast(), IPPROTO_TCP, TCP_SAVE_SYN, (&mut on as *mut i32).cast(), 4) };
+}
+
+/// Parses the current segment's options (or the saved SYN's).
 #[inline(always)]
-fn parse_segment(ctx: &SockOpsContext) -> Parsed {
+fn parse(ctx: &SockOpsContext, cfg: &AgentConfig, syn: bool) -> Parsed {
     let Some(area) = TOA_SCRATCH.get_ptr_mut(0) else {
         return Parsed::Absent;
     };
     // SAFETY: the per-CPU scratch slot is ours for the duration of this program.
     let area = unsafe { &mut *area };
-    if !copy_options(ctx.ops, area) {
+    let copied = if syn { copy_syn_options(ctx.ops, area) } else { copy_options(ctx.ops, area) };
+    if !copied {
         return Parsed::Absent;
     }
-    find_toa(area)
+    find_toa(area, cfg)
 }
 
-fn socks() -> *mut c_void {
-    core::ptr::addr_of!(TOA_SOCKS) as *mut c_void
+/// Whether the peer (the balancer) may speak for the client.
+#[inline(always)]
+fn source_trusted(ctx: &SockOpsContext, cfg: &AgentConfig) -> bool {
+    if !cfg.has(FLAG_TRUST_REQUIRED) {
+        return true;
+    }
+    let addr = if ctx.family() == AF_INET as u32 {
+        mapped(ctx.remote_ip4())
+    } else {
+        // One constant-offset load per word: the verifier refuses loads through a moved ctx
+        // pointer, which copying the array would produce.
+        // SAFETY: remote_ip6 is readable in every sock_ops callback.
+        let w = |i: usize| unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.ops).remote_ip6[i])) }.to_ne_bytes();
+        let (a, b, c, d) = (w(0), w(1), w(2), w(3));
+        [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
+    };
+    trusted(addr)
 }
 
 /// The socket's storage, created on demand.
@@ -79,8 +115,20 @@ fn set_search(ctx: &SockOpsContext, on: bool) {
     let _ = ctx.set_cb_flags(flags as i32);
 }
 
-fn on_established(ctx: &SockOpsContext, sk: *mut bpf_sock, parsed: Parsed) {
+fn on_established(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
+    let mut parsed = parse(ctx, cfg, false);
+    if !matches!(parsed, Parsed::Found(_)) && cfg.has(FLAG_READ_SYN) {
+        match parse(ctx, cfg, true) {
+            Parsed::Absent => {}
+            on_syn => parsed = on_syn,
+        }
+    }
+    let trusted = source_trusted(ctx, cfg);
     if let Parsed::Found(client) = parsed {
+        if !trusted {
+            count(Counter::UntrustedOption);
+            return;
+        }
         count(Counter::SynRecvSockToa);
         match storage(sk, true) {
             Some(state) => {
@@ -95,6 +143,10 @@ fn on_established(ctx: &SockOpsContext, sk: *mut bpf_sock, parsed: Parsed) {
     if parsed == Parsed::Malformed {
         count(Counter::OptionMalformed);
     }
+    if !trusted {
+        // Nothing from this source will be honoured: do not look further.
+        return;
+    }
     // Look at the next segments: some balancers put the option on the first data segment.
     let Some(state) = storage(sk, true) else {
         count(Counter::StorageFailed);
@@ -105,7 +157,7 @@ fn on_established(ctx: &SockOpsContext, sk: *mut bpf_sock, parsed: Parsed) {
     set_search(ctx, true);
 }
 
-fn on_later_segment(ctx: &SockOpsContext, sk: *mut bpf_sock) {
+fn on_later_segment(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
     let state = match storage(sk, false) {
         Some(state) if state.state == STATE_SEARCHING => state,
         _ => {
@@ -113,7 +165,7 @@ fn on_later_segment(ctx: &SockOpsContext, sk: *mut bpf_sock) {
             return;
         }
     };
-    match parse_segment(ctx) {
+    match parse(ctx, cfg, false) {
         Parsed::Found(client) => {
             state.client = client;
             state.state = STATE_FOUND;

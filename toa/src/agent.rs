@@ -1,39 +1,57 @@
 //! The agent's pinned state: one type that loads and pins it, opens what is pinned, reports on
 //! it and removes it. Every CLI command is a thin layer over [`Agent`].
 //!
-//! Layout under the pin directory (default `/sys/fs/bpf/toa`):
-//! `link_sock_ops`, `link_getpeername4`, `link_getpeername6` (the cgroup attachments) and
-//! `socks`, `stats` (the maps). The pinned links keep the programs attached after `toa load`
-//! exits; removing the pins detaches them.
+//! Layout under the pin directory (default `/sys/fs/bpf/toa`): one `link_*` per cgroup
+//! attachment and the maps `socks`, `stats`, `config`, `trust`. The pinned links keep the
+//! programs attached after `toa load` exits; removing the pins detaches them. Rewriting `config`
+//! and `trust` reconfigures the running programs without detaching anything.
 
 use std::{
     fs,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use aya::{
-    maps::{Map, MapData, PerCpuArray},
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SockOps},
+    maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData, PerCpuArray},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps},
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
-use toa_common::Counter;
+use toa_common::{AgentConfig, Counter};
 
 use crate::{
     cgroup,
     error::{chain, Error},
-    link_info, programs, system,
+    link_info,
+    policy::{trust_key, trust_net, Policy},
+    programs, system,
 };
 
 /// The pinned links, with the program each one attaches.
-const LINKS: [(&str, &str); 3] = [
+const LINKS: [(&str, &str); 6] = [
     ("link_sock_ops", programs::SOCK_OPS),
     ("link_getpeername4", programs::GETPEERNAME4),
     ("link_getpeername6", programs::GETPEERNAME6),
+    ("link_getsockname4", programs::GETSOCKNAME4),
+    ("link_getsockname6", programs::GETSOCKNAME6),
+    ("link_getsockopt", programs::GETSOCKOPT),
 ];
-const MAP_SOCKS: (&str, &str) = ("socks", "TOA_SOCKS");
-const MAP_STATS: (&str, &str) = ("stats", "TOA_STATS");
+/// (pin file, map name in the object)
+const MAPS: [(&str, &str); 4] = [("socks", "TOA_SOCKS"), ("stats", "TOA_STATS"), ("config", "TOA_CONFIG"), ("trust", "TOA_TRUST")];
+const MAP_STATS: &str = "stats";
+const MAP_CONFIG: &str = "config";
+const MAP_TRUST: &str = "trust";
+
+/// The `bpf_attach_type` of cgroup getsockopt programs.
+const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+
+/// A link not pinned yet; dropping it detaches the program.
+enum Attached {
+    Aya(FdLink),
+    Raw(std::os::fd::OwnedFd),
+}
 
 /// What `toa load` is asked to do.
 #[derive(Clone, Debug)]
@@ -41,6 +59,7 @@ pub struct LoadOptions {
     /// cgroup v2 directory to attach to; `None` for the root of the hierarchy (every process).
     pub cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
+    pub policy: Policy,
 }
 
 /// How a load went.
@@ -70,6 +89,10 @@ pub struct Status {
     /// The cgroup the programs are attached to.
     pub cgroup: Option<PathBuf>,
     pub programs: Vec<ProgramStatus>,
+    /// What the running programs honour, read back from their maps.
+    pub policy: Option<Policy>,
+    /// True when no trust list is set: any client that reaches the host can claim any address.
+    pub spoofable: bool,
     pub kernel: String,
     pub version: String,
 }
@@ -98,13 +121,19 @@ impl Agent {
     pub fn load(&self, options: &LoadOptions) -> Result<Loaded, Error> {
         system::require_root("toa load")?;
         system::require_kernel()?;
+        options.policy.validate().map_err(|detail| Error::Policy { detail })?;
         let cgroup = cgroup::resolve(options.cgroup.as_deref())?;
         system::ensure_bpffs(&self.pin_dir)?;
 
         if self.is_pinned() {
             let status = self.status()?;
             if status.cgroup.as_deref() == Some(cgroup.as_path()) {
-                return Ok(Loaded { changed: false, status, load_time_ms: None });
+                // Same place: only the policy may change, in place, for new connections.
+                let changed = status.policy.as_ref() != Some(&options.policy.normalized());
+                if changed {
+                    self.apply_policy(&options.policy)?;
+                }
+                return Ok(Loaded { changed, status: self.status()?, load_time_ms: None });
             }
             if let Some(attached) = status.cgroup {
                 return Err(Error::LoadedElsewhere { attached, requested: cgroup });
@@ -115,7 +144,7 @@ impl Agent {
 
         let started = Instant::now();
         fs::create_dir_all(&self.pin_dir)?;
-        let result = attach(&cgroup, &self.pin_dir).and_then(|(_ebpf, links)| self.pin_links(links));
+        let result = attach(&cgroup, &self.pin_dir, Some(&options.policy)).and_then(|(_ebpf, links)| self.pin_links(links));
         if let Err(e) = result {
             // The maps were pinned while loading; the unpinned links detach when dropped.
             let _ = self.remove_pins();
@@ -139,7 +168,7 @@ impl Agent {
             return Ok(Loaded { changed: false, status: self.status()?, load_time_ms: None });
         }
         let started = Instant::now();
-        let (_ebpf, links) = attach(&cgroup, &self.pin_dir)?;
+        let (_ebpf, links) = attach(&cgroup, &self.pin_dir, None)?;
         for (file, _) in LINKS {
             fs::remove_file(self.pin_dir.join(file))?;
         }
@@ -147,10 +176,21 @@ impl Agent {
         Ok(Loaded { changed: true, status: self.status()?, load_time_ms: Some(ms(started.elapsed())) })
     }
 
-    fn pin_links(&self, links: Vec<(&'static str, FdLink)>) -> Result<(), Error> {
+    /// Rewrites what the running programs honour; connections already established keep the
+    /// address they have.
+    pub fn apply_policy(&self, policy: &Policy) -> Result<(), Error> {
+        policy.validate().map_err(|detail| Error::Policy { detail })?;
+        write_policy(&self.pin_dir, policy)
+    }
+
+    fn pin_links(&self, links: Vec<(&'static str, Attached)>) -> Result<(), Error> {
         for (file, link) in links {
             let path = self.pin_dir.join(file);
-            link.pin(&path).map_err(|e| Error::Pin { path: path.clone(), detail: chain(&e) })?;
+            let pinned = match link {
+                Attached::Aya(link) => link.pin(&path).map(drop).map_err(|e| chain(&e)),
+                Attached::Raw(fd) => link_info::pin(fd.as_fd(), &path).map_err(|e| e.to_string()),
+            };
+            pinned.map_err(|detail| Error::Pin { path: path.clone(), detail })?;
         }
         Ok(())
     }
@@ -176,7 +216,7 @@ impl Agent {
             return Ok(());
         }
         // Links first, so the programs stop running before their maps go.
-        let files = LINKS.iter().map(|(f, _)| *f).chain([MAP_SOCKS.0, MAP_STATS.0]);
+        let files = LINKS.iter().map(|(f, _)| *f).chain(MAPS.iter().map(|(f, _)| *f));
         for file in files {
             match fs::remove_file(self.pin_dir.join(file)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
@@ -194,6 +234,8 @@ impl Agent {
             pin_dir: self.pin_dir.clone(),
             cgroup: None,
             programs: Vec::new(),
+            policy: None,
+            spoofable: false,
             kernel: system::kernel_release(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
@@ -215,13 +257,16 @@ impl Agent {
                 verified_insns: info.and_then(|i| i.verified_instruction_count()),
             });
         }
+        let policy = read_policy(&self.pin_dir)?;
+        status.spoofable = policy.trust.is_empty();
+        status.policy = Some(policy);
         status.loaded = true;
         Ok(status)
     }
 
     /// The counters, summed over CPUs, in [`Counter::ALL`] order.
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, Error> {
-        let path = self.pin_dir.join(MAP_STATS.0);
+        let path = self.pin_dir.join(MAP_STATS);
         if !path.exists() {
             return Err(Error::NotLoaded { pin_dir: self.pin_dir.clone() });
         }
@@ -239,17 +284,20 @@ impl Agent {
     }
 }
 
-/// Loads the agent object on the maps pinned in `pin_dir` (created and pinned there if absent)
-/// and attaches its three programs; the links are not pinned yet, so dropping them (on any
-/// error) detaches them.
-fn attach(cgroup: &Path, pin_dir: &Path) -> Result<(Ebpf, Vec<(&'static str, FdLink)>), Error> {
+/// Loads the agent object on the maps pinned in `pin_dir` (created and pinned there if absent),
+/// writes `policy` (if given) before anything runs, and attaches its programs; the links are not
+/// pinned yet, so dropping them (on any error) detaches them.
+fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> Result<(Ebpf, Vec<(&'static str, Attached)>), Error> {
     programs::require_embedded()?;
     let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
-    let mut ebpf = EbpfLoader::new()
-        .map_pin_path(MAP_SOCKS.1, pin_dir.join(MAP_SOCKS.0))
-        .map_pin_path(MAP_STATS.1, pin_dir.join(MAP_STATS.0))
-        .load(programs::AGENT)
-        .map_err(|e| load_err(&e))?;
+    let mut loader = EbpfLoader::new();
+    for (file, name) in MAPS {
+        loader.map_pin_path(name, pin_dir.join(file));
+    }
+    let mut ebpf = loader.load(programs::AGENT).map_err(|e| load_err(&e))?;
+    if let Some(policy) = policy {
+        write_policy(pin_dir, policy)?;
+    }
     let cgroup_dir = fs::File::open(cgroup)?;
     let mut links = Vec::new();
     for (file, name) in LINKS {
@@ -265,15 +313,67 @@ fn attach(cgroup: &Path, pin_dir: &Path) -> Result<(Ebpf, Vec<(&'static str, FdL
             program.load().map_err(|e| load_err(&e))?;
             let id = program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| attach_err(&e))?;
             program.take_link(id).map_err(|e| attach_err(&e))?.try_into().map_err(|e| attach_err(&e))?
+        } else if name == programs::GETSOCKOPT {
+            let program: &mut CgroupSockopt = program.try_into().map_err(|e| load_err(&e))?;
+            program.load().map_err(|e| load_err(&e))?;
+            let prog_fd = program.fd().map_err(|e| load_err(&e))?;
+            let link = link_info::cgroup_link_create(prog_fd.as_fd(), cgroup_dir.as_fd(), BPF_CGROUP_GETSOCKOPT)
+                .map_err(|e| attach_err(&e))?;
+            links.push((file, Attached::Raw(link)));
+            continue;
         } else {
             let program: &mut CgroupSockAddr = program.try_into().map_err(|e| load_err(&e))?;
             program.load().map_err(|e| load_err(&e))?;
             let id = program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| attach_err(&e))?;
             program.take_link(id).map_err(|e| attach_err(&e))?.try_into().map_err(|e| attach_err(&e))?
         };
-        links.push((file, link));
+        links.push((file, Attached::Aya(link)));
     }
     Ok((ebpf, links))
+}
+
+fn map_err(path: &Path) -> impl Fn(&dyn std::error::Error) -> Error + '_ {
+    move |e| Error::Read { what: path.display().to_string(), detail: chain(e) }
+}
+
+/// Writes the config slot and makes the trust trie hold exactly the policy's networks.
+fn write_policy(pin_dir: &Path, policy: &Policy) -> Result<(), Error> {
+    let path = pin_dir.join(MAP_CONFIG);
+    let err = map_err(&path);
+    let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let mut config = Array::<_, AgentConfig>::try_from(map).map_err(|e| err(&e))?;
+
+    let path = pin_dir.join(MAP_TRUST);
+    let err = map_err(&path);
+    let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let mut trust = LpmTrie::<_, [u8; 16], u8>::try_from(map).map_err(|e| err(&e))?;
+    let wanted: Vec<(u32, [u8; 16])> = policy.trust.iter().map(trust_key).collect();
+    // New entries before the config that may start requiring them.
+    for (len, addr) in &wanted {
+        trust.insert(&Key::new(*len, *addr), 1, 0).map_err(|e| err(&e))?;
+    }
+    config.set(0, policy.to_config(), 0).map_err(|e| err(&e))?;
+    let stale: Vec<Key<[u8; 16]>> =
+        trust.keys().filter_map(Result::ok).filter(|k| !wanted.contains(&(k.prefix_len(), k.data()))).collect();
+    for key in stale {
+        trust.remove(&key).map_err(|e| err(&e))?;
+    }
+    Ok(())
+}
+
+fn read_policy(pin_dir: &Path) -> Result<Policy, Error> {
+    let path = pin_dir.join(MAP_CONFIG);
+    let err = map_err(&path);
+    let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let config = Array::<_, AgentConfig>::try_from(map).map_err(|e| err(&e))?;
+    let cfg = config.get(&0, 0).map_err(|e| err(&e))?;
+    let path = pin_dir.join(MAP_TRUST);
+    let err = map_err(&path);
+    let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let trust = LpmTrie::<_, [u8; 16], u8>::try_from(map).map_err(|e| err(&e))?;
+    let mut nets: Vec<_> = trust.keys().filter_map(Result::ok).filter_map(|k| trust_net(k.prefix_len(), k.data())).collect();
+    nets.sort();
+    Ok(Policy::from_kernel(&cfg, nets))
 }
 
 fn ms(d: Duration) -> f64 {

@@ -5,9 +5,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::{Error, DEFAULT_PIN_DIR};
+use crate::{
+    policy::{Dialect, Pick, Policy, PortRange},
+    Error, DEFAULT_PIN_DIR,
+};
 
 /// Where `toa run` looks for its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/toa/toa.toml";
@@ -33,6 +37,72 @@ pub struct ConfigFile {
     pub metrics: Option<SocketAddr>,
     pub keep_loaded: Option<bool>,
     pub log_format: Option<LogFormat>,
+    /// Policy keys, named like the flags of `toa load`.
+    #[serde(default)]
+    pub kind: Vec<u8>,
+    #[serde(default)]
+    pub dialect: Vec<Dialect>,
+    pub syn: Option<bool>,
+    pub rewrite_sockname: Option<bool>,
+    pub pick: Option<Pick>,
+    #[serde(default)]
+    pub trust: Vec<IpNet>,
+    /// Ports or ranges: `port = [80, "8000-8100"]`.
+    #[serde(default)]
+    pub port: Vec<PortRange>,
+}
+
+/// The policy flags of `toa load` and `toa run`.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct PolicyArgs {
+    /// Read the classic layouts (length 8: port + IPv4, 20: port + IPv6) under option kind N;
+    /// repeatable [default: 254].
+    #[arg(long = "kind", value_name = "N")]
+    pub kinds: Vec<u8>,
+    /// Also read a layout that differs from the classic one; repeatable.
+    #[arg(long = "dialect", value_enum)]
+    pub dialects: Vec<Dialect>,
+    /// Also read the options of the SYN (older DPVS/LVS); costs memory per connection.
+    #[arg(long)]
+    pub syn: bool,
+    /// Make getsockname() return the virtual IP where the option carries it (ByteDance).
+    #[arg(long)]
+    pub rewrite_sockname: bool,
+    /// Several options in one segment: which valid one wins [default: first].
+    #[arg(long, value_enum)]
+    pub pick: Option<Pick>,
+    /// Honour options only from these sources (the balancer's backend-facing range);
+    /// repeatable. Without it, any client that reaches the host can claim any address.
+    #[arg(long = "trust", value_name = "CIDR")]
+    pub trust: Vec<IpNet>,
+    /// Honour options only on this local port; repeatable.
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+    /// Honour options only on these local ports; repeatable.
+    #[arg(long = "port-range", value_name = "FIRST-LAST")]
+    pub port_ranges: Vec<PortRange>,
+}
+
+impl PolicyArgs {
+    /// The policy these flags describe, on top of `file` (flags win key by key).
+    pub fn over(&self, file: &ConfigFile) -> Policy {
+        let mut ports: Vec<PortRange> = self.ports.iter().map(|p| PortRange(*p, *p)).collect();
+        ports.extend(self.port_ranges.iter().copied());
+        Policy {
+            kinds: pick(&self.kinds, &file.kind),
+            dialects: pick(&self.dialects, &file.dialect),
+            syn: self.syn || file.syn.unwrap_or(false),
+            rewrite_sockname: self.rewrite_sockname || file.rewrite_sockname.unwrap_or(false),
+            pick: self.pick.or(file.pick).unwrap_or_default(),
+            trust: pick(&self.trust, &file.trust),
+            ports: pick(&ports, &file.port),
+        }
+    }
+}
+
+/// The flag's list if any was given, else the file's.
+fn pick<T: Clone>(flag: &[T], file: &[T]) -> Vec<T> {
+    if flag.is_empty() { file.to_vec() } else { flag.to_vec() }
 }
 
 impl ConfigFile {
@@ -61,6 +131,7 @@ pub struct Overrides {
     pub metrics: Option<SocketAddr>,
     pub keep_loaded: bool,
     pub log_format: Option<LogFormat>,
+    pub policy: PolicyArgs,
 }
 
 /// What `toa run` does, once file and flags are merged.
@@ -71,6 +142,7 @@ pub struct Settings {
     pub metrics: SocketAddr,
     pub keep_loaded: bool,
     pub log_format: LogFormat,
+    pub policy: Policy,
 }
 
 impl Settings {
@@ -84,6 +156,7 @@ impl Settings {
                 .unwrap_or_else(|| DEFAULT_METRICS.parse().expect("a valid literal address")),
             keep_loaded: flags.keep_loaded || file.keep_loaded.unwrap_or(false),
             log_format: flags.log_format.or(file.log_format).unwrap_or_default(),
+            policy: flags.policy.over(file),
         }
     }
 }
@@ -109,6 +182,22 @@ mod tests {
         assert!(ConfigFile::parse("cgrup = \"/x\"").unwrap_err().contains("cgrup"));
         assert!(ConfigFile::parse("metrics = \"localhost\"").is_err());
         assert!(ConfigFile::parse("log_format = \"xml\"").is_err());
+    }
+
+    #[test]
+    fn policy_keys() {
+        let file = ConfigFile::parse(
+            "kind = [254, 200]\ndialect = [\"bytedance\"]\ntrust = [\"100.125.0.0/16\"]\nport = [80, \"8000-8100\"]\npick = \"last\"\n",
+        )
+        .unwrap();
+        let p = PolicyArgs::default().over(&file);
+        assert_eq!(p.kinds, vec![254, 200]);
+        assert_eq!(p.dialects, vec![Dialect::Bytedance]);
+        assert_eq!(p.ports, vec![PortRange(80, 80), PortRange(8000, 8100)]);
+        assert_eq!(p.pick, Pick::Last);
+        let flags = PolicyArgs { trust: vec!["10.0.0.0/8".parse().unwrap()], ..Default::default() };
+        assert_eq!(flags.over(&file).trust, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
+        assert!(ConfigFile::parse("port = [\"90-80\"]").is_err());
     }
 
     #[test]

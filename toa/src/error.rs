@@ -57,6 +57,9 @@ pub enum Error {
     #[error("toa is not loaded (nothing pinned under {pin_dir}): run `toa load`")]
     NotLoaded { pin_dir: PathBuf },
 
+    #[error("{detail}")]
+    Policy { detail: String },
+
     #[error("config {path}: {detail}")]
     Config { path: PathBuf, detail: String },
 

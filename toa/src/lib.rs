@@ -14,6 +14,7 @@ pub mod error;
 mod link_info;
 pub mod logging;
 pub mod metrics;
+pub mod policy;
 pub mod probe;
 pub mod programs;
 pub mod service;

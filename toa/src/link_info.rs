@@ -102,3 +102,44 @@ pub fn cgroup_programs(cgroup: &Path, attach_type: u32) -> io::Result<Vec<u32>> 
     bpf(BPF_PROG_QUERY, &mut attr)?;
     Ok(ids[..(attr.prog_cnt as usize).min(ids.len())].to_vec())
 }
+
+/// A cgroup bpf_link made with `BPF_LINK_CREATE` directly: aya 0.14 cannot turn a
+/// `CgroupSockoptLink` into a pinnable `FdLink`.
+pub fn cgroup_link_create(program: std::os::fd::BorrowedFd<'_>, cgroup: std::os::fd::BorrowedFd<'_>, attach_type: u32) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    #[repr(C)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        _rest: [u64; 4],
+    }
+    let mut attr = LinkCreate {
+        prog_fd: program.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+        _rest: [0; 4],
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel just returned this new descriptor to us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins a bpf object (`BPF_OBJ_PIN`).
+pub fn pin(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjPin { pathname: c.as_ptr() as u64, bpf_fd: fd.as_raw_fd() as u32, file_flags: 0 };
+    bpf(BPF_OBJ_PIN, &mut attr)?;
+    Ok(())
+}

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use toa::{
-    config::{LogFormat, Overrides},
+    config::{ConfigFile, LogFormat, Overrides, PolicyArgs},
     logging,
     probe::{self, ProbeOptions, Segment},
     programs, service, Agent, LoadOptions, Status, DEFAULT_PIN_DIR,
@@ -27,6 +27,8 @@ enum Command {
         /// cgroup v2 directory to scope the agent to (default: the root, i.e. every process).
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        #[command(flatten)]
+        policy: PolicyArgs,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -48,6 +50,8 @@ enum Command {
         /// Log lines as text or JSON [default: text].
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
     /// Detach the agent and remove everything it pinned.
     Unload,
@@ -137,20 +141,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         logging::init(LogFormat::Text);
     }
     match cli.command {
-        Command::Run { config, cgroup, metrics, keep_loaded, log_format } => {
-            let flags = Overrides { cgroup, pin_dir: cli.pin_dir, metrics, keep_loaded, log_format };
+        Command::Run { config, cgroup, metrics, keep_loaded, log_format, policy } => {
+            let flags = Overrides { cgroup, pin_dir: cli.pin_dir, metrics, keep_loaded, log_format, policy };
             service::run(config, flags)?;
         }
-        Command::Load { cgroup, json } => {
-            let loaded = agent.load(&LoadOptions { cgroup, pin_dir: pin_dir.clone() })?;
+        Command::Load { cgroup, json, policy } => {
+            let policy = policy.over(&ConfigFile::default());
+            let loaded = agent.load(&LoadOptions { cgroup, pin_dir: pin_dir.clone(), policy })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&loaded)?);
             } else {
-                if loaded.changed {
-                    let time = loaded.load_time_ms.map(|t| format!(" in {t} ms")).unwrap_or_default();
-                    println!("toa loaded{time}");
-                } else {
-                    println!("toa was already loaded; nothing changed");
+                match (loaded.changed, loaded.load_time_ms) {
+                    (true, Some(t)) => println!("toa loaded in {t} ms"),
+                    (true, None) => println!("toa was already loaded; policy updated for new connections"),
+                    (false, _) => println!("toa was already loaded; nothing changed"),
                 }
                 print_status(&loaded.status);
             }
@@ -248,6 +252,18 @@ fn print_status(status: &Status) {
         for p in &status.programs {
             let insns = p.verified_insns.map(|n| format!(", {n} insns verified")).unwrap_or_default();
             println!("program:  {} (id {}{insns})", p.name, p.id);
+        }
+        if let Some(p) = &status.policy {
+            let list = |v: Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
+            println!("kinds:    {}", list(p.kinds.iter().map(u8::to_string).collect()));
+            println!("dialects: {}", list(p.dialects.iter().map(|d| format!("{d:?}").to_lowercase()).collect()));
+            println!("syn:      {}   pick: {:?}   rewrite_sockname: {}", p.syn, p.pick, p.rewrite_sockname);
+            println!("ports:    {}", if p.ports.is_empty() { "all".into() } else { list(p.ports.iter().map(ToString::to_string).collect()) });
+            if status.spoofable {
+                println!("trust:    anyone — any client that reaches this host can claim any address (set --trust)");
+            } else {
+                println!("trust:    {}", list(p.trust.iter().map(ToString::to_string).collect()));
+            }
         }
     }
     println!("kernel:   {}", status.kernel);

@@ -65,7 +65,7 @@ pub fn toa_option(client: SocketAddr) -> Vec<u8> {
             AF_INET6
         }
     };
-    let client = ClientAddr { family, port: client.port().to_be_bytes(), addr };
+    let client = ClientAddr { family, port: client.port().to_be_bytes(), addr, ..ClientAddr::default() };
     let mut out = [0u8; 20];
     let n = encode_toa(&client, &mut out);
     out[..n].to_vec()

@@ -17,6 +17,9 @@ pub fn hash() -> String {
 pub const SOCK_OPS: &str = "toa_sock_ops";
 pub const GETPEERNAME4: &str = "toa_getpeer4";
 pub const GETPEERNAME6: &str = "toa_getpeer6";
+pub const GETSOCKNAME4: &str = "toa_getsock4";
+pub const GETSOCKNAME6: &str = "toa_getsock6";
+pub const GETSOCKOPT: &str = "toa_getsockopt";
 pub const PROBE_WRITER: &str = "toa_probe";
 
 /// Fails when this binary was built without its programs (`AYA_BUILD_SKIP=1`, for host-only

@@ -34,7 +34,11 @@ pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
     let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
 
     let agent = Agent::new(&settings.pin_dir);
-    let loaded = agent.load(&LoadOptions { cgroup: settings.cgroup.clone(), pin_dir: settings.pin_dir.clone() })?;
+    let options = LoadOptions { cgroup: settings.cgroup.clone(), pin_dir: settings.pin_dir.clone(), policy: settings.policy.clone() };
+    let loaded = agent.load(&options)?;
+    if loaded.status.spoofable {
+        warn!("no trust list: any client that reaches this host can claim any address (set trust)");
+    }
     let cgroup = loaded.status.cgroup.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
     if loaded.changed {
         info!(cgroup, load_time_ms = loaded.load_time_ms, "toa loaded");
@@ -82,10 +86,15 @@ fn reload(agent: &Agent, path: &PathBuf, required: bool, flags: &Overrides, old:
     if new.pin_dir != old.pin_dir || new.metrics != old.metrics || new.log_format != old.log_format {
         warn!("pin_dir, metrics and log_format take effect at the next start");
     }
+    new.policy.validate().map_err(|detail| Error::Policy { detail })?;
     if new.cgroup != old.cgroup {
         let moved = agent.relocate(new.cgroup.as_deref())?;
         let cgroup = moved.status.cgroup.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
         info!(cgroup, "moved to another cgroup; open connections keep their client");
+    }
+    if new.policy != old.policy {
+        agent.apply_policy(&new.policy)?;
+        info!(policy = ?new.policy, "new policy applies to new connections; open ones keep their client");
     }
     info!(keep_loaded = new.keep_loaded, "configuration reloaded");
     Ok(Settings { pin_dir: old.pin_dir.clone(), metrics: old.metrics, log_format: old.log_format, ..new })

@@ -213,7 +213,7 @@ fn unload_restores_addresses_and_leaves_nothing() {
 
     let status = lab.status_json();
     let ids: Vec<u64> = status["programs"].as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect();
-    assert_eq!(ids.len(), 3);
+    assert_eq!(ids.len(), 6);
     assert!(cgroup_attachments(&lab.cgroup).contains("toa_sock_ops"));
 
     let out = lab.unload();
@@ -253,7 +253,10 @@ fn status_names_the_cgroup_and_programs() {
     assert_eq!(status["loaded"], true);
     assert_eq!(status["cgroup"], lab.cgroup.to_str().unwrap());
     let names: Vec<&str> = status["programs"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["toa_sock_ops", "toa_getpeer4", "toa_getpeer6"]);
+    assert_eq!(names, ["toa_sock_ops", "toa_getpeer4", "toa_getpeer6", "toa_getsock4", "toa_getsock6", "toa_getsockopt"]);
+    // Without --trust, status says plainly that anyone may claim any address.
+    assert_eq!(status["spoofable"], true);
+    assert_eq!(status["policy"]["kinds"], serde_json::json!([254]));
 }
 
 #[test]
