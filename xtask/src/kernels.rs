@@ -231,16 +231,22 @@ fn initramfs_base(root: &Path, built: &Built) -> Result<Archive> {
         let path = crate::which(tool).with_context(|| format!("{tool} not found"))?;
         add_with_libs(&mut a, &path, &path.to_string_lossy())?;
     }
-    // Debian's python3 and exactly the modules the test server imports.
+    // Debian's python3 and exactly the modules the test server imports (found by importing what
+    // the script's import lines name).
     let python = fs::canonicalize("/usr/bin/python3")?;
     add_with_libs(&mut a, &python, &python.to_string_lossy())?;
     a.symlink("/usr/bin/python3", &python.to_string_lossy());
-    let modules = output(
-        Command::new(&python)
-            .env_clear()
-            .args(["-c", "import sys, socket\nfor m in list(sys.modules.values()):\n f = getattr(m, '__file__', None)\n if f: print(f)"]),
-    )
-    .context("list the Python modules the test server needs")?;
+    let script = root.join("toa/tests/peer_echo.py");
+    let list = "import ast, sys\n\
+                tree = ast.parse(open(sys.argv[1]).read())\n\
+                for node in ast.walk(tree):\n\
+                \x20   if isinstance(node, ast.Import):\n\
+                \x20       for n in node.names: __import__(n.name)\n\
+                for m in list(sys.modules.values()):\n\
+                \x20   f = getattr(m, '__file__', None)\n\
+                \x20   if f: print(f)";
+    let modules = output(Command::new(&python).env_clear().args(["-c", list]).arg(&script))
+        .context("list the Python modules the test server needs")?;
     for module in modules.lines() {
         add_file(&mut a, Path::new(module), 0o644)?;
     }
