@@ -124,6 +124,7 @@ impl Agent {
         options.policy.validate().map_err(|detail| Error::Policy { detail })?;
         let cgroup = cgroup::resolve(options.cgroup.as_deref())?;
         system::ensure_bpffs(&self.pin_dir)?;
+        system::raise_memlock();
 
         if self.is_pinned() {
             let status = self.status()?;
@@ -159,12 +160,24 @@ impl Agent {
     /// loaded on the pinned maps and attached first, then the old links are unpinned (which
     /// detaches them), then the new ones are pinned. At no point is nothing attached.
     pub fn relocate(&self, cgroup: Option<&Path>) -> Result<Loaded, Error> {
+        self.replace_links(cgroup, false)
+    }
+
+    /// Replaces the running programs with this binary's, where they are, keeping the maps (an
+    /// upgrade: `toa run` does it at start when it finds an agent already pinned).
+    pub fn upgrade(&self) -> Result<Loaded, Error> {
+        let cgroup = self.status()?.cgroup.ok_or_else(|| Error::NotLoaded { pin_dir: self.pin_dir.clone() })?;
+        self.replace_links(Some(&cgroup), true)
+    }
+
+    fn replace_links(&self, cgroup: Option<&Path>, same_place: bool) -> Result<Loaded, Error> {
         system::require_root("toa")?;
+        system::raise_memlock();
         let cgroup = cgroup::resolve(cgroup)?;
         if !self.is_pinned() {
             return Err(Error::NotLoaded { pin_dir: self.pin_dir.clone() });
         }
-        if self.status()?.cgroup.as_deref() == Some(cgroup.as_path()) {
+        if !same_place && self.status()?.cgroup.as_deref() == Some(cgroup.as_path()) {
             return Ok(Loaded { changed: false, status: self.status()?, load_time_ms: None });
         }
         let started = Instant::now();

@@ -126,6 +126,7 @@ pub fn run(options: &ProbeOptions, mut on_reply: impl FnMut(&Exchange)) -> Resul
     system::require_root("toa probe")?;
     system::require_kernel()?;
     programs::require_embedded()?;
+    system::raise_memlock();
     let announced = |i: u32| {
         let mut client = options.client;
         client.set_port(options.client.port().wrapping_add(i as u16));

@@ -40,11 +40,16 @@ pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
         warn!("no trust list: any client that reaches this host can claim any address (set trust)");
     }
     let cgroup = loaded.status.cgroup.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
-    if loaded.changed {
+    let loaded = if loaded.load_time_ms.is_some() {
         info!(cgroup, load_time_ms = loaded.load_time_ms, "toa loaded");
+        loaded
     } else {
-        info!(cgroup, "toa loaded (already attached; kept as it was)");
-    }
+        // Already pinned (a restart, an upgrade): run this binary's programs on the same maps,
+        // so open connections keep their client and the new code takes over.
+        let upgraded = agent.upgrade()?;
+        info!(cgroup, load_time_ms = upgraded.load_time_ms, "toa loaded (programs replaced in place, maps kept)");
+        upgraded
+    };
     if !loaded.status.programs.is_empty() {
         let ids: Vec<u32> = loaded.status.programs.iter().map(|p| p.id).collect();
         info!(?ids, metrics = %settings.metrics, "serving metrics on http://{}/metrics", settings.metrics);

@@ -45,6 +45,18 @@ pub fn require_kernel() -> Result<(), Error> {
     }
 }
 
+/// Before 5.11 BPF maps and programs are charged to RLIMIT_MEMLOCK (often 64 KiB); from 5.11 on
+/// to the memory cgroup. Lifting the limit is harmless on newer kernels; failing to lift it is
+/// not fatal (a service manager may have lifted it already).
+pub fn raise_memlock() {
+    if matches!(parse_release(&kernel_release()), Some(v) if v >= (5, 11)) {
+        return;
+    }
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit reads the struct we pass.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// Whether `path` is on a bpf filesystem.

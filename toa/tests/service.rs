@@ -46,6 +46,19 @@ fn run_serves_metrics_that_follow_the_traffic() {
     assert_eq!(metric(&body, "toa_syn_recv_sock_no_toa_total"), Some(1));
     assert_eq!(metric(&body, "toa_getname_toa_ok_total"), Some(6));
 
+    // Every metric the Grafana dashboard queries is one this endpoint serves.
+    let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/toa-dashboard.json")).unwrap();
+    let mut queried: Vec<&str> = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("toa_") && w.len() > 4)
+        .collect();
+    queried.sort_unstable();
+    queried.dedup();
+    assert!(queried.len() >= 5, "{queried:?}");
+    for name in queried {
+        assert!(body.lines().any(|l| l.starts_with(name)), "the dashboard queries {name}, which /metrics does not serve");
+    }
+
     let (ok, stderr) = service.stop();
     assert!(ok, "{stderr}");
     assert!(stderr.contains("toa loaded"), "{stderr}");
@@ -130,6 +143,7 @@ fn keep_loaded_restart_loses_no_client_and_conns_shows_it() {
     let mut conn = LiveConn::open(&lab, "198.18.0.1:8080");
     assert_eq!(conn.ask(), expected);
 
+    let ids_before = lab.status_json()["programs"].clone();
     let (ok, stderr) = first.stop();
     assert!(ok, "{stderr}");
     assert!(lab.pin_dir.exists(), "keep_loaded must leave the pins");
@@ -138,6 +152,8 @@ fn keep_loaded_restart_loses_no_client_and_conns_shows_it() {
     // The restart adopts what is pinned: the open connection keeps its client.
     let mut second = lab.start_service(PORT, &["--cgroup", &cgroup]);
     assert_eq!(conn.ask(), expected, "after the restart");
+    // The restart put this binary's programs in place of the old ones (an upgrade path).
+    assert_ne!(lab.status_json()["programs"], ids_before);
 
     // toa conns, in the server's namespace, shows exactly this connection.
     let out = run(lab.toa().args(["conns", "--json", "--netns"]).arg(lab.netns_path(&lab.server_ns)));
