@@ -13,6 +13,7 @@ pub mod doctor;
 pub mod error;
 mod link_info;
 pub mod logging;
+mod lookup;
 pub mod metrics;
 pub mod policy;
 pub mod probe;
@@ -22,6 +23,7 @@ pub mod system;
 
 pub use agent::{Agent, LoadOptions, Loaded, Status};
 pub use error::Error;
+pub use lookup::{client_addr, TOA_SO_GET_LOOKUP};
 
 /// Default bpffs directory holding the agent's pinned links and maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/toa";

@@ -15,7 +15,7 @@ use aya::{
 };
 use toa_common::{
     parse::encode_toa,
-    probe::{ProbeConfig, PROBE_ON_ACK, PROBE_ON_DATA, PROBE_OPTIONS, PROBE_OPTION_MAX},
+    probe::{ProbeConfig, PROBE_ON_ACK, PROBE_ON_DATA, PROBE_ON_SYN, PROBE_OPTIONS, PROBE_OPTION_MAX},
     ClientAddr, AF_INET, AF_INET6,
 };
 
@@ -32,6 +32,8 @@ pub enum Segment {
     Ack,
     /// The first segment that carries data.
     Data,
+    /// The SYN (older DPVS/LVS, Alibaba CDN).
+    Syn,
 }
 
 #[derive(Clone, Debug)]
@@ -85,6 +87,7 @@ fn config(options: &ProbeOptions, client: SocketAddr) -> Result<ProbeConfig, Err
         on: match options.on {
             Segment::Ack => PROBE_ON_ACK,
             Segment::Data => PROBE_ON_DATA,
+            Segment::Syn => PROBE_ON_SYN,
         },
         count: list.len() as u8,
         lens: [0; PROBE_OPTIONS],

@@ -2,7 +2,8 @@
 """A server that knows nothing of TOA (the Python twin of examples/peer_echo.rs).
 
 For each line a client sends: answer with the address accept() returned for the connection
-and the one getpeername() returns now; close when the client does. Usage: peer_echo.py HOST PORT
+and the one getpeername() returns now (and with --sockname, what getsockname() returns); close
+when the client does. Usage: peer_echo.py HOST PORT [--sockname]
 """
 import socket
 import sys
@@ -34,8 +35,10 @@ def answer(conn, accepted):
     with conn:
         try:
             for _ in conn.makefile("rb"):
-                reply = f"accept={show(accepted)} peer={show(conn.getpeername())}\n"
-                conn.sendall(reply.encode())
+                reply = f"accept={show(accepted)} peer={show(conn.getpeername())}"
+                if "--sockname" in sys.argv:
+                    reply += f" sock={show(conn.getsockname())}"
+                conn.sendall((reply + "\n").encode())
         except OSError:
             pass
 

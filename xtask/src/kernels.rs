@@ -1,8 +1,8 @@
 //! The kernel matrix: the end-to-end suite on Debian's 6.1 and 6.12 cloud kernels under qemu,
 //! and on the host kernel natively, with the verifier's instruction count per program.
 //!
-//! Each guest boots from an initramfs holding the static (musl) `toa`, the e2e test binary, the
-//! servers it starts (the Rust example and the Python script, with just the Python modules it
+//! Each guest boots from an initramfs holding the static (musl) `toa`, the end-to-end test
+//! binaries, the servers they start (the Rust example and the Python script, with just the Python modules it
 //! imports), `ip` and `bpftool` with their libraries, busybox, and the kernel's veth module.
 //! Files keep the absolute paths they have on the host, so the test binary finds `toa` and the
 //! servers where it was built to find them.
@@ -74,9 +74,15 @@ struct Kernel {
 
 struct Built {
     toa: PathBuf,
-    e2e: PathBuf,
-    peer_echo: PathBuf,
+    /// The end-to-end test binaries (e2e, service, policy).
+    tests: Vec<PathBuf>,
+    /// The example servers the tests start.
+    examples: Vec<PathBuf>,
 }
+
+/// Test binaries run in each guest, and the examples they start.
+const TESTS: [&str; 3] = ["e2e", "policy", "service"];
+const EXAMPLES: [&str; 2] = ["peer_echo", "client_addr"];
 
 /// Runs the matrix; fails unless every case passes on every kernel.
 pub fn run_matrix(root: &Path, extra_kernels: &[PathBuf], debian: bool, readme: bool) -> Result<()> {
@@ -138,22 +144,29 @@ fn tools() -> Result<()> {
 fn build(root: &Path) -> Result<Built> {
     crate::cargo(&["build", "--release", "--target", MUSL, "--package", "toa", "--bins", "--examples"])?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["test", "--release", "--target", MUSL, "--package", "toa", "--test", "e2e", "--no-run"])
-        .args(["--message-format=json"])
-        .stderr(Stdio::inherit())
-        .output()?;
-    if !out.status.success() {
-        bail!("building the e2e test binary failed");
+    let mut cmd = Command::new(cargo);
+    cmd.args(["test", "--release", "--target", MUSL, "--package", "toa", "--no-run", "--message-format=json"]);
+    for test in TESTS {
+        cmd.args(["--test", test]);
     }
-    let e2e = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["target"]["name"] == "e2e" && m["profile"]["test"] == true)
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .context("cargo did not report the e2e test executable")?;
+    let out = cmd.stderr(Stdio::inherit()).output()?;
+    if !out.status.success() {
+        bail!("building the end-to-end test binaries failed");
+    }
+    let messages: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    let mut tests = Vec::new();
+    for test in TESTS {
+        let exe = messages
+            .iter()
+            .filter(|m| m["target"]["name"] == test && m["profile"]["test"] == true)
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .with_context(|| format!("cargo did not report the {test} test executable"))?;
+        tests.push(exe);
+    }
     let release = root.join("target").join(MUSL).join("release");
-    Ok(Built { toa: release.join("toa"), peer_echo: release.join("examples/peer_echo"), e2e })
+    let examples = EXAMPLES.iter().map(|e| release.join("examples").join(e)).collect();
+    Ok(Built { toa: release.join("toa"), tests, examples })
 }
 
 fn debian_kernel(work: &Path, label: &str, pattern: &str) -> Result<Kernel> {
@@ -220,10 +233,19 @@ fn initramfs_base(root: &Path, built: &Built) -> Result<Archive> {
         a.dir(dir);
     }
     a.symlink("/var/run", "/run");
-    for path in [&built.toa, &built.peer_echo, &built.e2e] {
+    for path in std::iter::once(&built.toa).chain(&built.tests).chain(&built.examples) {
         add_file(&mut a, path, 0o755)?;
     }
-    add_file(&mut a, &root.join("toa/tests/peer_echo.py"), 0o644)?;
+    let scripts: Vec<PathBuf> = fs::read_dir(root.join("toa/tests"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "py"))
+        .collect();
+    for script in &scripts {
+        add_file(&mut a, script, 0o644)?;
+    }
+    // The service test checks the dashboard's metric names against a live scrape.
+    add_file(&mut a, &root.join("deploy/grafana/toa-dashboard.json"), 0o644)?;
 
     let busybox = crate::which("busybox").context("busybox not found")?;
     add_with_libs(&mut a, &busybox, "/bin/busybox")?;
@@ -231,21 +253,20 @@ fn initramfs_base(root: &Path, built: &Built) -> Result<Archive> {
         let path = crate::which(tool).with_context(|| format!("{tool} not found"))?;
         add_with_libs(&mut a, &path, &path.to_string_lossy())?;
     }
-    // Debian's python3 and exactly the modules the test server imports (found by importing what
-    // the script's import lines name).
+    // Debian's python3 and exactly the modules the test servers import (found by importing what
+    // the scripts' import lines name).
     let python = fs::canonicalize("/usr/bin/python3")?;
     add_with_libs(&mut a, &python, &python.to_string_lossy())?;
     a.symlink("/usr/bin/python3", &python.to_string_lossy());
-    let script = root.join("toa/tests/peer_echo.py");
     let list = "import ast, sys\n\
-                tree = ast.parse(open(sys.argv[1]).read())\n\
-                for node in ast.walk(tree):\n\
+                for path in sys.argv[1:]:\n\
+                \x20 for node in ast.walk(ast.parse(open(path).read())):\n\
                 \x20   if isinstance(node, ast.Import):\n\
                 \x20       for n in node.names: __import__(n.name)\n\
                 for m in list(sys.modules.values()):\n\
                 \x20   f = getattr(m, '__file__', None)\n\
                 \x20   if f: print(f)";
-    let modules = output(Command::new(&python).env_clear().args(["-c", list]).arg(&script))
+    let modules = output(Command::new(&python).env_clear().args(["-c", list]).args(&scripts))
         .context("list the Python modules the test server needs")?;
     for module in modules.lines() {
         add_file(&mut a, Path::new(module), 0o644)?;
@@ -265,8 +286,9 @@ mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
 ip link set lo up
 echo "{MARK} kernel $(uname -r)"
 cd {root}
-{e2e} --test-threads=2 2>&1
-echo "{MARK} tests-exit $?"
+status=0
+for t in {tests}; do $t --test-threads=2 2>&1 || status=$?; done
+echo "{MARK} tests-exit $status"
 mkdir /sys/fs/cgroup/toa-insns
 {toa} load --cgroup /sys/fs/cgroup/toa-insns >/dev/null
 echo "{MARK} status-begin"; {toa} status --json; echo "{MARK} status-end"
@@ -274,7 +296,7 @@ echo "{MARK} status-begin"; {toa} status --json; echo "{MARK} status-end"
 poweroff -f
 "#,
         root = root.display(),
-        e2e = built.e2e.display(),
+        tests = built.tests.iter().map(|t| t.display().to_string()).collect::<Vec<_>>().join(" "),
         toa = built.toa.display(),
     );
     a.file("/init", init.into_bytes(), 0o755);
@@ -412,11 +434,17 @@ fn parse_run(log: &str, place: &'static str, fallback_name: &str) -> Row {
 
 /// The same binaries on the running kernel.
 fn host_row(root: &Path, built: &Built) -> Result<Row> {
-    let out = Command::new(&built.e2e).arg("--test-threads=2").current_dir(root).env("RUST_BACKTRACE", "0").output()?;
     let mut log = format!("{MARK} kernel {}\n", output(Command::new("uname").arg("-r")).unwrap_or_default().trim());
-    log.push_str(&String::from_utf8_lossy(&out.stdout));
-    log.push_str(&String::from_utf8_lossy(&out.stderr));
-    log.push_str(&format!("{MARK} tests-exit {}\n", out.status.code().unwrap_or(-1)));
+    let mut status = 0;
+    for test in &built.tests {
+        let out = Command::new(test).arg("--test-threads=2").current_dir(root).env("RUST_BACKTRACE", "0").output()?;
+        log.push_str(&String::from_utf8_lossy(&out.stdout));
+        log.push_str(&String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            status = out.status.code().unwrap_or(-1);
+        }
+    }
+    log.push_str(&format!("{MARK} tests-exit {status}\n"));
 
     // A scratch cgroup and pin directory of our own for the instruction counts.
     let cgroup = crate::cgroup2_mount()?.join(format!("toa-matrix-{}", std::process::id()));

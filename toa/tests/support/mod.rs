@@ -109,7 +109,12 @@ impl Lab {
 
     /// Loads the agent on this lab's cgroup.
     pub fn load(&self) -> Output {
-        run(self.toa().arg("load").arg("--cgroup").arg(&self.cgroup))
+        self.load_with(&[])
+    }
+
+    /// `toa load` with policy flags (again on a loaded agent: reconfigures it in place).
+    pub fn load_with(&self, args: &[&str]) -> Output {
+        run(self.toa().arg("load").arg("--cgroup").arg(&self.cgroup).args(args))
     }
 
     pub fn unload(&self) -> Output {
@@ -129,15 +134,25 @@ impl Lab {
     /// Starts the Python server (knows nothing of TOA) on `host`:`port` in the server namespace
     /// and the lab's cgroup; returns once it listens.
     pub fn python_server(&mut self, host: &str, port: u16) {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peer_echo.py");
+        self.script_server("peer_echo.py", host, port, &[]);
+    }
+
+    /// Starts `tests/SCRIPT HOST PORT ARGS` with python3.
+    pub fn script_server(&mut self, script: &str, host: &str, port: u16, args: &[&str]) {
+        let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
         let mut cmd = Command::new("python3");
-        cmd.args([script, host, &port.to_string()]);
+        cmd.arg(path).args([host, &port.to_string()]).args(args);
         self.start_server(cmd);
     }
 
     /// Starts the Rust server (examples/peer_echo.rs, std only) on `addr`.
     pub fn rust_server(&mut self, addr: &str) {
-        let mut cmd = Command::new(example_bin("peer_echo"));
+        self.example_server("peer_echo", addr);
+    }
+
+    /// Starts examples/NAME on `addr`.
+    pub fn example_server(&mut self, name: &str, addr: &str) {
+        let mut cmd = Command::new(example_bin(name));
         cmd.arg(addr);
         self.start_server(cmd);
     }

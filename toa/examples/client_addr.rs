@@ -1,0 +1,37 @@
+//! A server that asks for the client address with the `toa` library (`toa::client_addr`), for
+//! the cases `getpeername()` cannot carry (NAT64: an IPv6 client on an IPv4 socket). For each
+//! line it answers `client=ADDR peer=ADDR` (client `none` when there is none).
+//!
+//! Usage: client_addr LISTEN_ADDR   (prints "listening on ADDR" once bound)
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{TcpListener, TcpStream},
+};
+
+fn main() -> std::io::Result<()> {
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "0.0.0.0:8080".to_owned());
+    let listener = TcpListener::bind(&addr)?;
+    println!("listening on {}", listener.local_addr()?);
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || answer(stream));
+    }
+    Ok(())
+}
+
+fn answer(stream: TcpStream) {
+    let mut reader = BufReader::new(&stream);
+    let mut line = String::new();
+    while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+        let client = match toa::client_addr(&stream) {
+            Ok(Some(a)) => a.to_string(),
+            Ok(None) => "none".to_owned(),
+            Err(e) => format!("error:{e}"),
+        };
+        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        if writeln!(&stream, "client={client} peer={peer}").is_err() {
+            break;
+        }
+        line.clear();
+    }
+}

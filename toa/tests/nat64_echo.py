@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""A server that asks for the client the way the NAT64 patches of nginx/OpenResty do:
+getsockopt(IPPROTO_IP, TOA_SO_GET_LOOKUP = 4096) into struct toa_nat64_peer
+{ struct in6_addr saddr; uint16_t port; } (20 bytes). For each line it answers
+"lookup=[ADDR]:PORT peer=ADDR" (lookup=none when the kernel answers with an error).
+Usage: nat64_echo.py HOST PORT
+"""
+import ipaddress
+import socket
+import struct
+import sys
+import threading
+
+TOA_SO_GET_LOOKUP = 4096
+
+
+def show(addr):
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def lookup(conn):
+    try:
+        raw = conn.getsockopt(socket.IPPROTO_IP, TOA_SO_GET_LOOKUP, 20)
+    except OSError:
+        return "none"
+    saddr, port = struct.unpack("!16sH", raw[:18])
+    addr = ipaddress.IPv6Address(saddr)
+    # Written ::ffff:a.b.c.d whatever Python's version prints.
+    text = f"::ffff:{addr.ipv4_mapped}" if addr.ipv4_mapped else str(addr)
+    return f"[{text}]:{port}"
+
+
+def answer(conn):
+    with conn:
+        try:
+            for _ in conn.makefile("rb"):
+                conn.sendall(f"lookup={lookup(conn)} peer={show(conn.getpeername())}\n".encode())
+        except OSError:
+            pass
+
+
+def main():
+    host, port = sys.argv[1], int(sys.argv[2])
+    srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
+    srv.listen(128)
+    print("listening on", show(srv.getsockname()), flush=True)
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+//! What the agent honours, end to end: option kinds and dialects, the trust list, port scope,
+//! pick first/last, the SYN, NAT64, and reconfiguration of a loaded agent. Run as root.
+
+mod support;
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::Stdio,
+};
+
+use support::*;
+
+const CLIENT: &str = "203.0.113.7:4242";
+const CLIENT6: &str = "[2001:db8::7]:4242";
+
+fn answer(accepted: &str, peer: &str) -> String {
+    format!("accept={accepted} peer={peer}\n")
+}
+
+fn probe_source(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("toa probe: from "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no source in {stderr:?}"))
+        .to_owned()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A classic-layout option for 203.0.113.7:4242 under `kind`.
+fn option4(kind: u8) -> String {
+    hex(&[kind, 8, 0x10, 0x92, 203, 0, 113, 7])
+}
+
+/// Probes with the raw options given; returns (answer, real source).
+fn probe_raw(lab: &Lab, target: &str, options: &[String], extra: &[&str]) -> (String, String) {
+    let mut args: Vec<&str> = vec!["--as", CLIENT];
+    for o in options {
+        args.extend(["--raw-option", o.as_str()]);
+    }
+    args.extend(extra);
+    let (out, err) = lab.probe(target, &args);
+    (out, probe_source(&err))
+}
+
+fn kept(out: &str, real: &str) -> bool {
+    out == answer(real, real)
+}
+
+#[test]
+fn other_kinds_only_when_configured() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    let (out, real) = probe_raw(&lab, "198.18.0.1:8080", &[option4(200)], &[]);
+    assert!(kept(&out, &real), "kind 200 is not read by default: {out}");
+
+    lab.load_with(&["--kind", "254", "--kind", "200", "--kind", "253"]);
+    for kind in [200, 253, 254] {
+        let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[option4(kind)], &[]);
+        assert_eq!(out, answer(CLIENT, CLIENT), "kind {kind}");
+    }
+    // Only 200: 254 is no longer read.
+    lab.load_with(&["--kind", "200"]);
+    let (out, real) = probe_raw(&lab, "198.18.0.1:8080", &[option4(254)], &[]);
+    assert!(kept(&out, &real), "{out}");
+    assert_eq!(lab.status_json()["policy"]["kinds"], serde_json::json!([200]));
+}
+
+#[test]
+fn trust_list_decides_who_may_speak() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--trust", "198.18.0.2/32", "--trust", "fd00::2/128"]);
+    lab.python_server("::", 8080);
+    let status = lab.status_json();
+    assert_eq!(status["spoofable"], false);
+    assert_eq!(status["policy"]["trust"], serde_json::json!(["198.18.0.2/32", "fd00::2/128"]));
+
+    // Trusted over IPv4 (to a dual-stack socket: the trie holds ::ffff:198.18.0.2) and IPv6.
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    let mapped = "[::ffff:203.0.113.7]:4242";
+    assert_eq!(out, answer(mapped, mapped));
+    let (out, _) = lab.probe("[fd00::1]:8080", &["--as", CLIENT6]);
+    assert_eq!(out, answer(CLIENT6, CLIENT6));
+
+    // Another range: the balancer's option is ignored, and counted.
+    lab.load_with(&["--trust", "100.125.0.0/16"]);
+    let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    let (ip, port) = probe_source(&err).rsplit_once(':').map(|(i, p)| (i.to_owned(), p.to_owned())).unwrap();
+    let real = format!("[::ffff:{ip}]:{port}");
+    assert_eq!(out, answer(&real, &real));
+    assert_eq!(lab.stats()["untrusted_option"], 1);
+    let (out, err) = lab.probe("[fd00::1]:8080", &["--as", CLIENT6]);
+    let real6 = probe_source(&err);
+    assert_eq!(out, answer(&real6, &real6));
+    assert_eq!(lab.stats()["untrusted_option"], 2);
+}
+
+#[test]
+fn port_scope() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--port", "8081", "--port-range", "9000-9001"]);
+    lab.python_server(SERVER_V4, 8080);
+    lab.python_server(SERVER_V4, 8081);
+    lab.python_server(SERVER_V4, 9001);
+    let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    let real = probe_source(&err);
+    assert!(kept(&out, &real), "port 8080 is out of scope: {out}");
+    for port in [8081, 9001] {
+        let (out, _) = lab.probe(&format!("198.18.0.1:{port}"), &["--as", CLIENT]);
+        assert_eq!(out, answer(CLIENT, CLIENT), "port {port}");
+    }
+    assert_eq!(lab.status_json()["policy"]["ports"], serde_json::json!(["8081", "9000-9001"]));
+}
+
+#[test]
+fn pick_first_or_last() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    // A cascade: the inner proxy's TOA, then the balancer's (different ports: the kernel
+    // refuses two kind-254 options with the same first two bytes).
+    let inner = hex(&[254, 8, 0x00, 0x50, 198, 51, 100, 9]);
+    let outer = option4(254);
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[inner.clone(), outer.clone()], &[]);
+    assert_eq!(out, answer("198.51.100.9:80", "198.51.100.9:80"));
+    lab.load_with(&["--pick", "last"]);
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[inner, outer], &[]);
+    assert_eq!(out, answer(CLIENT, CLIENT));
+}
+
+#[test]
+fn bytedance_layout_and_its_vip() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--dialect", "bytedance", "--rewrite-sockname"]);
+    lab.script_server("peer_echo.py", SERVER_V4, 8080, &["--sockname"]);
+    // client 203.0.113.7:4242, 2 pad, VIP 192.0.2.10:443
+    let option = hex(&[254, 16, 0x10, 0x92, 203, 0, 113, 7, 0, 0, 0x01, 0xbb, 192, 0, 2, 10]);
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[option.clone()], &[]);
+    assert_eq!(out, format!("accept={CLIENT} peer={CLIENT} sock=192.0.2.10:443\n"));
+    // Without --rewrite-sockname the local address stays the real one.
+    lab.load_with(&["--dialect", "bytedance"]);
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[option], &[]);
+    assert_eq!(out, format!("accept={CLIENT} peer={CLIENT} sock=198.18.0.1:8080\n"));
+}
+
+#[test]
+fn syn_options_classic_and_alibaba_cdn() {
+    let mut lab = Lab::new();
+    // The listener must be created after loading: SYNs are saved from listen() on.
+    lab.load_with(&["--syn", "--dialect", "alibaba-cdn"]);
+    assert_eq!(lab.status_json()["policy"]["syn"], true);
+    lab.python_server(SERVER_V4, 8080);
+    // A classic TOA on the SYN.
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[option4(254)], &["--on", "syn"]);
+    assert_eq!(out, answer(CLIENT, CLIENT));
+    // Alibaba CDN: version 1 and the address, no port: the real port stays.
+    let alibaba = hex(&[28, 7, 1, 203, 0, 113, 7]);
+    let (out, real) = probe_raw(&lab, "198.18.0.1:8080", &[alibaba], &["--on", "syn"]);
+    let port = real.rsplit_once(':').unwrap().1;
+    let expected = format!("203.0.113.7:{port}");
+    assert_eq!(out, answer(&expected, &expected));
+    // An unknown version is malformed: real address.
+    let (out, real) = probe_raw(&lab, "198.18.0.1:8080", &[hex(&[28, 7, 2, 203, 0, 113, 7])], &["--on", "syn"]);
+    assert!(kept(&out, &real), "{out}");
+}
+
+#[test]
+fn syn_options_are_ignored_unless_asked() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    let (out, real) = probe_raw(&lab, "198.18.0.1:8080", &[option4(254)], &["--on", "syn"]);
+    assert!(kept(&out, &real), "{out}");
+}
+
+#[test]
+fn nat64_lookup_from_python_and_rust() {
+    let mut lab = Lab::new();
+    lab.load();
+    // IPv4 servers, an IPv6 client announced: getpeername() cannot hold it.
+    lab.script_server("nat64_echo.py", SERVER_V4, 8080, &[]);
+    lab.example_server("client_addr", "198.18.0.1:8081");
+    let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT6]);
+    let real = probe_source(&err);
+    assert_eq!(out, format!("lookup={CLIENT6} peer={real}\n"));
+    let (out, err) = lab.probe("198.18.0.1:8081", &["--as", CLIENT6]);
+    assert_eq!(out, format!("client={CLIENT6} peer={}\n", probe_source(&err)));
+    let stats = lab.stats();
+    // accept() and getpeername() in each server: twice per connection.
+    assert_eq!(stats["getname_toa_mismatch"], 4);
+    assert_eq!(stats["nat64_lookup"], 2);
+    // An IPv4 client comes back v4-mapped from the raw call, as an IPv4 address from Rust.
+    let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    assert_eq!(out, format!("lookup=[::ffff:203.0.113.7]:4242 peer={CLIENT}\n"), "{err}");
+    let (out, _) = lab.probe("198.18.0.1:8081", &["--as", CLIENT]);
+    assert_eq!(out, format!("client={CLIENT} peer={CLIENT}\n"));
+    // No option: the lookup says so.
+    let (local, reply) = lab.plain_exchange("198.18.0.1:8081");
+    assert_eq!(reply, format!("client=none peer={local}\n"));
+}
+
+#[test]
+fn reconfiguring_keeps_open_connections() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--trust", "198.18.0.0/24"]);
+    lab.rust_server("198.18.0.1:8080");
+    let mut child = lab
+        .probe_cmd("198.18.0.1:8080", &["--as", CLIENT, "--stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut ask = || {
+        writeln!(child.stdin.as_mut().unwrap(), "?").unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        line
+    };
+    assert_eq!(ask(), answer(CLIENT, CLIENT));
+    let ids = lab.status_json()["programs"].clone();
+
+    // Trust another range: nothing detaches, the open connection keeps its client...
+    let out = lab.load_with(&["--trust", "100.125.0.0/16"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("policy updated for new connections"));
+    assert_eq!(lab.status_json()["programs"], ids, "no program was replaced");
+    assert_eq!(ask(), answer(CLIENT, CLIENT));
+    // ...and a new one is no longer believed.
+    let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    let real = probe_source(&err);
+    assert_eq!(out, answer(&real, &real));
+
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn bad_policies_fail_clearly() {
+    let lab = Lab::new();
+    for (args, expected) in [
+        (vec!["--kind", "1"], "kinds 0 and 1 are the end-of-list and no-op options"),
+        (vec!["--port-range", "9000-8000"], "a range goes from a port"),
+        (vec!["--trust", "not-a-cidr"], "invalid value 'not-a-cidr' for '--trust <CIDR>'"),
+    ] {
+        let out = lab.toa().arg("load").arg("--cgroup").arg(&lab.cgroup).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(!lab.pin_dir.exists(), "{args:?} left pins");
+    }
+}
