@@ -70,7 +70,14 @@ pub fn list(pin_dir: &Path) -> Result<Vec<Conn>, Error> {
             let (pid, process) = owners.get(&msg.inode).cloned().map_or((None, None), |(p, c)| (Some(p), Some(c)));
             conns.push(Conn { local: msg.local, balancer: msg.remote, client, state: tcp_state(msg.state), pid, process });
         })
-        .map_err(|e| Error::Read { what: "socket diagnostics (NETLINK_SOCK_DIAG)".into(), detail: e.to_string() })?;
+        .map_err(|e| {
+            let detail = if e.raw_os_error() == Some(libc::ENOENT) {
+                "this kernel has no TCP socket diagnostics loaded: modprobe tcp_diag".to_owned()
+            } else {
+                e.to_string()
+            };
+            Error::Read { what: "socket diagnostics (NETLINK_SOCK_DIAG)".into(), detail }
+        })?;
     }
     conns.sort_by_key(|c| (c.local, c.balancer));
     Ok(conns)

@@ -2,10 +2,10 @@
 //! and on the host kernel natively, with the verifier's instruction count per program.
 //!
 //! Each guest boots from an initramfs holding the static (musl) `toa`, the end-to-end test
-//! binaries, the servers they start (the Rust example and the Python script, with just the Python modules it
-//! imports), `ip` and `bpftool` with their libraries, busybox, and the kernel's veth module.
-//! Files keep the absolute paths they have on the host, so the test binary finds `toa` and the
-//! servers where it was built to find them.
+//! binaries, the servers they start (the Rust examples and the Python scripts, with just the
+//! Python modules they import), `ip` and `bpftool` with their libraries, busybox, and the
+//! kernel's veth and TCP socket-diagnostics modules. Files keep the absolute paths they have on
+//! the host, so the test binaries find `toa` and the servers where they were built to find them.
 
 use std::{
     fs,
@@ -69,8 +69,13 @@ impl Row {
 struct Kernel {
     name: String,
     vmlinuz: PathBuf,
-    veth: Option<PathBuf>,
+    /// Modules the tests need that this kernel builds as modules, in load order.
+    modules: Vec<PathBuf>,
 }
+
+/// What the tests need when a kernel does not build it in: veth pairs, and the TCP socket
+/// diagnostics `toa conns` uses (tcp_diag needs inet_diag).
+const MODULES: [&str; 3] = ["drivers/net/veth", "net/ipv4/inet_diag", "net/ipv4/tcp_diag"];
 
 struct Built {
     toa: PathBuf,
@@ -199,7 +204,7 @@ fn debian_kernel(work: &Path, label: &str, pattern: &str) -> Result<Kernel> {
         .map(|e| e.path())
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
         .with_context(|| format!("no vmlinuz in {}", dir.display()))?;
-    Ok(Kernel { name: package.trim_start_matches("linux-image-").to_owned(), veth: find_veth(&dir), vmlinuz })
+    Ok(Kernel { name: package.trim_start_matches("linux-image-").to_owned(), modules: find_modules(&dir), vmlinuz })
 }
 
 /// Numeric parts of a package name, so that 6.12.117 sorts after 6.12.99.
@@ -212,18 +217,22 @@ fn user_kernel(vmlinuz: &Path) -> Result<Kernel> {
         bail!("--kernel {}: no such file (pass the path of a vmlinuz)", vmlinuz.display());
     }
     // A kernel unpacked from a package: its modules sit next to boot/.
-    let veth = vmlinuz.parent().and_then(Path::parent).and_then(find_veth);
+    let modules = vmlinuz.parent().and_then(Path::parent).map(find_modules).unwrap_or_default();
     let name = vmlinuz.file_name().map(|n| n.to_string_lossy().trim_start_matches("vmlinuz-").to_owned()).unwrap_or_default();
-    Ok(Kernel { name, vmlinuz: vmlinuz.to_owned(), veth })
+    Ok(Kernel { name, vmlinuz: vmlinuz.to_owned(), modules })
 }
 
-fn find_veth(package_root: &Path) -> Option<PathBuf> {
-    let modules = package_root.join("lib/modules");
-    let version = fs::read_dir(modules.clone()).ok()?.flatten().next()?.path();
-    ["veth.ko", "veth.ko.xz"]
+/// The `MODULES` this package ships (those it builds in are simply absent).
+fn find_modules(package_root: &Path) -> Vec<PathBuf> {
+    let Some(version) = fs::read_dir(package_root.join("lib/modules")).ok().and_then(|mut d| d.next()).and_then(Result::ok) else {
+        return Vec::new();
+    };
+    MODULES
         .iter()
-        .map(|f| version.join("kernel/drivers/net").join(f))
-        .find(|p| p.is_file())
+        .filter_map(|m| {
+            ["ko", "ko.xz"].iter().map(|ext| version.path().join(format!("kernel/{m}.{ext}"))).find(|p| p.is_file())
+        })
+        .collect()
 }
 
 /// Everything but the kernel's own module: binaries, tools, libraries, Python, init.
@@ -282,7 +291,7 @@ export RUST_BACKTRACE=0
 # initramfs is RAM already.
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup
-[ -f /veth.ko ] && insmod /veth.ko
+for m in $(cat /modules/order); do insmod /modules/$m.ko; done
 ip link set lo up
 echo "{MARK} kernel $(uname -r)"
 cd {root}
@@ -331,18 +340,21 @@ fn add_with_libs(a: &mut Archive, program: &Path, dest: &str) -> Result<()> {
 
 fn boot(work: &Path, kernel: &Kernel, base: &Archive) -> Result<Row> {
     let mut archive = base.clone();
-    if let Some(veth) = &kernel.veth {
-        let data = if veth.extension().is_some_and(|e| e == "xz") {
-            let out = Command::new("xz").arg("-dc").arg(veth).output()?;
+    let mut order = String::new();
+    for (i, module) in kernel.modules.iter().enumerate() {
+        let data = if module.extension().is_some_and(|e| e == "xz") {
+            let out = Command::new("xz").arg("-dc").arg(module).output()?;
             if !out.status.success() {
-                bail!("xz -dc {} failed", veth.display());
+                bail!("xz -dc {} failed", module.display());
             }
             out.stdout
         } else {
-            fs::read(veth)?
+            fs::read(module)?
         };
-        archive.file("/veth.ko", data, 0o644);
+        archive.file(&format!("/modules/{i}.ko"), data, 0o644);
+        order.push_str(&format!("{i}\n"));
     }
+    archive.file("/modules/order", order.into_bytes(), 0o644);
     let initrd = work.join(format!("{}.cpio", kernel.name));
     fs::write(&initrd, archive.into_bytes())?;
     let log_path = work.join(format!("{}.log", kernel.name));
