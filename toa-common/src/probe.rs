@@ -9,11 +9,13 @@ pub const PROBE_OPTION_MAX: usize = 40;
 pub const PROBE_ON_ACK: u8 = 1;
 /// Put the options on the first segment that carries data.
 pub const PROBE_ON_DATA: u8 = 2;
+/// Put the options on the SYN.
+pub const PROBE_ON_SYN: u8 = 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeConfig {
-    /// `PROBE_ON_ACK` or `PROBE_ON_DATA`.
+    /// `PROBE_ON_ACK`, `PROBE_ON_DATA` or `PROBE_ON_SYN`.
     pub on: u8,
     /// Number of slots in use.
     pub count: u8,

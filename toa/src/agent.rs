@@ -30,7 +30,7 @@ use crate::{
 };
 
 /// The pinned links, with the program each one attaches.
-const LINKS: [(&str, &str); 6] = [
+pub(crate) const LINKS: [(&str, &str); 6] = [
     ("link_sock_ops", programs::SOCK_OPS),
     ("link_getpeername4", programs::GETPEERNAME4),
     ("link_getpeername6", programs::GETPEERNAME6),
@@ -48,7 +48,7 @@ const MAP_TRUST: &str = "trust";
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 
 /// A link not pinned yet; dropping it detaches the program.
-enum Attached {
+pub(crate) enum Attached {
     Aya(FdLink),
     Raw(std::os::fd::OwnedFd),
 }
@@ -300,7 +300,7 @@ impl Agent {
 /// Loads the agent object on the maps pinned in `pin_dir` (created and pinned there if absent),
 /// writes `policy` (if given) before anything runs, and attaches its programs; the links are not
 /// pinned yet, so dropping them (on any error) detaches them.
-fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> Result<(Ebpf, Vec<(&'static str, Attached)>), Error> {
+pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> Result<(Ebpf, Vec<(&'static str, Attached)>), Error> {
     programs::require_embedded()?;
     let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
     let mut loader = EbpfLoader::new();

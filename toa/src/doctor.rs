@@ -1,16 +1,20 @@
 //! `toa doctor`: can `toa load` work here, and if not, what to do about it. Each BPF feature
-//! is checked by using it (load the programs, attach them to a scratch cgroup), not by
-//! comparing version numbers.
+//! is checked by using it (load the programs, attach them to a scratch cgroup the way `toa load`
+//! does), not by comparing version numbers.
 
 use std::{fs, path::Path};
 
-use aya::{
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
-    EbpfLoader,
-};
+use aya::{programs::Program, EbpfLoader};
 use serde::Serialize;
 
-use crate::{cgroup, error::chain, link_info, programs, system, Agent};
+use crate::{
+    agent::{attach, LINKS},
+    cgroup,
+    error::chain,
+    link_info,
+    policy::Policy,
+    programs, system, Agent,
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Check {
@@ -119,21 +123,19 @@ fn programs_load() -> Check {
     let result = (|| -> Result<String, String> {
         let mut ebpf = EbpfLoader::new().load(programs::AGENT).map_err(|e| chain(&e))?;
         let mut counts = Vec::new();
-        for name in [programs::SOCK_OPS, programs::GETPEERNAME4, programs::GETPEERNAME6] {
+        for (_, name) in LINKS {
             let program = ebpf.program_mut(name).ok_or(format!("{name} missing"))?;
-            let info = if name == programs::SOCK_OPS {
-                let p: &mut SockOps = program.try_into().map_err(|e| chain(&e))?;
-                p.load().map_err(|e| chain(&e))?;
-                p.info()
-            } else {
-                let p: &mut CgroupSockAddr = program.try_into().map_err(|e| chain(&e))?;
-                p.load().map_err(|e| chain(&e))?;
-                p.info()
-            };
-            let insns = info.ok().and_then(|i| i.verified_instruction_count()).map(|n| format!(" ({n} insns)"));
+            let info = match program {
+                Program::SockOps(p) => p.load().and_then(|()| p.info()),
+                Program::CgroupSockAddr(p) => p.load().and_then(|()| p.info()),
+                Program::CgroupSockopt(p) => p.load().and_then(|()| p.info()),
+                _ => return Err(format!("{name}: unexpected program type")),
+            }
+            .map_err(|e| chain(&e))?;
+            let insns = info.verified_instruction_count().map(|n| format!(" ({n} insns)"));
             counts.push(format!("{name}{}", insns.unwrap_or_default()));
         }
-        Ok(format!("socket storage, sock_ops and getpeername programs load: {}", counts.join(", ")))
+        Ok(format!("the verifier accepts all {}: {}", counts.len(), counts.join(", ")))
     })();
     match result {
         Ok(detail) => pass("BPF programs", detail),
@@ -145,27 +147,23 @@ fn programs_load() -> Check {
     }
 }
 
-/// Attaches the programs to a scratch cgroup, then removes it: the same path `toa load` takes.
+/// Loads, pins and attaches exactly as `toa load` does, into a scratch cgroup and pin directory,
+/// then removes both.
 fn attach_scratch(mount: &Path) -> Check {
-    let dir = mount.join(format!("toa-doctor-{}", std::process::id()));
-    let result = (|| -> Result<(), String> {
+    let name = format!("toa-doctor-{}", std::process::id());
+    let dir = mount.join(&name);
+    let pins = Path::new("/sys/fs/bpf").join(&name);
+    let result = (|| -> Result<usize, String> {
         fs::create_dir(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let file = fs::File::open(&dir).map_err(|e| e.to_string())?;
-        let mut ebpf = EbpfLoader::new().load(programs::AGENT).map_err(|e| chain(&e))?;
-        let sock_ops: &mut SockOps = ebpf.program_mut(programs::SOCK_OPS).ok_or("sock_ops missing")?.try_into().map_err(|e| chain(&e))?;
-        sock_ops.load().map_err(|e| chain(&e))?;
-        sock_ops.attach(&file, CgroupAttachMode::Single).map_err(|e| chain(&e))?;
-        for name in [programs::GETPEERNAME4, programs::GETPEERNAME6] {
-            let p: &mut CgroupSockAddr = ebpf.program_mut(name).ok_or("program missing")?.try_into().map_err(|e| chain(&e))?;
-            p.load().map_err(|e| chain(&e))?;
-            p.attach(&file, CgroupAttachMode::Single).map_err(|e| chain(&e))?;
-        }
-        Ok(())
-        // Dropping `ebpf` detaches everything.
+        fs::create_dir_all(&pins).map_err(|e| format!("create {}: {e}", pins.display()))?;
+        let (_ebpf, links) = attach(&dir, &pins, Some(&Policy::default())).map_err(|e| e.to_string())?;
+        Ok(links.len())
+        // Dropping the links detaches them.
     })();
+    let _ = fs::remove_dir_all(&pins);
     let _ = fs::remove_dir(&dir);
     match result {
-        Ok(()) => pass("cgroup attach", "sock_ops and getpeername4/6 attach to a cgroup (scratch cgroup, removed)"),
+        Ok(n) => pass("cgroup attach", format!("all {n} programs attach to a cgroup (scratch cgroup and pins, removed)")),
         Err(e) => fail("cgroup attach", e, "the kernel refused cgroup BPF links: check CONFIG_CGROUP_BPF and that no policy forbids BPF"),
     }
 }

@@ -8,14 +8,16 @@
 use aya_ebpf::{
     bindings::{
         bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
-        BPF_SOCK_OPS_WRITE_HDR_OPT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
     btf_maps::Array,
     helpers::generated::{bpf_reserve_hdr_opt, bpf_store_hdr_opt},
     macros::{btf_map, sock_ops},
     programs::SockOpsContext,
 };
-use toa_common::probe::{ProbeConfig, PROBE_ON_DATA, PROBE_OPTIONS, PROBE_OPTION_MAX};
+use toa_common::probe::{ProbeConfig, PROBE_ON_DATA, PROBE_ON_SYN, PROBE_OPTIONS, PROBE_OPTION_MAX};
+
+const TCP_FLAG_SYN: u32 = 0x02;
 use toa_ebpf::packet::header_len;
 
 /// What to write, set by userspace before attaching.
@@ -29,9 +31,13 @@ pub fn toa_probe(ctx: SockOpsContext) -> u32 {
     };
     // SAFETY: the map slot outlives the program; only this probe's connection uses it.
     let config = unsafe { &mut *config };
+    let on_syn = config.on == PROBE_ON_SYN;
     match ctx.op() {
-        // Ask for the header callbacks from the segment after the SYN-ACK on.
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+        // Ask for the header callbacks from the SYN on, or from the segment after the SYN-ACK.
+        BPF_SOCK_OPS_TCP_CONNECT_CB if on_syn => {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB if !on_syn => {
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
         }
         BPF_SOCK_OPS_HDR_OPT_LEN_CB => {
@@ -40,6 +46,10 @@ pub fn toa_probe(ctx: SockOpsContext) -> u32 {
         }
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB => {
             if config.on == PROBE_ON_DATA && !carries_data(ctx.ops) {
+                return 1;
+            }
+            // SAFETY: skb_tcp_flags is readable in the header callbacks.
+            if on_syn && unsafe { (*ctx.ops).skb_tcp_flags } & TCP_FLAG_SYN == 0 {
                 return 1;
             }
             write_options(ctx.ops, config);
