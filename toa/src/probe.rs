@@ -73,7 +73,8 @@ pub fn toa_option(client: SocketAddr) -> Vec<u8> {
     out[..n].to_vec()
 }
 
-fn config(options: &ProbeOptions, client: SocketAddr) -> Result<ProbeConfig, Error> {
+/// What the writer puts on the wire for `options`, announcing `client`.
+pub fn config(options: &ProbeOptions, client: SocketAddr) -> Result<ProbeConfig, Error> {
     let list = if options.raw_options.is_empty() {
         vec![toa_option(client)]
     } else {
@@ -136,38 +137,17 @@ pub fn run(options: &ProbeOptions, mut on_reply: impl FnMut(&Exchange)) -> Resul
         client
     };
     let first = config(options, announced(0))?;
-    let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
 
-    // Declared before the programs so that it is dropped after them: detach, then leave.
+    // Declared before the writer so that it is dropped after it: detach, then leave.
     let cgroup = TempCgroup::enter(&format!("toa-probe-{}", std::process::id()))?;
-    let mut ebpf = EbpfLoader::new().load(programs::PROBE).map_err(|e| load_err(&e))?;
-    let map = ebpf.map_mut("TOA_PROBE").ok_or_else(|| Error::Load { detail: "map TOA_PROBE missing".into() })?;
-    let mut array = Array::<_, ProbeConfig>::try_from(map).map_err(|e| load_err(&e))?;
-    array.set(0, first, 0).map_err(|e| load_err(&e))?;
-    drop(array);
-    let program: &mut SockOps = ebpf
-        .program_mut(programs::PROBE_WRITER)
-        .ok_or_else(|| Error::Load { detail: "program toa_probe missing".into() })?
-        .try_into()
-        .map_err(|e| load_err(&e))?;
-    program.load().map_err(|e| load_err(&e))?;
-    let dir = std::fs::File::open(cgroup.path())?;
-    program.attach(&dir, CgroupAttachMode::Single).map_err(|e| Error::Attach {
-        program: programs::PROBE_WRITER,
-        cgroup: cgroup.path().to_owned(),
-        detail: chain(&e),
-    })?;
-
-
-    let map = ebpf.map_mut("TOA_PROBE").ok_or_else(|| Error::Load { detail: "map TOA_PROBE missing".into() })?;
-    let mut array = Array::<_, ProbeConfig>::try_from(map).map_err(|e| load_err(&e))?;
+    let mut writer = Writer::attach(cgroup.path(), first)?;
     for i in 0..options.count {
         let client = announced(i);
         let cfg = config(options, client)?;
-        array.set(0, cfg, 0).map_err(|e| load_err(&e))?;
+        writer.set(cfg)?;
         let exchange = exchange(options, client)
             .map_err(|e| Error::Probe { detail: format!("{}: {e}", options.target) })?;
-        let done = array.get(&0, 0).map_err(|e| load_err(&e))?;
+        let done = writer.get()?;
         if done.refused > 0 || done.written != cfg.count {
             return Err(Error::Probe {
                 detail: format!(
@@ -180,6 +160,52 @@ pub fn run(options: &ProbeOptions, mut on_reply: impl FnMut(&Exchange)) -> Resul
         on_reply(&exchange);
     }
     Ok(())
+}
+
+/// The writer program attached to a cgroup: outgoing connections of its processes carry the
+/// configured options. Dropping it detaches it.
+pub struct Writer {
+    ebpf: aya::Ebpf,
+}
+
+impl Writer {
+    pub fn attach(cgroup: &std::path::Path, first: ProbeConfig) -> Result<Self, Error> {
+        programs::require_embedded()?;
+        system::raise_memlock();
+        let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
+        let ebpf = EbpfLoader::new().load(programs::PROBE).map_err(|e| load_err(&e))?;
+        let mut writer = Self { ebpf };
+        writer.set(first)?;
+        let program: &mut SockOps = writer
+            .ebpf
+            .program_mut(programs::PROBE_WRITER)
+            .ok_or_else(|| Error::Load { detail: "program toa_probe missing".into() })?
+            .try_into()
+            .map_err(|e| load_err(&e))?;
+        program.load().map_err(|e| load_err(&e))?;
+        let dir = std::fs::File::open(cgroup)?;
+        program.attach(&dir, CgroupAttachMode::Single).map_err(|e| Error::Attach {
+            program: programs::PROBE_WRITER,
+            cgroup: cgroup.to_owned(),
+            detail: chain(&e),
+        })?;
+        Ok(writer)
+    }
+
+    fn array(&mut self) -> Result<Array<&mut aya::maps::MapData, ProbeConfig>, Error> {
+        let map = self.ebpf.map_mut("TOA_PROBE").ok_or_else(|| Error::Load { detail: "map TOA_PROBE missing".into() })?;
+        Array::try_from(map).map_err(|e| Error::Load { detail: chain(&e) })
+    }
+
+    /// What to write on the next connections.
+    pub fn set(&mut self, cfg: ProbeConfig) -> Result<(), Error> {
+        self.array()?.set(0, cfg, 0).map_err(|e| Error::Load { detail: chain(&e) })
+    }
+
+    /// The slot as the writer left it (`written`, `refused`).
+    pub fn get(&mut self) -> Result<ProbeConfig, Error> {
+        self.array()?.get(&0, 0).map_err(|e| Error::Load { detail: chain(&e) })
+    }
 }
 
 fn exchange(options: &ProbeOptions, announced: SocketAddr) -> std::io::Result<Exchange> {

@@ -65,6 +65,12 @@ enum Task {
         #[arg(long)]
         host_only: bool,
     },
+    /// Measure what toa costs (root): connection rate, getpeername(), PROXY v2, scaling, memory.
+    Bench {
+        /// A short smoke run (seconds; what CI runs), not numbers to quote.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run the end-to-end suite on Debian's 6.1 and 6.12 kernels under qemu and on the host.
     Kernels {
         /// Also boot this vmlinuz (repeatable); from an unpacked linux-image package its veth
@@ -131,7 +137,14 @@ fn run_task(cli: Cli) -> Result<()> {
             if host_only {
                 return Ok(());
             }
-            kernels::run_matrix(&root, &[], true, true)
+            kernels::run_matrix(&root, &[], true, true)?;
+            // Keeps the benchmark code from rotting; no thresholds.
+            bench(true)
+        }
+        Task::Bench { quick } => {
+            require_root("cargo xtask bench")?;
+            setup()?;
+            bench(quick)
         }
         Task::Kernels { kernels, no_debian, no_readme } => {
             require_root("cargo xtask kernels")?;
@@ -139,6 +152,14 @@ fn run_task(cli: Cli) -> Result<()> {
             kernels::run_matrix(&root, &kernels, !no_debian, !no_readme)
         }
     }
+}
+
+fn bench(quick: bool) -> Result<()> {
+    let mut args = vec!["bench", "--package", "toa", "--bench", "toa", "--"];
+    if quick {
+        args.push("--quick");
+    }
+    cargo(&args)
 }
 
 /// A static binary for `arch`; rust-lld links the musl targets, so no cross toolchain is needed.

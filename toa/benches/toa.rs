@@ -1,0 +1,637 @@
+//! What toa costs, measured side by side in one run (`cargo xtask bench`, as root).
+//!
+//! Everything runs in this process, which moves itself into a cgroup of its own: the agent is
+//! attached there (it acts on the server's, passive, sockets) and so is the writer that plays
+//! the load balancer (it acts on the client's, active, sockets). Server threads live in one
+//! network namespace, client threads in another, joined by a veth pair. Every figure is a ratio
+//! to a baseline measured in the same run, interleaved A B A B …, with the spread over repeats.
+//!
+//! `--quick` (or TOA_BENCH_QUICK=1) runs every measurement briefly: the CI smoke run, no
+//! thresholds. Results: a table on stdout, `target/bench/results.json`, `target/bench/*.svg`.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+use support::Lab;
+use toa::{cgroup::TempCgroup, policy::Policy, probe, Agent, LoadOptions};
+
+struct Settings {
+    quick: bool,
+    repeats: usize,
+    run_time: Duration,
+    clients: usize,
+    churn: u64,
+    held_max: usize,
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick") || std::env::var_os("TOA_BENCH_QUICK").is_some();
+    let s = if quick {
+        Settings { quick, repeats: 2, run_time: Duration::from_millis(300), clients: 2, churn: 2_000, held_max: 1_000 }
+    } else {
+        Settings { quick, repeats: 6, run_time: Duration::from_secs(2), clients: 2, churn: 100_000, held_max: 10_000 }
+    };
+    raise_nofile();
+    let lab = Lab::new();
+    let cgroup = TempCgroup::enter(&format!("toa-bench-{}", std::process::id())).expect("enter a cgroup of our own");
+    let bench = Bench::new(&lab, cgroup.path().to_owned());
+    let mut results = serde_json::Map::new();
+    results.insert("machine".into(), machine());
+    results.insert("settings".into(), json!({"quick": quick, "repeats": s.repeats, "run_ms": s.run_time.as_millis() as u64, "client_threads": s.clients}));
+
+    let load = bench.load_once();
+    println!("load + attach: {:.1} ms; verifier: {}", load.0, load.1.iter().map(|(n, i)| format!("{n} {i}")).collect::<Vec<_>>().join(", "));
+    results.insert("load".into(), json!({"load_time_ms": load.0, "verified_insns": load.1.iter().map(|(n, i)| json!({"program": n, "insns": i})).collect::<Vec<_>>()}));
+
+    let rates = bench.connection_rates(&s);
+    results.insert("connection_rate".into(), rates);
+    results.insert("getpeername".into(), bench.getpeername_cost(&s));
+    results.insert("proxy_protocol_v2".into(), bench.proxy_v2(&s));
+    results.insert("scaling".into(), bench.scaling(&s));
+    results.insert("memory".into(), bench.memory(&s));
+
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    fs::create_dir_all(&out).expect("create target/bench");
+    let results = Value::Object(results);
+    fs::write(out.join("results.json"), serde_json::to_string_pretty(&results).unwrap()).unwrap();
+    fs::write(out.join("scaling.svg"), scaling_chart(&results["scaling"])).unwrap();
+    println!("\nwrote {}", out.join("results.json").display());
+    drop(bench);
+    drop(cgroup);
+}
+
+/// The lab, the agent on our cgroup, the writer, and the two servers.
+struct Bench<'a> {
+    lab: &'a Lab,
+    cgroup: PathBuf,
+    agent: Agent,
+    writer: std::sync::Mutex<probe::Writer>,
+}
+
+impl Drop for Bench<'_> {
+    fn drop(&mut self) {
+        let _ = self.agent.unload();
+    }
+}
+
+const CLIENT: &str = "203.0.113.7:4242";
+
+impl<'a> Bench<'a> {
+    fn new(lab: &'a Lab, cgroup: PathBuf) -> Self {
+        // Hundreds of thousands of short connections: let the client reuse ports in TIME_WAIT
+        // and use the whole port range, or connect() spends its time looking for a free port
+        // (these sysctls are per network namespace: only the lab's change).
+        for ns in [&lab.client_ns, &lab.server_ns] {
+            support::in_netns(lab.netns_path(ns), || {
+                fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1").unwrap();
+                fs::write("/proc/sys/net/ipv4/ip_local_port_range", "1024 65535").unwrap();
+            });
+        }
+        let writer = probe::Writer::attach(&cgroup, toa_config(true)).expect("attach the writer");
+        Self { lab, agent: Agent::new(&lab.pin_dir), cgroup, writer: std::sync::Mutex::new(writer) }
+    }
+
+    fn set_agent(&self, loaded: bool) {
+        if loaded {
+            self.agent
+                .load(&LoadOptions { cgroup: Some(self.cgroup.clone()), pin_dir: self.lab.pin_dir.clone(), policy: Policy::default() })
+                .expect("load the agent");
+        } else {
+            self.agent.unload().expect("unload the agent");
+        }
+    }
+
+    fn set_option(&self, on: bool) {
+        self.writer.lock().unwrap().set(toa_config(on)).expect("configure the writer");
+    }
+
+    fn load_once(&self) -> (f64, Vec<(String, u32)>) {
+        let _ = self.agent.unload();
+        let started = Instant::now();
+        self.set_agent(true);
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        let status = self.agent.status().expect("status");
+        self.set_agent(false);
+        (ms, status.programs.iter().map(|p| (p.name.clone(), p.verified_insns.unwrap_or(0))).collect())
+    }
+
+    fn in_server<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        support::in_netns(self.lab.netns_path(&self.lab.server_ns), f)
+    }
+
+    /// Connections per second, `clients` threads of short connections for `run_time`, against a
+    /// server that does accept() + read + getpeername() + reply + close.
+    fn rate(&self, s: &Settings, port: u16, proxy_v2: bool) -> f64 {
+        let target: SocketAddr = format!("198.18.0.1:{port}").parse().unwrap();
+        let done = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..s.clients)
+            .map(|_| {
+                let (ns, done, stop) = (self.lab.netns_path(&self.lab.client_ns), done.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    support::in_netns(ns, move || {
+                        let header = proxy_header();
+                        while !stop.load(Ordering::Relaxed) {
+                            if exchange(target, proxy_v2.then_some(&header[..])) {
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    })
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        std::thread::sleep(s.run_time);
+        stop.store(true, Ordering::Relaxed);
+        let elapsed = started.elapsed();
+        for t in threads {
+            t.join().unwrap();
+        }
+        done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()
+    }
+
+    /// Interleaved runs of `a` and `b`; the ratio b/a per repeat, summarised.
+    fn compare(&self, s: &Settings, label: &str, mut a: impl FnMut() -> f64, mut b: impl FnMut() -> f64) -> Value {
+        let (mut ra, mut rb, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..s.repeats {
+            let x = a();
+            let y = b();
+            ra.push(x);
+            rb.push(y);
+            ratios.push(y / x);
+        }
+        let summary = spread(&ratios);
+        println!(
+            "{label:<58} {:>10.0} vs {:>10.0}   ratio {:.3} (min {:.3}, max {:.3})",
+            median(&ra),
+            median(&rb),
+            summary["median"].as_f64().unwrap(),
+            summary["min"].as_f64().unwrap(),
+            summary["max"].as_f64().unwrap()
+        );
+        json!({"baseline": ra, "measured": rb, "ratio": summary})
+    }
+
+    fn connection_rates(&self, s: &Settings) -> Value {
+        println!("\nconnection rate (connections/s: baseline vs measured)");
+        let _server = start_server(self, 8080, Server::Echo);
+        let toa = self.compare(
+            s,
+            "TOA on every connection: agent unloaded vs loaded",
+            || {
+                self.set_option(true);
+                self.set_agent(false);
+                self.rate(s, 8080, false)
+            },
+            || {
+                self.set_agent(true);
+                self.rate(s, 8080, false)
+            },
+        );
+        let plain = self.compare(
+            s,
+            "no option: agent unloaded vs loaded",
+            || {
+                self.set_option(false);
+                self.set_agent(false);
+                self.rate(s, 8080, false)
+            },
+            || {
+                self.set_agent(true);
+                self.rate(s, 8080, false)
+            },
+        );
+        self.set_agent(false);
+        self.set_option(true);
+        json!({"toa_on_every_connection": toa, "no_option": plain})
+    }
+
+    /// ns per getpeername() on one accepted socket: the agent rewriting it vs no agent.
+    fn getpeername_cost(&self, s: &Settings) -> Value {
+        println!("\ngetpeername() (calls/s: baseline vs measured)");
+        let calls = if s.quick { 20_000 } else { 1_000_000 };
+        let measure = |loaded: bool| {
+            self.set_agent(loaded);
+            let listener = self.in_server(|| TcpListener::bind("198.18.0.1:8090").unwrap());
+            let client = std::thread::spawn({
+                let ns = self.lab.netns_path(&self.lab.client_ns);
+                move || support::in_netns(ns, || TcpStream::connect("198.18.0.1:8090").unwrap())
+            });
+            let (conn, _) = listener.accept().unwrap();
+            let _client = client.join().unwrap();
+            let expected: SocketAddr = CLIENT.parse().unwrap();
+            assert_eq!(conn.peer_addr().unwrap() == expected, loaded, "the rewrite is what is measured");
+            let started = Instant::now();
+            for _ in 0..calls {
+                std::hint::black_box(conn.peer_addr().unwrap());
+            }
+            calls as f64 / started.elapsed().as_secs_f64()
+        };
+        let v = self.compare(s, "getpeername(): no agent vs rewritten by the agent", || measure(false), || measure(true));
+        self.set_agent(false);
+        let per_call = |r: f64| 1e9 / r;
+        let ns = json!({
+            "no_agent_ns": per_call(median(&floats(&v["baseline"]))),
+            "rewritten_ns": per_call(median(&floats(&v["measured"]))),
+            "cost_ratio": 1.0 / v["ratio"]["median"].as_f64().unwrap(),
+        });
+        println!("  = {:.0} ns vs {:.0} ns per call ({:.2}x)", ns["no_agent_ns"].as_f64().unwrap(), ns["rewritten_ns"].as_f64().unwrap(), ns["cost_ratio"].as_f64().unwrap());
+        json!({"calls_per_run": calls, "rate": v, "per_call": ns})
+    }
+
+    /// The alternative: the same server reading a PROXY v2 header (ppp crate) instead of TOA.
+    fn proxy_v2(&self, s: &Settings) -> Value {
+        println!("\nPROXY protocol v2 vs TOA (connections/s)");
+        let _echo = start_server(self, 8081, Server::Echo);
+        let _proxy = start_server(self, 8082, Server::ProxyV2);
+        let base = self.compare(
+            s,
+            "no client address at all vs PROXY v2 header",
+            || {
+                self.set_agent(false);
+                self.set_option(false);
+                self.rate(s, 8081, false)
+            },
+            || self.rate(s, 8082, true),
+        );
+        let toa = self.compare(
+            s,
+            "no client address at all vs TOA (agent loaded)",
+            || {
+                self.set_agent(false);
+                self.set_option(false);
+                self.rate(s, 8081, false)
+            },
+            || {
+                self.set_agent(true);
+                self.set_option(true);
+                self.rate(s, 8081, false)
+            },
+        );
+        self.set_agent(false);
+        self.set_option(true);
+        json!({"proxy_v2": base, "toa": toa})
+    }
+
+    /// The rate of new TOA connections with 1, 100, … connections already open (with TOA),
+    /// agent loaded vs not at each level: the cost per new connection must not grow with the
+    /// number of open ones.
+    fn scaling(&self, s: &Settings) -> Value {
+        println!("\nscaling: new TOA connections/s while N connections stay open (no agent vs agent)");
+        let _echo = start_server(self, 8083, Server::Echo);
+        let _hold = start_server(self, 8084, Server::Hold);
+        self.set_option(true);
+        let mut points = Vec::new();
+        let mut levels = vec![1usize, 100, 1_000];
+        if s.held_max >= 10_000 {
+            levels.push(10_000);
+        }
+        let held = std::cell::RefCell::new(Vec::<TcpStream>::new());
+        let open = |n: usize| {
+            held.borrow_mut().clear();
+            let conns = support::in_netns(self.lab.netns_path(&self.lab.client_ns), move || {
+                (0..n).map(|_| TcpStream::connect("198.18.0.1:8084").expect("hold a connection")).collect::<Vec<_>>()
+            });
+            *held.borrow_mut() = conns;
+        };
+        for level in levels {
+            let mut with_client = Vec::new();
+            let v = self.compare(
+                s,
+                &format!("{level:>6} open"),
+                || {
+                    self.set_agent(false);
+                    if held.borrow().len() != level {
+                        open(level);
+                    }
+                    self.rate(s, 8083, false)
+                },
+                || {
+                    // Unloading dropped the stored addresses: open the N again, each with one.
+                    self.set_agent(true);
+                    open(level);
+                    std::thread::sleep(Duration::from_millis(100));
+                    with_client.push(self.live_with_client());
+                    self.rate(s, 8083, false)
+                },
+            );
+            println!("         (open connections with a client address in the agent's runs: {with_client:?})");
+            points.push(json!({"open": level, "open_with_client": with_client, "comparison": v}));
+        }
+        drop(held);
+        self.set_agent(false);
+        json!({"points": points})
+    }
+
+    /// Storage per connection, and whether churn leaves anything behind.
+    fn memory(&self, s: &Settings) -> Value {
+        println!("\nmemory");
+        self.set_option(true);
+
+        // Churn first, on a quiet system: many short TOA connections, without and with the agent;
+        // what the agent adds must go back to nothing.
+        let echo = start_server(self, 8086, Server::Echo);
+        let churn = s.churn;
+        let mut churn_delta = [0i64; 2];
+        let mut made = 0;
+        for (i, loaded) in [false, true].into_iter().enumerate() {
+            self.set_agent(loaded);
+            settle();
+            let before = kmalloc_bytes();
+            let target: SocketAddr = "198.18.0.1:8086".parse().unwrap();
+            let threads: Vec<_> = (0..s.clients)
+                .map(|_| {
+                    let ns = self.lab.netns_path(&self.lab.client_ns);
+                    let per = churn / s.clients as u64;
+                    std::thread::spawn(move || support::in_netns(ns, move || (0..per).filter(|_| exchange(target, None)).count()))
+                })
+                .collect();
+            made = threads.into_iter().map(|t| t.join().unwrap()).sum();
+            settle();
+            churn_delta[i] = kmalloc_bytes() - before;
+        }
+        let live = self.live_with_client();
+        drop(echo);
+        let leak = (churn_delta[1] - churn_delta[0]) as f64 / made as f64;
+        println!(
+            "  after {made} TOA connections opened and closed: {live} sockets keep a client address; kmalloc caches {:+} bytes without the agent, {:+} with it ({leak:+.2} bytes per connection)",
+            churn_delta[0], churn_delta[1]
+        );
+
+        // The same n held connections without and with the agent: the difference is its storage.
+        let n = s.held_max;
+        let mut per_conn = Vec::new();
+        for _ in 0..s.repeats.min(3) {
+            let mut deltas = [0i64; 2];
+            for (i, loaded) in [false, true].into_iter().enumerate() {
+                self.set_agent(loaded);
+                let hold = start_server(self, 8085, Server::Hold);
+                settle();
+                let before = kmalloc_bytes();
+                let held = support::in_netns(self.lab.netns_path(&self.lab.client_ns), move || {
+                    (0..n).map(|_| TcpStream::connect("198.18.0.1:8085").expect("hold")).collect::<Vec<_>>()
+                });
+                std::thread::sleep(Duration::from_millis(300));
+                deltas[i] = kmalloc_bytes() - before;
+                drop(held);
+                drop(hold);
+            }
+            per_conn.push((deltas[1] - deltas[0]) as f64 / n as f64);
+        }
+        self.set_agent(false);
+        let storage = median(&per_conn);
+        println!(
+            "  {n} open connections: {storage:.0} bytes of kernel memory per connection for its client address (spread {:.0}-{:.0}; the stored struct is {} bytes)",
+            min(&per_conn),
+            max(&per_conn),
+            std::mem::size_of::<toa_common::SockState>()
+        );
+        json!({
+            "churn": {"connections": made, "live_with_client_after": live, "kmalloc_delta_bytes_without_agent": churn_delta[0], "kmalloc_delta_bytes_with_agent": churn_delta[1], "agent_bytes_per_connection": leak},
+            "held": n,
+            "storage_bytes_per_connection": spread(&per_conn),
+        })
+    }
+
+    fn live_with_client(&self) -> usize {
+        support::in_netns(self.lab.netns_path(&self.lab.server_ns), {
+            let pins = self.lab.pin_dir.clone();
+            move || toa::conns::list(&pins).map(|c| c.len()).unwrap_or(usize::MAX)
+        })
+    }
+}
+
+fn toa_config(on: bool) -> toa_common::probe::ProbeConfig {
+    let options = probe::ProbeOptions {
+        target: "198.18.0.1:1".parse().unwrap(),
+        client: CLIENT.parse().unwrap(),
+        on: probe::Segment::Ack,
+        message: String::new(),
+        timeout: Duration::from_secs(5),
+        count: 1,
+        interactive: false,
+        raw_options: Vec::new(),
+    };
+    let mut cfg = probe::config(&options, options.client).expect("a valid option");
+    if !on {
+        cfg.count = 0;
+    }
+    cfg
+}
+
+fn proxy_header() -> Vec<u8> {
+    use ppp::v2::{Builder, Command, Protocol, Version};
+    let src: SocketAddr = CLIENT.parse().unwrap();
+    let dst: SocketAddr = "198.18.0.1:8082".parse().unwrap();
+    Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (src, dst)).build().expect("a PROXY v2 header")
+}
+
+/// One short connection: optional PROXY header, a line, read the answer, close.
+fn exchange(target: SocketAddr, header: Option<&[u8]>) -> bool {
+    let Ok(mut s) = TcpStream::connect(target) else { return false };
+    let _ = s.set_nodelay(true);
+    let mut msg = header.map(<[u8]>::to_vec).unwrap_or_default();
+    msg.extend_from_slice(b"hello\n");
+    if s.write_all(&msg).is_err() || s.shutdown(std::net::Shutdown::Write).is_err() {
+        return false;
+    }
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).is_ok() && !reply.is_empty()
+}
+
+#[derive(Clone, Copy)]
+enum Server {
+    /// accept, read a line, getpeername, answer, close.
+    Echo,
+    /// The same, reading a PROXY v2 header first (the address comes from it).
+    ProxyV2,
+    /// accept and keep every connection open.
+    Hold,
+}
+
+/// A server in the server namespace (threads of this process, so in our cgroup).
+struct Running {
+    stop: Arc<AtomicBool>,
+    port: u16,
+    ns: PathBuf,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the acceptors.
+        for _ in 0..self.threads.len() {
+            let port = self.port;
+            support::in_netns(self.ns.clone(), move || drop(TcpStream::connect(("198.18.0.1", port))));
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn start_server(bench: &Bench<'_>, port: u16, kind: Server) -> Running {
+    let ns = bench.lab.netns_path(&bench.lab.server_ns);
+    let listener = support::in_netns(ns.clone(), move || TcpListener::bind(("198.18.0.1", port)).expect("bind"));
+    // A deep accept queue: thousands of connections arrive faster than one thread accepts.
+    // SAFETY: listen(2) on a listening socket we own only changes its backlog.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
+    let listener = Arc::new(listener);
+    let stop = Arc::new(AtomicBool::new(false));
+    let acceptors = if matches!(kind, Server::Hold) { 1 } else { 2 };
+    let threads = (0..acceptors)
+        .map(|_| {
+            let (listener, stop) = (listener.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                while let Ok((conn, _)) = listener.accept() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match kind {
+                        Server::Hold => held.push(conn),
+                        Server::Echo => serve(conn, false),
+                        Server::ProxyV2 => serve(conn, true),
+                    }
+                }
+            })
+        })
+        .collect();
+    Running { stop, port, ns, threads }
+}
+
+fn serve(conn: TcpStream, proxy_v2: bool) {
+    let mut reader = BufReader::new(&conn);
+    let peer = if proxy_v2 {
+        let mut head = [0u8; 16];
+        if reader.read_exact(&mut head).is_err() {
+            return;
+        }
+        let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+        let mut full = head.to_vec();
+        full.resize(16 + len, 0);
+        if reader.read_exact(&mut full[16..]).is_err() {
+            return;
+        }
+        match ppp::v2::Header::try_from(&full[..]) {
+            Ok(h) => format!("{:?}", h.addresses),
+            Err(_) => return,
+        }
+    } else {
+        String::new()
+    };
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let peer = if proxy_v2 { peer } else { conn.peer_addr().map(|a| a.to_string()).unwrap_or_default() };
+    let _ = writeln!(&conn, "peer={peer}");
+}
+
+fn raise_nofile() {
+    let lim = libc::rlimit { rlim_cur: 65_536, rlim_max: 65_536 };
+    // SAFETY: setrlimit reads the struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+}
+
+/// Bytes held by the kernel's general-purpose kmalloc caches (where socket storage lives).
+fn kmalloc_bytes() -> i64 {
+    fs::read_to_string("/proc/slabinfo")
+        .unwrap_or_default()
+        .lines()
+        // All of them: socket storage is charged to the memory cgroup (kmalloc-cg-*).
+        .filter(|l| l.starts_with("kmalloc-"))
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(f.get(1)?.parse::<i64>().ok()? * f.get(3)?.parse::<i64>().ok()?)
+        })
+        .sum()
+}
+
+/// Lets freed sockets and RCU-deferred frees finish.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+fn machine() -> Value {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1)).map(|s| s.trim().to_owned()))
+        .unwrap_or_default();
+    json!({
+        "kernel": toa::system::kernel_release(),
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    })
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array().map(|a| a.iter().filter_map(Value::as_f64).collect()).unwrap_or_default()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+}
+
+fn spread(v: &[f64]) -> Value {
+    json!({"median": median(v), "min": min(v), "max": max(v), "values": v})
+}
+
+/// Connection rate against open connections, as a small SVG bar chart.
+fn scaling_chart(scaling: &Value) -> String {
+    let points = scaling["points"].as_array().cloned().unwrap_or_default();
+    let rate = |p: &Value, arm: &str| median(&floats(&p["comparison"][arm]));
+    let top = points.iter().map(|p| rate(p, "baseline").max(rate(p, "measured"))).fold(1.0, f64::max);
+    let (w, h, bar) = (140.0 * points.len() as f64 + 80.0, 320.0, 50.0);
+    let mut svg = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\
+         <rect width='100%' height='100%' fill='white'/>\
+         <text x='10' y='18'>new TOA connections/s while N connections stay open</text>\
+         <rect x='10' y='28' width='10' height='10' fill='#999'/><text x='24' y='37'>no agent</text>\
+         <rect x='90' y='28' width='10' height='10' fill='#3b7dd8'/><text x='104' y='37'>agent loaded</text>"
+    );
+    for (i, p) in points.iter().enumerate() {
+        for (j, (arm, color)) in [("baseline", "#999"), ("measured", "#3b7dd8")].into_iter().enumerate() {
+            let r = rate(p, arm);
+            let bh = 200.0 * r / top;
+            let x = 40.0 + 140.0 * i as f64 + j as f64 * (bar + 4.0);
+            svg.push_str(&format!(
+                "<rect x='{x}' y='{}' width='{bar}' height='{bh}' fill='{color}'/><text x='{x}' y='{}'>{r:.0}</text>",
+                270.0 - bh,
+                265.0 - bh
+            ));
+        }
+        svg.push_str(&format!("<text x='{}' y='300'>{} open</text>", 40.0 + 140.0 * i as f64, p["open"]));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
