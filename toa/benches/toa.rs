@@ -44,7 +44,9 @@ fn main() {
     } else {
         Settings { quick, repeats: 6, run_time: Duration::from_secs(2), clients: 2, churn: 100_000, held_max: 10_000 }
     };
-    raise_nofile();
+    let nofile = raise_nofile();
+    // Two descriptors per held connection, and room for the rest.
+    let s = Settings { held_max: s.held_max.min((nofile.saturating_sub(2_000) / 2) as usize), ..s };
     let lab = Lab::new();
     let cgroup = TempCgroup::enter(&format!("toa-bench-{}", std::process::id())).expect("enter a cgroup of our own");
     let bench = Bench::new(&lab, cgroup.path().to_owned());
@@ -58,6 +60,7 @@ fn main() {
 
     let rates = bench.connection_rates(&s);
     results.insert("connection_rate".into(), rates);
+    results.insert("agent_cpu".into(), bench.agent_cpu(&s));
     results.insert("getpeername".into(), bench.getpeername_cost(&s));
     results.insert("proxy_protocol_v2".into(), bench.proxy_v2(&s));
     results.insert("scaling".into(), bench.scaling(&s));
@@ -219,6 +222,48 @@ impl<'a> Bench<'a> {
         json!({"toa_on_every_connection": toa, "no_option": plain})
     }
 
+    /// Where the time goes: the kernel's own accounting of the agent's programs
+    /// (BPF_ENABLE_STATS, held only for this measurement) over TOA connections.
+    fn agent_cpu(&self, s: &Settings) -> Value {
+        println!("\nagent CPU per connection (kernel BPF run-time statistics)");
+        let _server = start_server(self, 8087, Server::Echo);
+        self.set_option(true);
+        self.set_agent(true);
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time statistics");
+        let snapshot = || -> Vec<(String, u64, u64)> {
+            let ids: Vec<u32> = self.agent.status().map(|st| st.programs.iter().map(|p| p.id).collect()).unwrap_or_default();
+            aya::programs::loaded_programs()
+                .filter_map(Result::ok)
+                .filter(|p| ids.contains(&p.id()))
+                .map(|p| (p.name_as_str().unwrap_or("?").to_owned(), p.run_time().as_nanos() as u64, p.run_count()))
+                .collect()
+        };
+        let before = snapshot();
+        let mut made = 0.0;
+        for _ in 0..s.repeats {
+            made += self.rate(s, 8087, false) * s.run_time.as_secs_f64();
+        }
+        let after = snapshot();
+        drop(stats);
+        self.set_agent(false);
+        let mut total_ns = 0.0;
+        let mut programs = Vec::new();
+        for (name, t1, c1) in &after {
+            let Some((_, t0, c0)) = before.iter().find(|(n, _, _)| n == name) else { continue };
+            let (ns, calls) = ((t1 - t0) as f64, (c1 - c0) as f64);
+            if calls == 0.0 {
+                continue;
+            }
+            total_ns += ns;
+            println!("  {name:<16} {:>6.0} ns per run, {:>5.2} runs per connection", ns / calls, calls / made);
+            programs.push(json!({"program": name, "ns_per_run": ns / calls, "runs_per_connection": calls / made}));
+        }
+        let per_conn = total_ns / made;
+        let wall = 1e9 * s.clients as f64 / (made / (s.repeats as f64 * s.run_time.as_secs_f64()));
+        println!("  = {per_conn:.0} ns of agent CPU per connection, against {:.0} µs of wall time per connection per client thread ({:.1}%)", wall / 1e3, 100.0 * per_conn / wall);
+        json!({"connections": made, "programs": programs, "ns_per_connection": per_conn, "wall_ns_per_connection_per_thread": wall})
+    }
+
     /// ns per getpeername() on one accepted socket: the agent rewriting it vs no agent.
     fn getpeername_cost(&self, s: &Settings) -> Value {
         println!("\ngetpeername() (calls/s: baseline vs measured)");
@@ -296,8 +341,8 @@ impl<'a> Bench<'a> {
         self.set_option(true);
         let mut points = Vec::new();
         let mut levels = vec![1usize, 100, 1_000];
-        if s.held_max >= 10_000 {
-            levels.push(10_000);
+        if s.held_max > 1_000 {
+            levels.push(s.held_max);
         }
         let held = std::cell::RefCell::new(Vec::<TcpStream>::new());
         let open = |n: usize| {
@@ -542,10 +587,21 @@ fn serve(conn: TcpStream, proxy_v2: bool) {
     let _ = writeln!(&conn, "peer={peer}");
 }
 
-fn raise_nofile() {
-    let lim = libc::rlimit { rlim_cur: 65_536, rlim_max: 65_536 };
-    // SAFETY: setrlimit reads the struct.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+/// Raises the open-file limit as far as allowed; returns it (held connections need two
+/// descriptors each, the client's and the server's, both in this process).
+fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        let want = libc::rlimit { rlim_cur: 65_536, rlim_max: 65_536.max(lim.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
 }
 
 /// Bytes held by the kernel's general-purpose kmalloc caches (where socket storage lives).
