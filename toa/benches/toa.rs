@@ -169,9 +169,15 @@ impl<'a> Bench<'a> {
     /// Interleaved runs of `a` and `b`; the ratio b/a per repeat, summarised.
     fn compare(&self, s: &Settings, label: &str, mut a: impl FnMut() -> f64, mut b: impl FnMut() -> f64) -> Value {
         let (mut ra, mut rb, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..s.repeats {
-            let x = a();
-            let y = b();
+        for r in 0..s.repeats {
+            // A B, then B A: a drift within a pair does not always favour the same side.
+            let (x, y) = if r % 2 == 0 {
+                let x = a();
+                (x, b())
+            } else {
+                let y = b();
+                (a(), y)
+            };
             ra.push(x);
             rb.push(y);
             ratios.push(y / x);
@@ -200,6 +206,7 @@ impl<'a> Bench<'a> {
                 self.rate(s, 8080, false)
             },
             || {
+                self.set_option(true);
                 self.set_agent(true);
                 self.rate(s, 8080, false)
             },
@@ -213,6 +220,7 @@ impl<'a> Bench<'a> {
                 self.rate(s, 8080, false)
             },
             || {
+                self.set_option(false);
                 self.set_agent(true);
                 self.rate(s, 8080, false)
             },
@@ -310,7 +318,11 @@ impl<'a> Bench<'a> {
                 self.set_option(false);
                 self.rate(s, 8081, false)
             },
-            || self.rate(s, 8082, true),
+            || {
+                self.set_agent(false);
+                self.set_option(false);
+                self.rate(s, 8082, true)
+            },
         );
         let toa = self.compare(
             s,
@@ -337,20 +349,22 @@ impl<'a> Bench<'a> {
     fn scaling(&self, s: &Settings) -> Value {
         println!("\nscaling: new TOA connections/s while N connections stay open (no agent vs agent)");
         let _echo = start_server(self, 8083, Server::Echo);
-        let _hold = start_server(self, 8084, Server::Hold);
         self.set_option(true);
         let mut points = Vec::new();
         let mut levels = vec![1usize, 100, 1_000];
         if s.held_max > 1_000 {
             levels.push(s.held_max);
         }
-        let held = std::cell::RefCell::new(Vec::<TcpStream>::new());
+        // (the holding server, the client ends): a fresh server each time, so that the server
+        // ends of the previous set are closed too.
+        let held = std::cell::RefCell::new((None::<Running>, Vec::<TcpStream>::new()));
         let open = |n: usize| {
-            held.borrow_mut().clear();
+            *held.borrow_mut() = (None, Vec::new());
+            let server = start_server(self, 8084, Server::Hold);
             let conns = support::in_netns(self.lab.netns_path(&self.lab.client_ns), move || {
                 (0..n).map(|_| TcpStream::connect("198.18.0.1:8084").expect("hold a connection")).collect::<Vec<_>>()
             });
-            *held.borrow_mut() = conns;
+            *held.borrow_mut() = (Some(server), conns);
         };
         for level in levels {
             let mut with_client = Vec::new();
@@ -359,7 +373,7 @@ impl<'a> Bench<'a> {
                 &format!("{level:>6} open"),
                 || {
                     self.set_agent(false);
-                    if held.borrow().len() != level {
+                    if held.borrow().1.len() != level {
                         open(level);
                     }
                     self.rate(s, 8083, false)
