@@ -19,7 +19,7 @@ pub enum Counter {
     GetnameToaEmpty,
     /// TOA found on a segment after the handshake ACK.
     DataSegmentToa,
-    /// Stopped looking after `SEARCH_SEGMENTS` segments without a TOA.
+    /// Stopped looking: the first `SEARCH_SEGMENTS_IN` segments carried no TOA.
     SearchGaveUp,
     /// A malformed TOA or broken option list was seen (the real address is kept).
     OptionMalformed,

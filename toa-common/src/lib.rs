@@ -51,23 +51,19 @@ pub const CLIENT_HAS_VIP: u8 = 2;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockState {
     pub client: ClientAddr,
-    /// One of the `STATE_*` values.
+    /// `STATE_FOUND` once `client` holds the address (storage exists only then).
     pub state: u8,
-    /// Segments after the handshake still to look at while `state == STATE_SEARCHING`.
-    pub segments_left: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
 }
 
 const _: () = assert!(core::mem::size_of::<SockState>() == 36);
 
-/// The handshake ACK had no TOA: later segments are being looked at.
-pub const STATE_SEARCHING: u8 = 1;
 /// `client` holds the address given by the load balancer.
 pub const STATE_FOUND: u8 = 2;
 
-/// How many segments after the handshake may still carry the option before the agent stops
-/// looking (balancers that use data segments put it on the first one or two).
-pub const SEARCH_SEGMENTS: u8 = 8;
+/// The agent looks for the option until the connection has received this many segments
+/// (handshake included): balancers that use data segments put it on the first one or two.
+pub const SEARCH_SEGMENTS_IN: u32 = 8;
 
 #[cfg(feature = "user")]
 mod user {

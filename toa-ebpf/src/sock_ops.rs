@@ -2,7 +2,9 @@
 //!
 //! The option usually rides on the ACK that completes the handshake
 //! (`PASSIVE_ESTABLISHED_CB`). If it is not there, the agent asks the kernel for the options of
-//! the next segments (`PARSE_HDR_OPT_CB`) and stops after `SEARCH_SEGMENTS`. With
+//! the next segments (`PARSE_HDR_OPT_CB`) until the connection has received
+//! `SEARCH_SEGMENTS_IN` segments. The search keeps no state of its own (the callback flag and the
+//! socket's segment count are the state), so a connection without a TOA costs no allocation. With
 //! `FLAG_READ_SYN` listeners save their SYN (`TCP_LISTEN_CB`) and its options are read too.
 //! `TOA_CONFIG` says which layouts to read, from which sources and on which local ports.
 
@@ -11,14 +13,13 @@ use aya_ebpf::{
         bpf_sock, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
-    helpers::generated::{bpf_setsockopt, bpf_sk_storage_delete, bpf_sk_storage_get},
+    helpers::generated::{bpf_setsockopt, bpf_sk_storage_get},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use toa_common::{
     config::{FLAG_READ_SYN, FLAG_TRUST_REQUIRED},
-    find_toa, AgentConfig, Counter, Parsed, SockState, AF_INET, SEARCH_SEGMENTS, STATE_FOUND,
-    STATE_SEARCHING,
+    find_toa, AgentConfig, Counter, Parsed, SockState, AF_INET, SEARCH_SEGMENTS_IN, STATE_FOUND,
 };
 use toa_ebpf::packet::{copy_options, copy_syn_options};
 
@@ -30,14 +31,15 @@ const TCP_SAVE_SYN: i32 = 27;
 #[sock_ops]
 pub fn toa_sock_ops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
+    // Most callbacks are none of ours: leave before any map lookup.
+    if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PARSE_HDR_OPT_CB && op != BPF_SOCK_OPS_TCP_LISTEN_CB {
+        return 1;
+    }
     let Some(cfg) = config() else { return 1 };
     if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
         if cfg.has(FLAG_READ_SYN) {
             save_syns(&ctx);
         }
-        return 1;
-    }
-    if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PARSE_HDR_OPT_CB {
         return 1;
     }
     // SAFETY: `sk` is readable in every sock_ops callback; null-checked before use.
@@ -148,41 +150,31 @@ fn on_established(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
         return;
     }
     // Look at the next segments: some balancers put the option on the first data segment.
-    let Some(state) = storage(sk, true) else {
-        count(Counter::StorageFailed);
-        return;
-    };
-    state.state = STATE_SEARCHING;
-    state.segments_left = SEARCH_SEGMENTS;
     set_search(ctx, true);
 }
 
 fn on_later_segment(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
-    let state = match storage(sk, false) {
-        Some(state) if state.state == STATE_SEARCHING => state,
-        _ => {
-            set_search(ctx, false);
-            return;
-        }
-    };
+    // SAFETY: segs_in is readable in every callback of a full socket.
+    let segs_in = unsafe { (*ctx.ops).segs_in };
     match parse(ctx, cfg, false) {
         Parsed::Found(client) => {
-            state.client = client;
-            state.state = STATE_FOUND;
-            count(Counter::DataSegmentToa);
             set_search(ctx, false);
+            count(Counter::DataSegmentToa);
+            match storage(sk, true) {
+                Some(state) => {
+                    state.client = client;
+                    state.state = STATE_FOUND;
+                }
+                None => count(Counter::StorageFailed),
+            }
         }
         parsed => {
             if parsed == Parsed::Malformed {
                 count(Counter::OptionMalformed);
             }
-            state.segments_left = state.segments_left.saturating_sub(1);
-            if state.segments_left == 0 {
+            if segs_in >= SEARCH_SEGMENTS_IN {
                 count(Counter::SearchGaveUp);
                 set_search(ctx, false);
-                // Nothing to remember: give the memory back now rather than at close.
-                // SAFETY: a valid map and a non-null socket.
-                unsafe { bpf_sk_storage_delete(socks(), sk.cast()) };
             }
         }
     }

@@ -281,7 +281,7 @@ mod tests {
         value[0] = 2; // AF_INET
         value[2..4].copy_from_slice(&4242u16.to_be_bytes());
         value[4..8].copy_from_slice(&[203, 0, 113, 7]);
-        value[20] = STATE_FOUND;
+        value[32] = STATE_FOUND;
         let inner = [attr(2, &7u32.to_ne_bytes()), attr(SK_DIAG_BPF_STORAGE_MAP_VALUE, &value)].concat();
         let nested = attr(SK_DIAG_BPF_STORAGE | NLA_F_NESTED, &inner);
         let attrs = [attr(5, &[0; 4]), attr(INET_DIAG_SK_BPF_STORAGES | NLA_F_NESTED, &nested)].concat();

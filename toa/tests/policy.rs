@@ -71,6 +71,26 @@ fn other_kinds_only_when_configured() {
 }
 
 #[test]
+fn ipv6_layouts_of_other_kinds_and_alibaba_cdn() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--kind", "253", "--dialect", "alibaba-cdn"]);
+    lab.python_server("::", 8080);
+    let v6 = "2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    // Kind 253, length 20: port + IPv6 (Tencent NAT64, Alibaba v6, UCloud).
+    let mut o253 = vec![253, 20, 0x10, 0x92];
+    o253.extend(v6);
+    let (out, _) = probe_raw(&lab, "[fd00::1]:8080", &[hex(&o253)], &[]);
+    assert_eq!(out, answer(CLIENT6, CLIENT6));
+    // Alibaba CDN, length 19: version + IPv6 on the SYN; the port stays the real one.
+    let mut ali = vec![28, 19, 1];
+    ali.extend(v6);
+    let (out, real) = probe_raw(&lab, "[fd00::1]:8080", &[hex(&ali)], &["--on", "syn"]);
+    let port = real.rsplit_once(':').unwrap().1;
+    let expected = format!("[2001:db8::7]:{port}");
+    assert_eq!(out, answer(&expected, &expected));
+}
+
+#[test]
 fn trust_list_decides_who_may_speak() {
     let mut lab = Lab::new();
     lab.load_with(&["--trust", "198.18.0.2/32", "--trust", "fd00::2/128"]);
