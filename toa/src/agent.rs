@@ -213,13 +213,23 @@ impl Agent {
         LINKS.iter().all(|(file, _)| link_info::pinned_link(&self.pin_dir.join(file)).is_ok())
     }
 
-    /// Detaches everything by removing the pins. Returns false when nothing was loaded.
+    /// Detaches everything by removing the pins, and returns once the kernel no longer runs the
+    /// programs (it releases links asynchronously, a few milliseconds later). Returns false when
+    /// nothing was loaded.
     pub fn unload(&self) -> Result<bool, Error> {
         system::require_root("toa unload")?;
         if !self.pin_dir.exists() {
             return Ok(false);
         }
+        let before = self.status().ok();
         self.remove_pins()?;
+        if let Some(Status { cgroup: Some(cgroup), programs, .. }) = before {
+            let ours: Vec<u32> = programs.iter().map(|p| p.id).collect();
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline && still_attached(&cgroup, &ours) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
         system::kernel_log("TOA: toa unloaded");
         Ok(true)
     }
@@ -343,6 +353,16 @@ pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> 
         links.push((file, Attached::Aya(link)));
     }
     Ok((ebpf, links))
+}
+
+/// The `bpf_attach_type`s of the agent's links.
+const ATTACH_TYPES: [u32; 6] = [3 /* sock_ops */, 29, 30 /* getpeername4/6 */, 31, 32 /* getsockname4/6 */, BPF_CGROUP_GETSOCKOPT];
+
+/// Whether any of `ids` still runs on `cgroup`.
+fn still_attached(cgroup: &Path, ids: &[u32]) -> bool {
+    ATTACH_TYPES
+        .iter()
+        .any(|t| link_info::cgroup_programs(cgroup, *t).is_ok_and(|attached| attached.iter().any(|id| ids.contains(id))))
 }
 
 fn map_err(path: &Path) -> impl Fn(&dyn std::error::Error) -> Error + '_ {
