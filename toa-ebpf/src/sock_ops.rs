@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use toa_common::{
     config::{FLAG_READ_SYN, FLAG_TRUST_REQUIRED},
-    find_toa, AgentConfig, Counter, Parsed, SockState, AF_INET, SEARCH_SEGMENTS_IN, STATE_FOUND,
+    find_toa, AgentConfig, ClientAddr, Counter, Parsed, SockState, AF_INET, SEARCH_SEGMENTS_IN, STATE_FOUND,
 };
 use toa_ebpf::packet::{copy_options, copy_syn_options};
 
@@ -97,14 +97,21 @@ fn source_trusted(ctx: &SockOpsContext, cfg: &AgentConfig) -> bool {
     trusted(addr)
 }
 
-/// The socket's storage, created on demand.
+/// Stores the client in the socket's storage (created here: only sockets with a client
+/// address have any).
 #[inline(always)]
-fn storage(sk: *mut bpf_sock, create: bool) -> Option<&'static mut SockState> {
-    let flags = if create { BPF_SK_STORAGE_GET_F_CREATE as u64 } else { 0 };
+fn remember(sk: *mut bpf_sock, client: ClientAddr) {
+    let flags = BPF_SK_STORAGE_GET_F_CREATE as u64;
     // SAFETY: a valid map and a non-null socket; a null value zero-fills a new entry.
     let state = unsafe { bpf_sk_storage_get(socks(), sk.cast(), core::ptr::null_mut(), flags) };
     // SAFETY: non-null storage stays valid while the socket lives.
-    unsafe { (state as *mut SockState).as_mut() }
+    match unsafe { (state as *mut SockState).as_mut() } {
+        Some(state) => {
+            state.client = client;
+            state.state = STATE_FOUND;
+        }
+        None => count(Counter::StorageFailed),
+    }
 }
 
 fn set_search(ctx: &SockOpsContext, on: bool) {
@@ -132,13 +139,7 @@ fn on_established(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
             return;
         }
         count(Counter::SynRecvSockToa);
-        match storage(sk, true) {
-            Some(state) => {
-                state.client = client;
-                state.state = STATE_FOUND;
-            }
-            None => count(Counter::StorageFailed),
-        }
+        remember(sk, client);
         return;
     }
     count(Counter::SynRecvSockNoToa);
@@ -160,13 +161,7 @@ fn on_later_segment(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) 
         Parsed::Found(client) => {
             set_search(ctx, false);
             count(Counter::DataSegmentToa);
-            match storage(sk, true) {
-                Some(state) => {
-                    state.client = client;
-                    state.state = STATE_FOUND;
-                }
-                None => count(Counter::StorageFailed),
-            }
+            remember(sk, client);
         }
         parsed => {
             if parsed == Parsed::Malformed {

@@ -7,32 +7,10 @@ use std::time::Duration;
 
 use support::*;
 
-const CLIENT: &str = "203.0.113.7:4242";
-const CLIENT6: &str = "[2001:db8::7]:4242";
-
-/// What peer_echo answers for a connection.
-fn answer(accepted: &str, peer: &str) -> String {
-    format!("accept={accepted} peer={peer}\n")
-}
-
-/// The probe's real address, from its stderr ("toa probe: from ADDR announcing …").
-fn probe_source(stderr: &str) -> String {
-    stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("toa probe: from "))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no source in {stderr:?}"))
-        .to_owned()
-}
-
 /// The same address as an IPv6 socket shows it.
 fn mapped(v4: &str) -> String {
     let (ip, port) = v4.rsplit_once(':').unwrap();
     format!("[::ffff:{ip}]:{port}")
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn toa4(ip: [u8; 4], port: u16) -> Vec<u8> {

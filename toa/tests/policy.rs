@@ -10,26 +10,6 @@ use std::{
 
 use support::*;
 
-const CLIENT: &str = "203.0.113.7:4242";
-const CLIENT6: &str = "[2001:db8::7]:4242";
-
-fn answer(accepted: &str, peer: &str) -> String {
-    format!("accept={accepted} peer={peer}\n")
-}
-
-fn probe_source(stderr: &str) -> String {
-    stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("toa probe: from "))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no source in {stderr:?}"))
-        .to_owned()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A classic-layout option for 203.0.113.7:4242 under `kind`.
 fn option4(kind: u8) -> String {
     hex(&[kind, 8, 0x10, 0x92, 203, 0, 113, 7])

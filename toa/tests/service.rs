@@ -10,7 +10,6 @@ use std::{
 
 use support::*;
 
-const CLIENT: &str = "203.0.113.7:4242";
 const PORT: u16 = 9431;
 
 /// A counter's value in a /metrics body.

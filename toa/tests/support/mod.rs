@@ -15,6 +15,30 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The client the tests' probes announce.
+pub const CLIENT: &str = "203.0.113.7:4242";
+pub const CLIENT6: &str = "[2001:db8::7]:4242";
+
+/// What peer_echo answers for a connection.
+pub fn answer(accepted: &str, peer: &str) -> String {
+    format!("accept={accepted} peer={peer}\n")
+}
+
+/// The probe's real address, from its stderr ("toa probe: from ADDR announcing …").
+pub fn probe_source(stderr: &str) -> String {
+    stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("toa probe: from "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no source in {stderr:?}"))
+        .to_owned()
+}
+
+/// Bytes as the hex `toa probe --raw-option` takes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub const SERVER_V4: &str = "198.18.0.1";
 pub const CLIENT_V4: &str = "198.18.0.2";
 pub const SERVER_V6: &str = "fd00::1";
