@@ -47,6 +47,9 @@ const MAP_TRUST: &str = "trust";
 /// The `bpf_attach_type` of cgroup getsockopt programs.
 const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 
+/// A link not pinned yet, with the pin file it goes to.
+pub(crate) type NamedLink = (&'static str, Attached);
+
 /// A link not pinned yet; dropping it detaches the program.
 pub(crate) enum Attached {
     Aya(FdLink),
@@ -196,7 +199,7 @@ impl Agent {
         write_policy(&self.pin_dir, policy)
     }
 
-    fn pin_links(&self, links: Vec<(&'static str, Attached)>) -> Result<(), Error> {
+    fn pin_links(&self, links: Vec<NamedLink>) -> Result<(), Error> {
         for (file, link) in links {
             let path = self.pin_dir.join(file);
             let pinned = match link {
@@ -310,7 +313,7 @@ impl Agent {
 /// Loads the agent object on the maps pinned in `pin_dir` (created and pinned there if absent),
 /// writes `policy` (if given) before anything runs, and attaches its programs; the links are not
 /// pinned yet, so dropping them (on any error) detaches them.
-pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> Result<(Ebpf, Vec<(&'static str, Attached)>), Error> {
+pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> Result<(Ebpf, Vec<NamedLink>), Error> {
     programs::require_embedded()?;
     let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
     let mut loader = EbpfLoader::new();

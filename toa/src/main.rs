@@ -108,7 +108,7 @@ enum Command {
 }
 
 fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(format!("{s}: an even number of hex digits is needed"));
     }
     (0..s.len())

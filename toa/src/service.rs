@@ -86,7 +86,7 @@ pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
     Ok(())
 }
 
-fn reload(agent: &Agent, path: &PathBuf, required: bool, flags: &Overrides, old: &Settings) -> Result<Settings, Error> {
+fn reload(agent: &Agent, path: &std::path::Path, required: bool, flags: &Overrides, old: &Settings) -> Result<Settings, Error> {
     let new = Settings::merge(&ConfigFile::read(path, required)?, flags);
     if new.pin_dir != old.pin_dir || new.metrics != old.metrics || new.log_format != old.log_format {
         warn!("pin_dir, metrics and log_format take effect at the next start");

@@ -139,7 +139,7 @@ fn bytedance_layout_and_its_vip() {
     lab.script_server("peer_echo.py", SERVER_V4, 8080, &["--sockname"]);
     // client 203.0.113.7:4242, 2 pad, VIP 192.0.2.10:443
     let option = hex(&[254, 16, 0x10, 0x92, 203, 0, 113, 7, 0, 0, 0x01, 0xbb, 192, 0, 2, 10]);
-    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[option.clone()], &[]);
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", std::slice::from_ref(&option), &[]);
     assert_eq!(out, format!("accept={CLIENT} peer={CLIENT} sock=192.0.2.10:443\n"));
     // Without --rewrite-sockname the local address stays the real one.
     lab.load_with(&["--dialect", "bytedance"]);
