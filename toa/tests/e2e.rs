@@ -94,8 +94,8 @@ fn port_63881_is_read_as_a_port() {
 }
 
 /// Each malformed shape the kernel lets a sender write: the real address must stay. (The
-/// kernel's writer refuses EOL, lengths below 2 and lengths past the area; the parser's unit
-/// tests cover those.)
+/// kernel's writer refuses EOL, lengths below 2 and lengths past the area: the hand-written client
+/// of `malformed_option_lists_from_a_raw_client` sends those.)
 #[test]
 fn malformed_options_keep_the_real_address() {
     let mut lab = Lab::new();
@@ -126,6 +126,33 @@ fn malformed_options_keep_the_real_address() {
     assert_eq!(stats["getname_toa_ok"], 0);
     // Only the three wrong lengths are malformed TOAs; a TOA hidden inside another option and
     // kind 253 are well-formed lists without a (classic) TOA.
+    assert_eq!(stats["option_malformed"], 3);
+}
+
+/// The shapes the kernel's option writer refuses to send, from a hand-written client: the real
+/// address must stay, and the same client with a well-formed TOA shows it is really read.
+#[test]
+fn malformed_option_lists_from_a_raw_client() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    let toa = [254, 8, 0x10, 0x92, 203, 0, 113, 7];
+    // Control: a well-formed TOA from the same hand-written client.
+    let (_, out) = lab.raw_exchange(8080, 40000, &toa);
+    assert_eq!(out, answer(CLIENT, CLIENT));
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("length below 2", vec![254, 1, 0x10, 0x92]),
+        ("length 0", vec![254, 0, 0x10, 0x92]),
+        ("length running past the area", vec![1, 1, 254, 8]),
+        ("TOA after end-of-list", [&[0u8, 1, 1, 1][..], &toa].concat()),
+    ];
+    for (i, (what, options)) in cases.into_iter().enumerate() {
+        let (real, out) = lab.raw_exchange(8080, 40001 + i as u16, &options);
+        assert_eq!(out, answer(&real, &real), "{what}");
+    }
+    let stats = lab.stats();
+    assert_eq!(stats["syn_recv_sock_toa"], 1, "only the control");
+    // Three broken lists (EOL ends a list properly: not malformed).
     assert_eq!(stats["option_malformed"], 3);
 }
 

@@ -252,6 +252,21 @@ impl Lab {
         service
     }
 
+    /// Sends `options` on the handshake ACK from a hand-written client (see `raw_tcp`) and
+    /// returns (the client's address, the server's answer to one line).
+    pub fn raw_exchange(&self, port: u16, sport: u16, options: &[u8]) -> (String, String) {
+        // The server namespace reaches the spoofed address at the client's MAC.
+        let link = run(Command::new("ip").args(["-n", &self.client_ns, "-o", "link", "show", "eth0"]));
+        let link = String::from_utf8_lossy(&link.stdout).into_owned();
+        let mac = link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).expect("the client's MAC").to_owned();
+        ip(&["-n", &self.server_ns, "neigh", "replace", &raw_tcp::SPOOFED.to_string(), "lladdr", &mac, "dev", "eth0", "nud", "permanent"]);
+        let options = options.to_vec();
+        let reply = self.in_client_ns(move || {
+            raw_tcp::exchange("198.18.0.1".parse().unwrap(), port, sport, &options, b"raw\n").expect("raw exchange")
+        });
+        (format!("{}:{sport}", raw_tcp::SPOOFED), reply)
+    }
+
     /// A second cgroup inside the lab's, removed with the lab.
     pub fn sub_cgroup(&self, name: &str) -> PathBuf {
         let dir = self.cgroup.join(name);
@@ -409,4 +424,143 @@ pub fn program_exists(id: u64) -> bool {
 pub fn cgroup_attachments(cgroup: &Path) -> String {
     let out = run(Command::new("bpftool").arg("cgroup").arg("show").arg(cgroup));
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// A TCP client written by hand, for option areas the kernel's own stack would never send
+/// (end-of-list, a length below 2, an option running past the area). It speaks from 198.18.0.3,
+/// an address no namespace owns: the server namespace is told which MAC it lives at, and the
+/// client namespace, not owning it, neither answers nor resets, while an AF_PACKET socket there
+/// sees the server's segments.
+pub mod raw_tcp {
+    use std::{
+        io,
+        net::Ipv4Addr,
+        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        time::{Duration, Instant},
+    };
+
+    pub const SPOOFED: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    const PSH: u8 = 0x08;
+    const RST: u8 = 0x04;
+
+    fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    }
+
+    fn checksum(data: &[u8], mut sum: u32) -> u16 {
+        for chunk in data.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]));
+        }
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// One IPv4 + TCP segment from SPOOFED:sport to dst:dport.
+    fn segment(dst: Ipv4Addr, sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, options: &[u8], payload: &[u8]) -> Vec<u8> {
+        assert_eq!(options.len() % 4, 0, "the option area is whole 32-bit words");
+        let tcp_len = 20 + options.len() + payload.len();
+        let mut tcp = Vec::with_capacity(tcp_len);
+        tcp.extend_from_slice(&sport.to_be_bytes());
+        tcp.extend_from_slice(&dport.to_be_bytes());
+        tcp.extend_from_slice(&seq.to_be_bytes());
+        tcp.extend_from_slice(&ack.to_be_bytes());
+        tcp.push((((20 + options.len()) / 4) as u8) << 4);
+        tcp.push(flags);
+        tcp.extend_from_slice(&65535u16.to_be_bytes());
+        tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+        tcp.extend_from_slice(options);
+        tcp.extend_from_slice(payload);
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&SPOOFED.octets());
+        pseudo.extend_from_slice(&dst.octets());
+        pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8]);
+        pseudo.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+        pseudo.extend_from_slice(&tcp);
+        let sum = checksum(&pseudo, 0);
+        tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+        let mut ip = vec![0x45, 0];
+        ip.extend_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+        ip.extend_from_slice(&[0, 0, 0x40, 0, 64, libc::IPPROTO_TCP as u8, 0, 0]);
+        ip.extend_from_slice(&SPOOFED.octets());
+        ip.extend_from_slice(&dst.octets());
+        let sum = checksum(&ip, 0);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        ip.extend_from_slice(&tcp);
+        ip
+    }
+
+    struct Seen {
+        flags: u8,
+        seq: u32,
+        payload: Vec<u8>,
+    }
+
+    /// Connects with `options` on the handshake ACK, sends `line`, and returns what the server
+    /// answered. Must run on a thread inside the client namespace.
+    pub fn exchange(dst: Ipv4Addr, dport: u16, sport: u16, options: &[u8], line: &[u8]) -> io::Result<String> {
+        // SAFETY: plain socket calls; the descriptors are owned at once.
+        let (send, recv) = unsafe {
+            let send = OwnedFd::from_raw_fd(check(libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW))?);
+            let proto = (libc::ETH_P_IP as u16).to_be() as libc::c_int;
+            let recv = OwnedFd::from_raw_fd(check(libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, proto))?);
+            (send, recv)
+        };
+        let timeout = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
+        // SAFETY: setsockopt with a timeval we own.
+        unsafe {
+            check(libc::setsockopt(recv.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&timeout as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32))?;
+        }
+        let send_seg = |seg: Vec<u8>| -> io::Result<()> {
+            let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            to.sin_family = libc::AF_INET as u16;
+            to.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
+            // SAFETY: sendto with a buffer and address we own.
+            check(unsafe {
+                libc::sendto(send.as_raw_fd(), seg.as_ptr().cast(), seg.len(), 0, (&to as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32)
+            } as libc::c_int)?;
+            Ok(())
+        };
+        // The server's next segment to us that satisfies `want`.
+        let wait = |want: &dyn Fn(&Seen) -> bool| -> io::Result<Seen> {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let mut buf = [0u8; 2048];
+            while Instant::now() < deadline {
+                // SAFETY: recv into our buffer.
+                let n = unsafe { libc::recv(recv.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n < 40 {
+                    continue;
+                }
+                let p = &buf[..n as usize];
+                let ihl = usize::from(p[0] & 0x0f) * 4;
+                if p[9] != libc::IPPROTO_TCP as u8 || p[16..20] != SPOOFED.octets() || p.len() < ihl + 20 {
+                    continue;
+                }
+                let t = &p[ihl..];
+                if u16::from_be_bytes([t[2], t[3]]) != sport {
+                    continue;
+                }
+                let total = usize::from(u16::from_be_bytes([p[2], p[3]])).min(p.len());
+                let doff = usize::from(t[12] >> 4) * 4;
+                let seen = Seen { flags: t[13], seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]), payload: p[ihl + doff..total].to_vec() };
+                if want(&seen) {
+                    return Ok(seen);
+                }
+            }
+            Err(io::Error::new(io::ErrorKind::TimedOut, "no answer from the server"))
+        };
+        let isn = 0x1000_0000u32;
+        send_seg(segment(dst, sport, dport, isn, 0, SYN, &[2, 4, 0x05, 0xb4], &[]))?;
+        let synack = wait(&|s| s.flags & (SYN | ACK) == SYN | ACK)?;
+        let (seq, ack) = (isn + 1, synack.seq.wrapping_add(1));
+        send_seg(segment(dst, sport, dport, seq, ack, ACK, options, &[]))?;
+        send_seg(segment(dst, sport, dport, seq, ack, PSH | ACK, &[], line))?;
+        let answer = wait(&|s| !s.payload.is_empty())?;
+        // Leave nothing behind on the server.
+        send_seg(segment(dst, sport, dport, seq + line.len() as u32, 0, RST, &[], &[]))?;
+        Ok(String::from_utf8_lossy(&answer.payload).into_owned())
+    }
 }
