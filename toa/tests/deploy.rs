@@ -1175,7 +1175,7 @@ fn systemd_verify_rejects_broken_units() {
         ("section-header", "[Service]", "[Service"),
         ("unknown-key", "ProtectSystem=strict", "ProtectSysstem=strict"),
         ("bad-value", "Restart=on-failure", "Restart=sometimes"),
-        ("missing-binary", "ExecReload=/bin/kill", "ExecReload=/no/such/kill"),
+        ("missing-binary", "ExecReload=/bin/sh", "ExecReload=/no/such/sh"),
     ] {
         let scratch = Scratch::new(name);
         let path = scratch.write("toa.service", &break_text(&original, from, to));

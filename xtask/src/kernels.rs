@@ -127,6 +127,10 @@ pub fn run_matrix(root: &Path, extra_kernels: &[PathBuf], debian: bool, readme: 
     if !rows.iter().all(Row::ok) {
         bail!("the kernel matrix failed (details above; guest logs in {})", work.display());
     }
+    // The unit as operators install it, under a real systemd, on Debian 12's default kernel.
+    if let Some(kernel) = kernels.first().filter(|_| debian) {
+        crate::systemd::check(root, &work, &kernel.vmlinuz, &built.toa)?;
+    }
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 
 mod cpio;
 mod kernels;
+mod systemd;
 
 #[derive(Parser)]
 #[command(name = "xtask")]

@@ -1,0 +1,154 @@
+//! The systemd unit, run for real: a Debian 12 system (debootstrap, minbase + systemd) boots
+//! under qemu with Debian's own kernel, `deploy/systemd/toa.service` enabled as the README says
+//! to install it, and a checker unit that reports what an operator would look at:
+//! `systemctl status toa`, the metrics endpoint, `systemctl reload toa`.
+
+use std::{
+    fs,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::run;
+
+const CHECK_UNIT: &str = r#"[Unit]
+Description=Checks the toa service (cargo xtask systemd)
+After=toa.service
+Wants=toa.service
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'sleep 3; echo TOA-CHECK-BEGIN; systemctl status toa --no-pager -l; echo TOA-METRICS; wget -qO- http://127.0.0.1:9431/metrics | grep -E "^toa_(loaded|build_info)"; systemctl reload toa; sleep 1; echo TOA-JOURNAL; journalctl -u toa --no-pager -o cat; echo TOA-CHECK-END; systemctl poweroff --force'
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/ttyS0
+
+[Install]
+WantedBy=multi-user.target
+"#;
+
+/// Boots `vmlinuz` with a Debian 12 userland running toa under systemd; fails unless the
+/// service is active, logged "toa loaded", serves metrics and reloads.
+pub fn check(root: &Path, work: &Path, vmlinuz: &Path, toa: &Path) -> Result<()> {
+    crate::apt_install_missing(&[("debootstrap", "debootstrap"), ("cpio", "cpio")])?;
+    let rootfs = work.join("systemd-rootfs");
+    if !rootfs.join("lib/systemd/systemd").exists() {
+        println!("xtask: debootstrap of a minimal Debian 12 with systemd (about half a minute)");
+        let _ = fs::remove_dir_all(&rootfs);
+        run(Command::new("debootstrap")
+            .args(["--variant=minbase", "--include=systemd,systemd-sysv,wget", "bookworm"])
+            .arg(&rootfs)
+            .stdout(Stdio::null()))?;
+    }
+    // Installed as the README says: binary, unit, config, enabled.
+    fs::create_dir_all(rootfs.join("usr/local/bin"))?;
+    fs::copy(toa, rootfs.join("usr/local/bin/toa"))?;
+    let units = rootfs.join("etc/systemd/system");
+    let wants = units.join("multi-user.target.wants");
+    fs::create_dir_all(&wants)?;
+    fs::create_dir_all(rootfs.join("etc/toa"))?;
+    fs::copy(root.join("deploy/systemd/toa.service"), units.join("toa.service"))?;
+    fs::copy(root.join("deploy/systemd/toa.toml"), rootfs.join("etc/toa/toa.toml"))?;
+    fs::write(units.join("toa-check.service"), CHECK_UNIT)?;
+    for unit in ["toa.service", "toa-check.service"] {
+        let link = wants.join(unit);
+        let _ = fs::remove_file(&link);
+        symlink(format!("../{unit}"), &link)?;
+    }
+    let init = rootfs.join("init");
+    let _ = fs::remove_file(&init);
+    symlink("/lib/systemd/systemd", &init)?;
+    fs::write(rootfs.join("etc/machine-id"), "")?;
+
+    let cpio = work.join("systemd-rootfs.cpio");
+    let archive = Command::new("sh")
+        .arg("-c")
+        .arg(format!("find . | cpio -o -H newc --quiet > {}", cpio.display()))
+        .current_dir(&rootfs)
+        .status()?;
+    if !archive.success() {
+        bail!("packing {} with cpio failed", rootfs.display());
+    }
+    println!("xtask: booting Debian 12 with systemd under qemu ({})", vmlinuz.display());
+    let log = boot(vmlinuz, &cpio)?;
+    let _ = fs::remove_file(&cpio);
+    fs::write(work.join("systemd.log"), &log)?;
+    verdict(&log).with_context(|| format!("toa under systemd (log: {})", work.join("systemd.log").display()))
+}
+
+fn boot(vmlinuz: &Path, initrd: &PathBuf) -> Result<String> {
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 panic=-1 systemd.show_status=0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start qemu-system-x86_64")?;
+    let mut out = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut buf);
+        buf
+    });
+    let started = Instant::now();
+    while child.try_wait()?.is_none() {
+        if started.elapsed() > Duration::from_secs(600) {
+            // The guest we started, by its PID.
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned())
+}
+
+/// The checker's report, without terminal colours.
+fn verdict(log: &str) -> Result<()> {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip an escape sequence up to its final letter (or the OSC 8 link terminator).
+            for n in chars.by_ref() {
+                if n.is_ascii_alphabetic() || n == '\u{7}' || n == '\\' {
+                    break;
+                }
+            }
+            continue;
+        }
+        if c != '\r' {
+            plain.push(c);
+        }
+    }
+    let report = plain
+        .split_once("TOA-CHECK-BEGIN")
+        .and_then(|(_, rest)| rest.split_once("TOA-CHECK-END"))
+        .map(|(report, _)| report)
+        .context("the checker unit reported nothing: the guest did not reach multi-user.target")?;
+    let (status, rest) = report.split_once("TOA-METRICS").unwrap_or((report, ""));
+    let (metrics, journal) = rest.split_once("TOA-JOURNAL").unwrap_or((rest, ""));
+    let checks = [
+        ("systemctl status toa: active (running)", status.contains("Active: active (running)")),
+        ("systemctl status toa shows \"toa loaded\"", status.contains("toa loaded")),
+        ("metrics answer toa_loaded 1", metrics.lines().any(|l| l.trim() == "toa_loaded 1")),
+        ("systemctl reload toa rereads the config", journal.contains("configuration reloaded")),
+        ("no failure in the unit's journal", !journal.contains("Failed") && !journal.contains("failed")),
+    ];
+    for (what, ok) in &checks {
+        println!("  systemd: {} {what}", if *ok { "ok  " } else { "FAIL" });
+    }
+    if checks.iter().any(|(_, ok)| !ok) {
+        bail!("the systemd check failed:\n{report}");
+    }
+    Ok(())
+}
