@@ -66,6 +66,12 @@ enum Task {
         #[arg(long)]
         host_only: bool,
     },
+    /// Fuzz the option parser against a plain reference parser (libFuzzer, via cargo-fuzz).
+    Fuzz {
+        /// How long to run.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
+    },
     /// Measure what toa costs (root): connection rate, getpeername(), PROXY v2, scaling, memory.
     Bench {
         /// A short smoke run (seconds; what CI runs), not numbers to quote.
@@ -139,9 +145,11 @@ fn run_task(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             kernels::run_matrix(&root, &[], true, true)?;
+            fuzz(&root, 20)?;
             // Keeps the benchmark code from rotting; no thresholds.
             bench(true)
         }
+        Task::Fuzz { seconds } => fuzz(&root, seconds),
         Task::Bench { quick } => {
             require_root("cargo xtask bench")?;
             setup()?;
@@ -153,6 +161,21 @@ fn run_task(cli: Cli) -> Result<()> {
             kernels::run_matrix(&root, &kernels, !no_debian, !no_readme)
         }
     }
+}
+
+/// Runs the parser's fuzz target for `seconds`; installs cargo-fuzz when missing.
+fn fuzz(root: &Path, seconds: u32) -> Result<()> {
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_none() {
+        println!("xtask: installing cargo-fuzz");
+        cargo(&["install", "--locked", "cargo-fuzz"])?;
+    }
+    // No sanitizer: the parser is safe Rust; libFuzzer's coverage guidance is what is wanted,
+    // and it runs on the stable toolchain (RUSTC_BOOTSTRAP from .cargo/config.toml).
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo)
+        .args(["fuzz", "run", "find_toa", "--sanitizer", "none", "--"])
+        .arg(format!("-max_total_time={seconds}"))
+        .current_dir(root.join("fuzz")))
 }
 
 fn bench(quick: bool) -> Result<()> {
