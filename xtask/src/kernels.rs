@@ -363,13 +363,27 @@ fn boot(work: &Path, kernel: &Kernel, base: &Archive) -> Result<Row> {
     fs::write(&initrd, archive.into_bytes())?;
     let log_path = work.join(format!("{}.log", kernel.name));
 
+    let (log, timed_out) = qemu_boot(&kernel.vmlinuz, &initrd, "quiet")?;
+    let problem = timed_out.then(|| format!("guest did not finish within {} s", VM_TIMEOUT.as_secs()));
+    let log = log.replace('\r', "");
+    fs::write(&log_path, &log)?;
+    let _ = fs::remove_file(&initrd);
+    let mut row = parse_run(&log, "qemu", &kernel.name);
+    row.problem = row.problem.or(problem);
+    Ok(row)
+}
+
+/// Boots `vmlinuz` with `initrd` under qemu (software emulation: nested KVM is not usable here)
+/// and returns its console output, and whether it had to be stopped after `VM_TIMEOUT`.
+pub fn qemu_boot(vmlinuz: &Path, initrd: &Path, append: &str) -> Result<(String, bool)> {
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
         .arg("-kernel")
-        .arg(&kernel.vmlinuz)
+        .arg(vmlinuz)
         .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!("console=ttyS0 panic=-1 {append}"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -382,26 +396,18 @@ fn boot(work: &Path, kernel: &Kernel, base: &Archive) -> Result<Row> {
         buf
     });
     let started = Instant::now();
-    let mut problem = None;
-    loop {
-        if child.try_wait()?.is_some() {
-            break;
-        }
+    let mut timed_out = false;
+    while child.try_wait()?.is_none() {
         if started.elapsed() > VM_TIMEOUT {
             // Ours, by PID: kill the guest we started.
             let _ = child.kill();
             let _ = child.wait();
-            problem = Some(format!("guest did not finish within {} s", VM_TIMEOUT.as_secs()));
+            timed_out = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let log = String::from_utf8_lossy(&reader.join().unwrap_or_default()).replace('\r', "");
-    fs::write(&log_path, &log)?;
-    let _ = fs::remove_file(&initrd);
-    let mut row = parse_run(&log, "qemu", &kernel.name);
-    row.problem = row.problem.or(problem);
-    Ok(row)
+    Ok((String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned(), timed_out))
 }
 
 /// Reads the test harness's lines and the status JSON out of a run's output.

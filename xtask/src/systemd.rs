@@ -6,9 +6,8 @@
 use std::{
     fs,
     os::unix::fs::symlink,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -74,42 +73,10 @@ pub fn check(root: &Path, work: &Path, vmlinuz: &Path, toa: &Path) -> Result<()>
         bail!("packing {} with cpio failed", rootfs.display());
     }
     println!("xtask: booting Debian 12 with systemd under qemu ({})", vmlinuz.display());
-    let log = boot(vmlinuz, &cpio)?;
+    let (log, _) = crate::kernels::qemu_boot(vmlinuz, &cpio, "systemd.show_status=0")?;
     let _ = fs::remove_file(&cpio);
     fs::write(work.join("systemd.log"), &log)?;
     verdict(&log).with_context(|| format!("toa under systemd (log: {})", work.join("systemd.log").display()))
-}
-
-fn boot(vmlinuz: &Path, initrd: &PathBuf) -> Result<String> {
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048", "-nographic", "-no-reboot"])
-        .arg("-kernel")
-        .arg(vmlinuz)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 systemd.show_status=0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start qemu-system-x86_64")?;
-    let mut out = child.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut out, &mut buf);
-        buf
-    });
-    let started = Instant::now();
-    while child.try_wait()?.is_none() {
-        if started.elapsed() > Duration::from_secs(600) {
-            // The guest we started, by its PID.
-            let _ = child.kill();
-            let _ = child.wait();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Ok(String::from_utf8_lossy(&reader.join().unwrap_or_default()).into_owned())
 }
 
 /// The checker's report, without terminal colours.
