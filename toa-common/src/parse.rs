@@ -68,7 +68,15 @@ impl OptionArea {
             cursor: 0,
             has_last: 0,
             malformed: 0,
-            last: ClientAddr { family: 0, port: [0; 2], addr: [0; 16], vip_port: [0; 2], vip_addr: [0; 4], flags: 0, _pad: [0; 5] },
+            last: ClientAddr {
+                family: 0,
+                port: [0; 2],
+                addr: [0; 16],
+                vip_port: [0; 2],
+                vip_addr: [0; 4],
+                flags: 0,
+                _pad: [0; 5],
+            },
         }
     }
 
@@ -567,11 +575,8 @@ mod tests {
             for b in 0..=255u8 {
                 let o = cat(&[&[a, b], &toa4(PORT, V4)]);
                 // The prefix itself is a TOA when it reads (254, 8).
-                let expected = if a == TOA_KIND && b == 8 {
-                    v4([o[2], o[3]], [o[4], o[5], o[6], o[7]])
-                } else {
-                    v4(PORT, V4)
-                };
+                let expected =
+                    if a == TOA_KIND && b == 8 { v4([o[2], o[3]], [o[4], o[5], o[6], o[7]]) } else { v4(PORT, V4) };
                 match parse(&o[..10]) {
                     Parsed::Found(c) => assert_eq!(Parsed::Found(c), expected, "{a} {b}"),
                     Parsed::Absent | Parsed::Malformed => {}

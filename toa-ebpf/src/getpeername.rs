@@ -2,7 +2,10 @@
 //!
 //! `accept()` fills its address through the same hook, so one rewrite covers both.
 
-use aya_ebpf::{bindings::bpf_sock_addr, helpers::generated::bpf_sk_storage_get, macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    bindings::bpf_sock_addr, helpers::generated::bpf_sk_storage_get, macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
 use toa_common::{Counter, SockState, AF_INET, AF_INET6, CLIENT_HAS_PORT, STATE_FOUND};
 
 use crate::maps::{count, socks};

@@ -10,12 +10,8 @@ const TCP_HEADER_MIN: usize = 20;
 fn header(ops: *const bpf_sock_ops) -> Option<(usize, usize)> {
     // SAFETY: `ops` is the context the kernel passed in; these fields are readable in every
     // sock_ops callback (null when the callback carries no segment).
-    let (data, end) = unsafe {
-        (
-            (*ops).__bindgen_anon_3.skb_data as usize,
-            (*ops).__bindgen_anon_4.skb_data_end as usize,
-        )
-    };
+    let (data, end) =
+        unsafe { ((*ops).__bindgen_anon_3.skb_data as usize, (*ops).__bindgen_anon_4.skb_data_end as usize) };
     if data + TCP_HEADER_MIN > end {
         return None;
     }

@@ -10,8 +10,8 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
-        BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        bpf_sock, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, BPF_SOCK_OPS_PARSE_HDR_OPT_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
     helpers::generated::{bpf_setsockopt, bpf_sk_storage_get},
     macros::sock_ops,
@@ -32,7 +32,10 @@ const TCP_SAVE_SYN: i32 = 27;
 pub fn toa_sock_ops(ctx: SockOpsContext) -> u32 {
     let op = ctx.op();
     // Most callbacks are none of ours: leave before any map lookup.
-    if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PARSE_HDR_OPT_CB && op != BPF_SOCK_OPS_TCP_LISTEN_CB {
+    if op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+        && op != BPF_SOCK_OPS_PARSE_HDR_OPT_CB
+        && op != BPF_SOCK_OPS_TCP_LISTEN_CB
+    {
         return 1;
     }
     let Some(cfg) = config() else { return 1 };
@@ -90,7 +93,8 @@ fn source_trusted(ctx: &SockOpsContext, cfg: &AgentConfig) -> bool {
         // One constant-offset load per word: the verifier refuses loads through a moved ctx
         // pointer, which copying the array would produce.
         // SAFETY: remote_ip6 is readable in every sock_ops callback.
-        let w = |i: usize| unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.ops).remote_ip6[i])) }.to_ne_bytes();
+        let w =
+            |i: usize| unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.ops).remote_ip6[i])) }.to_ne_bytes();
         let (a, b, c, d) = (w(0), w(1), w(2), w(3));
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
     };

@@ -55,7 +55,11 @@ fn main() {
     results.insert("settings".into(), json!({"quick": quick, "repeats": s.repeats, "run_ms": s.run_time.as_millis() as u64, "client_threads": s.clients}));
 
     let load = bench.load_once();
-    println!("load + attach: {:.1} ms; verifier: {}", load.0, load.1.iter().map(|(n, i)| format!("{n} {i}")).collect::<Vec<_>>().join(", "));
+    println!(
+        "load + attach: {:.1} ms; verifier: {}",
+        load.0,
+        load.1.iter().map(|(n, i)| format!("{n} {i}")).collect::<Vec<_>>().join(", ")
+    );
     results.insert("load".into(), json!({"load_time_ms": load.0, "verified_insns": load.1.iter().map(|(n, i)| json!({"program": n, "insns": i})).collect::<Vec<_>>()}));
 
     let rates = bench.connection_rates(&s);
@@ -110,7 +114,11 @@ impl<'a> Bench<'a> {
     fn set_agent(&self, loaded: bool) {
         if loaded {
             self.agent
-                .load(&LoadOptions { cgroup: Some(self.cgroup.clone()), pin_dir: self.lab.pin_dir.clone(), policy: Policy::default() })
+                .load(&LoadOptions {
+                    cgroup: Some(self.cgroup.clone()),
+                    pin_dir: self.lab.pin_dir.clone(),
+                    policy: Policy::default(),
+                })
                 .expect("load the agent");
         } else {
             self.agent.unload().expect("unload the agent");
@@ -239,7 +247,8 @@ impl<'a> Bench<'a> {
         self.set_agent(true);
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time statistics");
         let snapshot = || -> Vec<(String, u64, u64)> {
-            let ids: Vec<u32> = self.agent.status().map(|st| st.programs.iter().map(|p| p.id).collect()).unwrap_or_default();
+            let ids: Vec<u32> =
+                self.agent.status().map(|st| st.programs.iter().map(|p| p.id).collect()).unwrap_or_default();
             aya::programs::loaded_programs()
                 .filter_map(Result::ok)
                 .filter(|p| ids.contains(&p.id()))
@@ -293,7 +302,8 @@ impl<'a> Bench<'a> {
             }
             calls as f64 / started.elapsed().as_secs_f64()
         };
-        let v = self.compare(s, "getpeername(): no agent vs rewritten by the agent", || measure(false), || measure(true));
+        let v =
+            self.compare(s, "getpeername(): no agent vs rewritten by the agent", || measure(false), || measure(true));
         self.set_agent(false);
         let per_call = |r: f64| 1e9 / r;
         let ns = json!({
@@ -301,7 +311,12 @@ impl<'a> Bench<'a> {
             "rewritten_ns": per_call(median(&floats(&v["measured"]))),
             "cost_ratio": 1.0 / v["ratio"]["median"].as_f64().unwrap(),
         });
-        println!("  = {:.0} ns vs {:.0} ns per call ({:.2}x)", ns["no_agent_ns"].as_f64().unwrap(), ns["rewritten_ns"].as_f64().unwrap(), ns["cost_ratio"].as_f64().unwrap());
+        println!(
+            "  = {:.0} ns vs {:.0} ns per call ({:.2}x)",
+            ns["no_agent_ns"].as_f64().unwrap(),
+            ns["rewritten_ns"].as_f64().unwrap(),
+            ns["cost_ratio"].as_f64().unwrap()
+        );
         json!({"calls_per_run": calls, "rate": v, "per_call": ns})
     }
 
@@ -415,7 +430,9 @@ impl<'a> Bench<'a> {
                 .map(|_| {
                     let ns = self.lab.netns_path(&self.lab.client_ns);
                     let per = churn / s.clients as u64;
-                    std::thread::spawn(move || support::in_netns(ns, move || (0..per).filter(|_| exchange(target, None)).count()))
+                    std::thread::spawn(move || {
+                        support::in_netns(ns, move || (0..per).filter(|_| exchange(target, None)).count())
+                    })
                 })
                 .collect();
             made = threads.into_iter().map(|t| t.join().unwrap()).sum();
@@ -495,7 +512,9 @@ fn proxy_header() -> Vec<u8> {
     use ppp::v2::{Builder, Command, Protocol, Version};
     let src: SocketAddr = CLIENT.parse().unwrap();
     let dst: SocketAddr = "198.18.0.1:8082".parse().unwrap();
-    Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (src, dst)).build().expect("a PROXY v2 header")
+    Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (src, dst))
+        .build()
+        .expect("a PROXY v2 header")
 }
 
 /// One short connection: optional PROXY header, a line, read the answer, close.

@@ -39,7 +39,8 @@ pub(crate) const LINKS: [(&str, &str); 6] = [
     ("link_getsockopt", programs::GETSOCKOPT),
 ];
 /// (pin file, map name in the object)
-const MAPS: [(&str, &str); 4] = [("socks", "TOA_SOCKS"), ("stats", "TOA_STATS"), ("config", "TOA_CONFIG"), ("trust", "TOA_TRUST")];
+const MAPS: [(&str, &str); 4] =
+    [("socks", "TOA_SOCKS"), ("stats", "TOA_STATS"), ("config", "TOA_CONFIG"), ("trust", "TOA_TRUST")];
 const MAP_STATS: &str = "stats";
 const MAP_CONFIG: &str = "config";
 const MAP_TRUST: &str = "trust";
@@ -148,7 +149,8 @@ impl Agent {
 
         let started = Instant::now();
         fs::create_dir_all(&self.pin_dir)?;
-        let result = attach(&cgroup, &self.pin_dir, Some(&options.policy)).and_then(|(_ebpf, links)| self.pin_links(links));
+        let result =
+            attach(&cgroup, &self.pin_dir, Some(&options.policy)).and_then(|(_ebpf, links)| self.pin_links(links));
         if let Err(e) = result {
             // The maps were pinned while loading; the unpinned links detach when dropped.
             let _ = self.remove_pins();
@@ -359,13 +361,14 @@ pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> 
 }
 
 /// The `bpf_attach_type`s of the agent's links.
-const ATTACH_TYPES: [u32; 6] = [3 /* sock_ops */, 29, 30 /* getpeername4/6 */, 31, 32 /* getsockname4/6 */, BPF_CGROUP_GETSOCKOPT];
+const ATTACH_TYPES: [u32; 6] =
+    [3 /* sock_ops */, 29, 30 /* getpeername4/6 */, 31, 32 /* getsockname4/6 */, BPF_CGROUP_GETSOCKOPT];
 
 /// Whether any of `ids` still runs on `cgroup`.
 fn still_attached(cgroup: &Path, ids: &[u32]) -> bool {
-    ATTACH_TYPES
-        .iter()
-        .any(|t| link_info::cgroup_programs(cgroup, *t).is_ok_and(|attached| attached.iter().any(|id| ids.contains(id))))
+    ATTACH_TYPES.iter().any(|t| {
+        link_info::cgroup_programs(cgroup, *t).is_ok_and(|attached| attached.iter().any(|id| ids.contains(id)))
+    })
 }
 
 fn map_err(path: &Path) -> impl Fn(&dyn std::error::Error) -> Error + '_ {
@@ -407,7 +410,8 @@ fn read_policy(pin_dir: &Path) -> Result<Policy, Error> {
     let err = map_err(&path);
     let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
     let trust = LpmTrie::<_, [u8; 16], u8>::try_from(map).map_err(|e| err(&e))?;
-    let mut nets: Vec<_> = trust.keys().filter_map(Result::ok).filter_map(|k| trust_net(k.prefix_len(), k.data())).collect();
+    let mut nets: Vec<_> =
+        trust.keys().filter_map(Result::ok).filter_map(|k| trust_net(k.prefix_len(), k.data())).collect();
     nets.sort();
     Ok(Policy::from_kernel(&cfg, nets))
 }

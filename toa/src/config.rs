@@ -102,7 +102,11 @@ impl PolicyArgs {
 
 /// The flag's list if any was given, else the file's.
 fn pick<T: Clone>(flag: &[T], file: &[T]) -> Vec<T> {
-    if flag.is_empty() { file.to_vec() } else { flag.to_vec() }
+    if flag.is_empty() {
+        file.to_vec()
+    } else {
+        flag.to_vec()
+    }
 }
 
 impl ConfigFile {
@@ -202,7 +206,8 @@ mod tests {
 
     #[test]
     fn flags_override_the_file() {
-        let file = ConfigFile { metrics: Some("0.0.0.0:1".parse().unwrap()), keep_loaded: Some(true), ..Default::default() };
+        let file =
+            ConfigFile { metrics: Some("0.0.0.0:1".parse().unwrap()), keep_loaded: Some(true), ..Default::default() };
         let flags = Overrides { metrics: Some("127.0.0.1:2".parse().unwrap()), ..Default::default() };
         let s = Settings::merge(&file, &flags);
         assert_eq!(s.metrics, "127.0.0.1:2".parse().unwrap());

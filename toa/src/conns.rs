@@ -8,8 +8,7 @@
 
 use std::{
     collections::HashMap,
-    fs,
-    io,
+    fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd},
     path::Path,
@@ -56,7 +55,8 @@ pub fn list(pin_dir: &Path) -> Result<Vec<Conn>, Error> {
     if !socks.exists() {
         return Err(Error::NotLoaded { pin_dir: pin_dir.to_owned() });
     }
-    let map = MapData::from_pin(&socks).map_err(|e| Error::Read { what: socks.display().to_string(), detail: chain(&e) })?;
+    let map =
+        MapData::from_pin(&socks).map_err(|e| Error::Read { what: socks.display().to_string(), detail: chain(&e) })?;
     let map_fd = map.fd().as_fd().as_raw_fd();
     let owners = socket_owners();
     let mut conns = Vec::new();
@@ -68,7 +68,14 @@ pub fn list(pin_dir: &Path) -> Result<Vec<Conn>, Error> {
             }
             let Some(client) = client_addr(&state) else { return };
             let (pid, process) = owners.get(&msg.inode).cloned().map_or((None, None), |(p, c)| (Some(p), Some(c)));
-            conns.push(Conn { local: msg.local, balancer: msg.remote, client, state: tcp_state(msg.state), pid, process });
+            conns.push(Conn {
+                local: msg.local,
+                balancer: msg.remote,
+                client,
+                state: tcp_state(msg.state),
+                pid,
+                process,
+            });
         })
         .map_err(|e| {
             let detail = if e.raw_os_error() == Some(libc::ENOENT) {

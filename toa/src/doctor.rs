@@ -163,8 +163,14 @@ fn attach_scratch(mount: &Path) -> Check {
     let _ = fs::remove_dir_all(&pins);
     let _ = fs::remove_dir(&dir);
     match result {
-        Ok(n) => pass("cgroup attach", format!("all {n} programs attach to a cgroup (scratch cgroup and pins, removed)")),
-        Err(e) => fail("cgroup attach", e, "the kernel refused cgroup BPF links: check CONFIG_CGROUP_BPF and that no policy forbids BPF"),
+        Ok(n) => {
+            pass("cgroup attach", format!("all {n} programs attach to a cgroup (scratch cgroup and pins, removed)"))
+        }
+        Err(e) => fail(
+            "cgroup attach",
+            e,
+            "the kernel refused cgroup BPF links: check CONFIG_CGROUP_BPF and that no policy forbids BPF",
+        ),
     }
 }
 

@@ -68,10 +68,7 @@ pub fn pinned_link(path: &Path) -> io::Result<LinkFacts> {
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     let link_type = info[0] as u32;
-    Ok(LinkFacts {
-        program_id: info[1] as u32,
-        cgroup_id: (link_type == BPF_LINK_TYPE_CGROUP).then_some(info[2]),
-    })
+    Ok(LinkFacts { program_id: info[1] as u32, cgroup_id: (link_type == BPF_LINK_TYPE_CGROUP).then_some(info[2]) })
 }
 
 /// Ids of the programs attached to a cgroup for one attach type (`BPF_PROG_QUERY`).
@@ -105,7 +102,11 @@ pub fn cgroup_programs(cgroup: &Path, attach_type: u32) -> io::Result<Vec<u32>> 
 
 /// A cgroup bpf_link made with `BPF_LINK_CREATE` directly: aya 0.14 cannot turn a
 /// `CgroupSockoptLink` into a pinnable `FdLink`.
-pub fn cgroup_link_create(program: std::os::fd::BorrowedFd<'_>, cgroup: std::os::fd::BorrowedFd<'_>, attach_type: u32) -> io::Result<OwnedFd> {
+pub fn cgroup_link_create(
+    program: std::os::fd::BorrowedFd<'_>,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
     use std::os::fd::AsRawFd as _;
     const BPF_LINK_CREATE: libc::c_long = 28;
     #[repr(C)]

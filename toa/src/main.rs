@@ -111,15 +111,13 @@ fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
     if !s.len().is_multiple_of(2) {
         return Err(format!("{s}: an even number of hex digits is needed"));
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| format!("{s}: not hex")))
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| format!("{s}: not hex"))).collect()
 }
 
 fn main() -> ExitCode {
     // The version names the embedded programs too: two builds of one version can differ.
-    let version: &'static str = Box::leak(format!("{} (programs {})", env!("CARGO_PKG_VERSION"), programs::hash()).into_boxed_str());
+    let version: &'static str =
+        Box::leak(format!("{} (programs {})", env!("CARGO_PKG_VERSION"), programs::hash()).into_boxed_str());
     let matches = Cli::command().version(version).get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
@@ -258,7 +256,10 @@ fn print_status(status: &Status) {
             println!("kinds:    {}", list(p.kinds.iter().map(u8::to_string).collect()));
             println!("dialects: {}", list(p.dialects.iter().map(|d| format!("{d:?}").to_lowercase()).collect()));
             println!("syn:      {}   pick: {:?}   rewrite_sockname: {}", p.syn, p.pick, p.rewrite_sockname);
-            println!("ports:    {}", if p.ports.is_empty() { "all".into() } else { list(p.ports.iter().map(ToString::to_string).collect()) });
+            println!(
+                "ports:    {}",
+                if p.ports.is_empty() { "all".into() } else { list(p.ports.iter().map(ToString::to_string).collect()) }
+            );
             if status.spoofable {
                 println!("trust:    anyone — any client that reaches this host can claim any address (set --trust)");
             } else {

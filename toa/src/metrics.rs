@@ -21,7 +21,12 @@ impl Collector for AgentCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let agent = Agent::new(&self.pin_dir);
         let loaded = ConstGauge::new(i64::from(agent.is_attached()));
-        loaded.encode(encoder.encode_descriptor("loaded", "1 while the programs are attached", None, loaded.metric_type())?)?;
+        loaded.encode(encoder.encode_descriptor(
+            "loaded",
+            "1 while the programs are attached",
+            None,
+            loaded.metric_type(),
+        )?)?;
         // No agent, no counters: an absent series is clearer than a series of zeros.
         if let Ok(stats) = agent.stats() {
             for (name, value) in stats {

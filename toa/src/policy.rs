@@ -119,10 +119,16 @@ impl Policy {
             return Err(format!("--kind {k}: kinds 0 and 1 are the end-of-list and no-op options; use 2 to 255"));
         }
         if self.ports.len() > PORT_RANGES {
-            return Err(format!("{} port ranges given; at most {PORT_RANGES} fit: merge some into ranges", self.ports.len()));
+            return Err(format!(
+                "{} port ranges given; at most {PORT_RANGES} fit: merge some into ranges",
+                self.ports.len()
+            ));
         }
         if self.trust.len() > TRUST_ENTRIES as usize {
-            return Err(format!("{} trusted networks given; at most {TRUST_ENTRIES}: use wider prefixes", self.trust.len()));
+            return Err(format!(
+                "{} trusted networks given; at most {TRUST_ENTRIES}: use wider prefixes",
+                self.trust.len()
+            ));
         }
         Ok(())
     }

@@ -75,11 +75,7 @@ pub fn toa_option(client: SocketAddr) -> Vec<u8> {
 
 /// What the writer puts on the wire for `options`, announcing `client`.
 pub fn config(options: &ProbeOptions, client: SocketAddr) -> Result<ProbeConfig, Error> {
-    let list = if options.raw_options.is_empty() {
-        vec![toa_option(client)]
-    } else {
-        options.raw_options.clone()
-    };
+    let list = if options.raw_options.is_empty() { vec![toa_option(client)] } else { options.raw_options.clone() };
     let bad = |detail: String| Error::Probe { detail };
     if list.len() > PROBE_OPTIONS {
         return Err(bad(format!("at most {PROBE_OPTIONS} options can be written")));
@@ -99,11 +95,7 @@ pub fn config(options: &ProbeOptions, client: SocketAddr) -> Result<ProbeConfig,
     for (i, opt) in list.iter().enumerate() {
         // The kernel writes an option only if its length byte matches what it is given.
         if opt.len() < 2 || opt.len() > PROBE_OPTION_MAX || opt[1] as usize != opt.len() {
-            return Err(bad(format!(
-                "option {} ({:02x?}): its second byte must be its length (2..=40)",
-                i + 1,
-                opt
-            )));
+            return Err(bad(format!("option {} ({:02x?}): its second byte must be its length (2..=40)", i + 1, opt)));
         }
         cfg.lens[i] = opt.len() as u8;
         cfg.options[i][..opt.len()].copy_from_slice(opt);
@@ -145,8 +137,8 @@ pub fn run(options: &ProbeOptions, mut on_reply: impl FnMut(&Exchange)) -> Resul
         let client = announced(i);
         let cfg = config(options, client)?;
         writer.set(cfg)?;
-        let exchange = exchange(options, client)
-            .map_err(|e| Error::Probe { detail: format!("{}: {e}", options.target) })?;
+        let exchange =
+            exchange(options, client).map_err(|e| Error::Probe { detail: format!("{}: {e}", options.target) })?;
         let done = writer.get()?;
         if done.refused > 0 || done.written != cfg.count {
             return Err(Error::Probe {
@@ -193,7 +185,8 @@ impl Writer {
     }
 
     fn array(&mut self) -> Result<Array<&mut aya::maps::MapData, ProbeConfig>, Error> {
-        let map = self.ebpf.map_mut("TOA_PROBE").ok_or_else(|| Error::Load { detail: "map TOA_PROBE missing".into() })?;
+        let map =
+            self.ebpf.map_mut("TOA_PROBE").ok_or_else(|| Error::Load { detail: "map TOA_PROBE missing".into() })?;
         Array::try_from(map).map_err(|e| Error::Load { detail: chain(&e) })
     }
 

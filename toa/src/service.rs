@@ -34,7 +34,11 @@ pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
     let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
 
     let agent = Agent::new(&settings.pin_dir);
-    let options = LoadOptions { cgroup: settings.cgroup.clone(), pin_dir: settings.pin_dir.clone(), policy: settings.policy.clone() };
+    let options = LoadOptions {
+        cgroup: settings.cgroup.clone(),
+        pin_dir: settings.pin_dir.clone(),
+        policy: settings.policy.clone(),
+    };
     let loaded = agent.load(&options)?;
     if loaded.status.spoofable {
         warn!("no trust list: any client that reaches this host can claim any address (set trust)");
@@ -86,7 +90,13 @@ pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
     Ok(())
 }
 
-fn reload(agent: &Agent, path: &std::path::Path, required: bool, flags: &Overrides, old: &Settings) -> Result<Settings, Error> {
+fn reload(
+    agent: &Agent,
+    path: &std::path::Path,
+    required: bool,
+    flags: &Overrides,
+    old: &Settings,
+) -> Result<Settings, Error> {
     let new = Settings::merge(&ConfigFile::read(path, required)?, flags);
     if new.pin_dir != old.pin_dir || new.metrics != old.metrics || new.log_format != old.log_format {
         warn!("pin_dir, metrics and log_format take effect at the next start");
@@ -111,7 +121,9 @@ fn serve(server: &tiny_http::Server, pin_dir: PathBuf, ready: &AtomicBool) {
     let agent = Agent::new(pin_dir);
     for request in server.incoming_requests() {
         let (code, body, content_type) = match request.url() {
-            "/metrics" => (200, metrics::render(&registry), "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            "/metrics" => {
+                (200, metrics::render(&registry), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            }
             "/healthz" if agent.is_attached() => (200, "ok\n".to_owned(), "text/plain"),
             "/healthz" => (503, "programs not attached\n".to_owned(), "text/plain"),
             "/readyz" if ready.load(Ordering::SeqCst) && agent.is_attached() => (200, "ok\n".to_owned(), "text/plain"),

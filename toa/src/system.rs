@@ -83,9 +83,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
     let target = CString::new("/sys/fs/bpf").expect("no NUL in a literal");
     let fstype = CString::new("bpf").expect("no NUL in a literal");
     // SAFETY: valid C strings; mount(2) has no other preconditions.
-    let rc = unsafe {
-        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
-    };
+    let rc = unsafe { libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(Error::Bpffs { path: default.to_owned(), source: io::Error::last_os_error() });
     }

@@ -163,11 +163,13 @@ fn several_options_first_valid_wins() {
     lab.python_server(SERVER_V4, 8080);
     let first = toa4([203, 0, 113, 7], 4242);
     let second = toa4([198, 51, 100, 9], 80);
-    let (out, _) = lab.probe("198.18.0.1:8080", &["--raw-option", &hex(&first), "--raw-option", &hex(&second), "--as", CLIENT]);
+    let (out, _) =
+        lab.probe("198.18.0.1:8080", &["--raw-option", &hex(&first), "--raw-option", &hex(&second), "--as", CLIENT]);
     assert_eq!(out, answer(CLIENT, CLIENT));
     // A TOA of a wrong length is skipped; the valid one after it counts.
     let bad = vec![254, 6, 0x01, 0xbb, 10, 0];
-    let (out, _) = lab.probe("198.18.0.1:8080", &["--raw-option", &hex(&bad), "--raw-option", &hex(&first), "--as", CLIENT]);
+    let (out, _) =
+        lab.probe("198.18.0.1:8080", &["--raw-option", &hex(&bad), "--raw-option", &hex(&first), "--as", CLIENT]);
     assert_eq!(out, answer(CLIENT, CLIENT));
 }
 
@@ -186,7 +188,8 @@ fn full_forty_byte_option_area() {
         o.extend("2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
         o
     };
-    let (out, _) = lab.probe("[fd00::1]:8080", &["--raw-option", &hex(&filler), "--raw-option", &hex(&toa6), "--as", CLIENT6]);
+    let (out, _) =
+        lab.probe("[fd00::1]:8080", &["--raw-option", &hex(&filler), "--raw-option", &hex(&toa6), "--as", CLIENT6]);
     assert_eq!(out, answer(CLIENT6, CLIENT6));
 }
 
@@ -224,7 +227,10 @@ fn unload_restores_addresses_and_leaves_nothing() {
     let out = lab.unload();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "toa unloaded\n");
     assert!(!lab.pin_dir.exists(), "pins left behind");
-    assert!(eventually(Duration::from_secs(5), || ids.iter().all(|id| !program_exists(*id))), "programs still loaded: {ids:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || ids.iter().all(|id| !program_exists(*id))),
+        "programs still loaded: {ids:?}"
+    );
     assert!(!cgroup_attachments(&lab.cgroup).contains("toa_"), "still attached: {}", cgroup_attachments(&lab.cgroup));
     assert_eq!(lab.status_json()["loaded"], false);
 
@@ -258,7 +264,10 @@ fn status_names_the_cgroup_and_programs() {
     assert_eq!(status["loaded"], true);
     assert_eq!(status["cgroup"], lab.cgroup.to_str().unwrap());
     let names: Vec<&str> = status["programs"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["toa_sock_ops", "toa_getpeer4", "toa_getpeer6", "toa_getsock4", "toa_getsock6", "toa_getsockopt"]);
+    assert_eq!(
+        names,
+        ["toa_sock_ops", "toa_getpeer4", "toa_getpeer6", "toa_getsock4", "toa_getsock6", "toa_getsockopt"]
+    );
     // Without --trust, status says plainly that anyone may claim any address.
     assert_eq!(status["spoofable"], true);
     assert_eq!(status["policy"]["kinds"], serde_json::json!([254]));
@@ -275,7 +284,13 @@ fn bad_input_fails_clearly_and_attaches_nothing() {
     assert!(!lab.pin_dir.exists());
 
     // A pin directory outside bpffs.
-    let out = lab.toa().args(["load", "--cgroup"]).arg(&lab.cgroup).args(["--pin-dir", "/tmp/toa-not-bpffs/x"]).output().unwrap();
+    let out = lab
+        .toa()
+        .args(["load", "--cgroup"])
+        .arg(&lab.cgroup)
+        .args(["--pin-dir", "/tmp/toa-not-bpffs/x"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is not on a bpffs mount"), "{err}");
@@ -292,7 +307,10 @@ fn bad_input_fails_clearly_and_attaches_nothing() {
     let out = cmd.output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err, "toa: error: toa load must run as root (it loads eBPF programs into the kernel): run it with sudo\n");
+    assert_eq!(
+        err,
+        "toa: error: toa load must run as root (it loads eBPF programs into the kernel): run it with sudo\n"
+    );
     assert!(!lab.pin_dir.exists());
     assert!(!cgroup_attachments(&lab.cgroup).contains("toa_"));
 
@@ -307,7 +325,8 @@ fn probe_leaves_nothing_behind() {
     let mut lab = Lab::new();
     lab.load();
     lab.python_server(SERVER_V4, 8080);
-    let child = lab.probe_cmd("198.18.0.1:8080", &["--as", CLIENT]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let child =
+        lab.probe_cmd("198.18.0.1:8080", &["--as", CLIENT]).stdout(std::process::Stdio::null()).spawn().unwrap();
     let pid = child.id();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());

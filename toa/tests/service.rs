@@ -46,7 +46,8 @@ fn run_serves_metrics_that_follow_the_traffic() {
     assert_eq!(metric(&body, "toa_getname_toa_ok_total"), Some(6));
 
     // Every metric the Grafana dashboard queries is one this endpoint serves.
-    let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/toa-dashboard.json")).unwrap();
+    let dashboard =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/toa-dashboard.json")).unwrap();
     let mut queried: Vec<&str> = dashboard
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| w.starts_with("toa_") && w.len() > 4)
@@ -55,7 +56,10 @@ fn run_serves_metrics_that_follow_the_traffic() {
     queried.dedup();
     assert!(queried.len() >= 5, "{queried:?}");
     for name in queried {
-        assert!(body.lines().any(|l| l.starts_with(name)), "the dashboard queries {name}, which /metrics does not serve");
+        assert!(
+            body.lines().any(|l| l.starts_with(name)),
+            "the dashboard queries {name}, which /metrics does not serve"
+        );
     }
 
     let (ok, stderr) = service.stop();

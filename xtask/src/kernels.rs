@@ -21,10 +21,8 @@ use crate::{cpio::Archive, output, run};
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 /// Debian's cloud kernels to test: (label, apt-cache pattern).
-const DEBIAN_SERIES: [(&str, &str); 2] = [
-    ("6.1", r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64$"),
-    ("6.12", r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64$"),
-];
+const DEBIAN_SERIES: [(&str, &str); 2] =
+    [("6.1", r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64$"), ("6.12", r"^linux-image-6\.12\.[0-9]+\+deb12-cloud-amd64$")];
 const VM_TIMEOUT: Duration = Duration::from_secs(900);
 const MARK: &str = "TOA-MATRIX";
 
@@ -185,7 +183,8 @@ fn debian_kernel(work: &Path, label: &str, pattern: &str) -> Result<Kernel> {
         run(Command::new("apt-get").args(["update", "-qq"]))?;
         found = search();
     }
-    let mut packages: Vec<String> = found.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect();
+    let mut packages: Vec<String> =
+        found.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect();
     packages.sort_by_key(|p| version_key(p));
     let package = packages.pop().with_context(|| format!("apt offers no Debian {label} cloud kernel ({pattern})"))?;
     let dir = work.join(&package);
@@ -222,13 +221,16 @@ fn user_kernel(vmlinuz: &Path) -> Result<Kernel> {
     }
     // A kernel unpacked from a package: its modules sit next to boot/.
     let modules = vmlinuz.parent().and_then(Path::parent).map(find_modules).unwrap_or_default();
-    let name = vmlinuz.file_name().map(|n| n.to_string_lossy().trim_start_matches("vmlinuz-").to_owned()).unwrap_or_default();
+    let name =
+        vmlinuz.file_name().map(|n| n.to_string_lossy().trim_start_matches("vmlinuz-").to_owned()).unwrap_or_default();
     Ok(Kernel { name, vmlinuz: vmlinuz.to_owned(), modules })
 }
 
 /// The `MODULES` this package ships (those it builds in are simply absent).
 fn find_modules(package_root: &Path) -> Vec<PathBuf> {
-    let Some(version) = fs::read_dir(package_root.join("lib/modules")).ok().and_then(|mut d| d.next()).and_then(Result::ok) else {
+    let Some(version) =
+        fs::read_dir(package_root.join("lib/modules")).ok().and_then(|mut d| d.next()).and_then(Result::ok)
+    else {
         return Vec::new();
     };
     MODULES

@@ -130,7 +130,8 @@ fn run_task(cli: Cli) -> Result<()> {
             let dest = prefix.join("toa");
             // Copy to a temporary name and rename: replacing a running binary in place fails.
             let tmp = prefix.join(".toa.new");
-            std::fs::copy(root.join("target/release/toa"), &tmp).with_context(|| format!("copy to {}", tmp.display()))?;
+            std::fs::copy(root.join("target/release/toa"), &tmp)
+                .with_context(|| format!("copy to {}", tmp.display()))?;
             std::fs::rename(&tmp, &dest)?;
             println!("installed {}", dest.display());
             run(Command::new(&dest).arg("load"))

@@ -113,7 +113,20 @@ impl Lab {
         // From here on `Drop` cleans up whatever was made, should a step fail.
         ip(&["netns", "add", &lab.server_ns]);
         ip(&["netns", "add", &lab.client_ns]);
-        ip(&["-n", &lab.server_ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &lab.client_ns]);
+        ip(&[
+            "-n",
+            &lab.server_ns,
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &lab.client_ns,
+        ]);
         for (ns, v4, v6) in [(&lab.server_ns, SERVER_V4, SERVER_V6), (&lab.client_ns, CLIENT_V4, CLIENT_V6)] {
             ip(&["-n", ns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
             ip(&["-n", ns, "-6", "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
@@ -258,8 +271,21 @@ impl Lab {
         // The server namespace reaches the spoofed address at the client's MAC.
         let link = run(Command::new("ip").args(["-n", &self.client_ns, "-o", "link", "show", "eth0"]));
         let link = String::from_utf8_lossy(&link.stdout).into_owned();
-        let mac = link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).expect("the client's MAC").to_owned();
-        ip(&["-n", &self.server_ns, "neigh", "replace", &raw_tcp::SPOOFED.to_string(), "lladdr", &mac, "dev", "eth0", "nud", "permanent"]);
+        let mac =
+            link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).expect("the client's MAC").to_owned();
+        ip(&[
+            "-n",
+            &self.server_ns,
+            "neigh",
+            "replace",
+            &raw_tcp::SPOOFED.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
         let options = options.to_vec();
         let reply = self.in_client_ns(move || {
             raw_tcp::exchange("198.18.0.1".parse().unwrap(), port, sport, &options, b"raw\n").expect("raw exchange")
@@ -371,7 +397,8 @@ pub fn in_netns<T: Send + 'static>(ns: PathBuf, f: impl FnOnce() -> T + Send + '
 /// instruction: sockets take their cgroup and namespace when they are created.
 pub fn in_netns_and_cgroup(cmd: &mut Command, netns: &Path, cgroup: Option<&Path>) {
     let ns = fs::File::open(netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
-    let procs = cgroup.map(|c| fs::OpenOptions::new().write(true).open(c.join("cgroup.procs")).expect("open cgroup.procs"));
+    let procs =
+        cgroup.map(|c| fs::OpenOptions::new().write(true).open(c.join("cgroup.procs")).expect("open cgroup.procs"));
     // SAFETY: between fork and exec only async-signal-safe calls (write, setns) on fds opened
     // before the fork, which the closure keeps alive.
     unsafe {
@@ -394,7 +421,11 @@ pub fn example_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/e2e-… → target/<profile>/examples/<name>
     let path = exe.parent().and_then(Path::parent).expect("target dir").join("examples").join(name);
-    assert!(path.exists(), "{} missing: build it first (`cargo build --examples`; `cargo xtask test` does)", path.display());
+    assert!(
+        path.exists(),
+        "{} missing: build it first (`cargo build --examples`; `cargo xtask test` does)",
+        path.display()
+    );
     path
 }
 
@@ -446,7 +477,11 @@ pub mod raw_tcp {
     const RST: u8 = 0x04;
 
     fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
     }
 
     fn checksum(data: &[u8], mut sum: u32) -> u16 {
@@ -460,7 +495,16 @@ pub mod raw_tcp {
     }
 
     /// One IPv4 + TCP segment from SPOOFED:sport to dst:dport.
-    fn segment(dst: Ipv4Addr, sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, options: &[u8], payload: &[u8]) -> Vec<u8> {
+    fn segment(
+        dst: Ipv4Addr,
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        options: &[u8],
+        payload: &[u8],
+    ) -> Vec<u8> {
         assert_eq!(options.len() % 4, 0, "the option area is whole 32-bit words");
         let tcp_len = 20 + options.len() + payload.len();
         let mut tcp = Vec::with_capacity(tcp_len);
@@ -512,7 +556,13 @@ pub mod raw_tcp {
         let timeout = libc::timeval { tv_sec: 0, tv_usec: 200_000 };
         // SAFETY: setsockopt with a timeval we own.
         unsafe {
-            check(libc::setsockopt(recv.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&timeout as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32))?;
+            check(libc::setsockopt(
+                recv.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            ))?;
         }
         let send_seg = |seg: Vec<u8>| -> io::Result<()> {
             let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
@@ -520,7 +570,14 @@ pub mod raw_tcp {
             to.sin_addr.s_addr = u32::from_ne_bytes(dst.octets());
             // SAFETY: sendto with a buffer and address we own.
             check(unsafe {
-                libc::sendto(send.as_raw_fd(), seg.as_ptr().cast(), seg.len(), 0, (&to as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32)
+                libc::sendto(
+                    send.as_raw_fd(),
+                    seg.as_ptr().cast(),
+                    seg.len(),
+                    0,
+                    (&to as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                )
             } as libc::c_int)?;
             Ok(())
         };
@@ -545,7 +602,11 @@ pub mod raw_tcp {
                 }
                 let total = usize::from(u16::from_be_bytes([p[2], p[3]])).min(p.len());
                 let doff = usize::from(t[12] >> 4) * 4;
-                let seen = Seen { flags: t[13], seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]), payload: p[ihl + doff..total].to_vec() };
+                let seen = Seen {
+                    flags: t[13],
+                    seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+                    payload: p[ihl + doff..total].to_vec(),
+                };
                 if want(&seen) {
                     return Ok(seen);
                 }
