@@ -8,6 +8,8 @@ pub mod config;
 pub mod counters;
 pub mod parse;
 pub mod probe;
+#[cfg(not(target_arch = "bpf"))]
+pub mod table;
 
 pub use config::AgentConfig;
 pub use counters::Counter;
