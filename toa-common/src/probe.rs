@@ -11,11 +11,16 @@ pub const PROBE_ON_ACK: u8 = 1;
 pub const PROBE_ON_DATA: u8 = 2;
 /// Put the options on the SYN.
 pub const PROBE_ON_SYN: u8 = 3;
+/// The `PROBE_ON_*` part of `ProbeConfig::on`.
+pub const PROBE_ON_MASK: u8 = 0x0f;
+/// With `on`: the first option is a classic IPv4 TOA whose port is replaced by each
+/// connection's own source port, so that parallel connections announce distinct clients.
+pub const PROBE_PORT_FROM_SOURCE: u8 = 0x80;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeConfig {
-    /// `PROBE_ON_ACK`, `PROBE_ON_DATA` or `PROBE_ON_SYN`.
+    /// `PROBE_ON_ACK`, `PROBE_ON_DATA` or `PROBE_ON_SYN`, maybe with `PROBE_PORT_FROM_SOURCE`.
     pub on: u8,
     /// Number of slots in use.
     pub count: u8,

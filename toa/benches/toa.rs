@@ -266,7 +266,9 @@ impl<'a> Bench<'a> {
         let mut total_ns = 0.0;
         let mut programs = Vec::new();
         for (name, t1, c1) in &after {
-            let Some((_, t0, c0)) = before.iter().find(|(n, _, _)| n == name) else { continue };
+            let Some((_, t0, c0)) = before.iter().find(|(n, _, _)| n == name) else {
+                continue;
+            };
             let (ns, calls) = ((t1 - t0) as f64, (c1 - c0) as f64);
             if calls == 0.0 {
                 continue;
@@ -500,6 +502,7 @@ fn toa_config(on: bool) -> toa_common::probe::ProbeConfig {
         count: 1,
         interactive: false,
         raw_options: Vec::new(),
+        parallel: false,
     };
     let mut cfg = probe::config(&options, options.client).expect("a valid option");
     if !on {
@@ -519,7 +522,9 @@ fn proxy_header() -> Vec<u8> {
 
 /// One short connection: optional PROXY header, a line, read the answer, close.
 fn exchange(target: SocketAddr, header: Option<&[u8]>) -> bool {
-    let Ok(mut s) = TcpStream::connect(target) else { return false };
+    let Ok(mut s) = TcpStream::connect(target) else {
+        return false;
+    };
     let _ = s.set_nodelay(true);
     let mut msg = header.map(<[u8]>::to_vec).unwrap_or_default();
     msg.extend_from_slice(b"hello\n");

@@ -99,6 +99,10 @@ pub struct Status {
     pub spoofable: bool,
     pub kernel: String,
     pub version: String,
+    /// `ebpf` or `userspace` when loaded.
+    pub mode: Option<crate::userspace::Mode>,
+    /// The userspace mode's reader and table.
+    pub userspace: Option<crate::userspace::UserspaceStatus>,
 }
 
 /// The agent, identified by its pin directory.
@@ -266,6 +270,8 @@ impl Agent {
             spoofable: false,
             kernel: system::kernel_release(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            mode: None,
+            userspace: None,
         };
         if !self.is_pinned() {
             return Ok(status);
@@ -289,6 +295,7 @@ impl Agent {
         status.spoofable = policy.trust.is_empty();
         status.policy = Some(policy);
         status.loaded = true;
+        status.mode = Some(crate::userspace::Mode::Ebpf);
         Ok(status)
     }
 

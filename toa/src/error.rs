@@ -9,7 +9,8 @@ pub enum Error {
 
     #[error(
         "kernel {release} is too old: toa needs Linux 5.10 or newer (TCP header-option hooks \
-         for sock_ops, cgroup getpeername hooks); upgrade the kernel"
+         for sock_ops, cgroup getpeername hooks): use `--mode userspace` (capture reader + \
+         libtoa.so), or upgrade the kernel"
     )]
     KernelTooOld { release: String },
 
@@ -71,6 +72,9 @@ pub enum Error {
 
     #[error("reading {what} failed: {detail}")]
     Read { what: String, detail: String },
+
+    #[error("userspace mode: {detail}")]
+    Userspace { detail: String },
 
     #[error("{0}")]
     Io(#[from] io::Error),

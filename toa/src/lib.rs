@@ -20,10 +20,12 @@ pub mod probe;
 pub mod programs;
 pub mod service;
 pub mod system;
+pub mod userspace;
 
 pub use agent::{Agent, LoadOptions, Loaded, Status};
 pub use error::Error;
 pub use lookup::{client_addr, TOA_SO_GET_LOOKUP};
+pub use userspace::Userspace;
 
 /// Default bpffs directory holding the agent's pinned links and maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/toa";

@@ -7,7 +7,9 @@ use toa::{
     config::{ConfigFile, LogFormat, Overrides, PolicyArgs},
     logging,
     probe::{self, ProbeOptions, Segment},
-    programs, service, Agent, LoadOptions, Status, DEFAULT_PIN_DIR,
+    programs, service,
+    userspace::{Mode, UserspaceArgs, DEFAULT_TABLE},
+    Agent, LoadOptions, Status, Userspace, DEFAULT_PIN_DIR,
 };
 
 #[derive(Parser)]
@@ -16,6 +18,9 @@ struct Cli {
     /// bpffs directory holding the agent's pinned programs and maps [default: /sys/fs/bpf/toa].
     #[arg(long, global = true, env = "TOA_PIN_DIR")]
     pin_dir: Option<PathBuf>,
+    /// Shared table of the userspace mode; libtoa.so reads the same TOA_TABLE [default: /run/toa/table].
+    #[arg(long, global = true, env = "TOA_TABLE")]
+    table: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,11 +29,16 @@ struct Cli {
 enum Command {
     /// Load the agent and attach it; it stays attached after this command exits.
     Load {
+        /// eBPF (Linux ≥ 5.10) or userspace (capture reader + LD_PRELOAD libtoa.so, any kernel).
+        #[arg(long, value_enum, default_value = "auto")]
+        mode: Mode,
         /// cgroup v2 directory to scope the agent to (default: the root, i.e. every process).
         #[arg(long)]
         cgroup: Option<PathBuf>,
         #[command(flatten)]
         policy: PolicyArgs,
+        #[command(flatten, next_help_heading = "Userspace mode")]
+        userspace: UserspaceArgs,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -53,8 +63,11 @@ enum Command {
         #[command(flatten)]
         policy: PolicyArgs,
     },
-    /// Detach the agent and remove everything it pinned.
+    /// Detach the agent and remove everything it pinned (or stop the userspace reader).
     Unload,
+    /// The userspace mode's capture reader (started by `toa load --mode userspace`).
+    #[command(hide = true)]
+    UserspaceReader,
     /// Show whether the agent is loaded, where, and its programs.
     Status {
         #[arg(long)]
@@ -104,6 +117,10 @@ enum Command {
         /// testing how a backend copes with malformed options.
         #[arg(long = "raw-option", value_name = "HEX", value_parser = parse_hex, hide = true)]
         raw_options: Vec<Vec<u8>>,
+        /// Open the --count connections all at once; each announces the --as IPv4 address with
+        /// its own source port.
+        #[arg(long, conflicts_with = "stdin")]
+        parallel: bool,
     },
 }
 
@@ -135,6 +152,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let pin_dir = cli.pin_dir.clone().unwrap_or_else(|| DEFAULT_PIN_DIR.into());
     let agent = Agent::new(&pin_dir);
+    let userspace = Userspace::new(cli.table.clone().unwrap_or_else(|| DEFAULT_TABLE.into()));
     if !matches!(cli.command, Command::Run { .. }) {
         logging::init(LogFormat::Text);
     }
@@ -143,29 +161,62 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let flags = Overrides { cgroup, pin_dir: cli.pin_dir, metrics, keep_loaded, log_format, policy };
             service::run(config, flags)?;
         }
-        Command::Load { cgroup, json, policy } => {
+        Command::Load { mode, cgroup, json, policy, userspace: args } => {
             let policy = policy.over(&ConfigFile::default());
+            if mode.resolve() == Mode::Userspace {
+                if cgroup.is_some() {
+                    anyhow::bail!(
+                        "--cgroup applies to the eBPF mode only: in userspace mode the processes started \
+                         with LD_PRELOAD=libtoa.so get client addresses; drop --cgroup"
+                    );
+                }
+                let loaded = userspace.load(&policy, &args.tuning())?;
+                let status = full_status(&agent, &userspace)?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    match loaded.start_time_ms {
+                        Some(t) => println!("toa loaded in userspace mode in {t:.0} ms"),
+                        None => {
+                            println!("toa was already loaded in userspace mode; policy updated")
+                        }
+                    }
+                    print_status(&status);
+                }
+                return Ok(());
+            }
             let loaded = agent.load(&LoadOptions { cgroup, pin_dir: pin_dir.clone(), policy })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&loaded)?);
             } else {
                 match (loaded.changed, loaded.load_time_ms) {
                     (true, Some(t)) => println!("toa loaded in {t} ms"),
-                    (true, None) => println!("toa was already loaded; policy updated for new connections"),
+                    (true, None) => {
+                        println!("toa was already loaded; policy updated for new connections")
+                    }
                     (false, _) => println!("toa was already loaded; nothing changed"),
                 }
                 print_status(&loaded.status);
             }
         }
         Command::Unload => {
-            if agent.unload()? {
-                println!("toa unloaded");
-            } else {
-                println!("toa was not loaded; nothing to do");
+            let ebpf = agent.unload()?;
+            let user = userspace.unload()?;
+            match (ebpf, user) {
+                (false, false) => println!("toa was not loaded; nothing to do"),
+                (true, _) => println!("toa unloaded"),
+                (false, true) => println!("toa unloaded (userspace mode)"),
             }
         }
+        Command::UserspaceReader => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+                signal_hook::flag::register(signal, std::sync::Arc::clone(&stop))?;
+            }
+            userspace.run_reader(&stop)?;
+        }
         Command::Status { json } => {
-            let status = agent.status()?;
+            let status = full_status(&agent, &userspace)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -173,7 +224,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Stats { json } => {
-            let stats = agent.stats()?;
+            let stats = if agent.status()?.loaded || !userspace.path().exists() {
+                agent.stats()?
+            } else {
+                userspace.stats()?
+            };
             if json {
                 let map: serde_json::Map<_, _> = stats.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
                 println!("{}", serde_json::to_string_pretty(&map)?);
@@ -214,9 +269,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Probe { target, client, on, message, timeout, count, stdin, raw_options } => {
+        Command::Probe { target, client, on, message, timeout, count, stdin, raw_options, parallel } => {
             let timeout = Duration::from_secs(timeout);
-            let options = ProbeOptions { target, client, on, message, timeout, count, interactive: stdin, raw_options };
+            let options =
+                ProbeOptions { target, client, on, message, timeout, count, interactive: stdin, raw_options, parallel };
             probe::run(&options, |exchange| {
                 // What the backend said on stdout; what the probe did on stderr.
                 if !stdin {
@@ -239,11 +295,43 @@ fn enter_netns(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The eBPF agent's status, or the userspace reader's when that is what is loaded.
+fn full_status(agent: &Agent, userspace: &Userspace) -> anyhow::Result<Status> {
+    let mut status = agent.status()?;
+    if !status.loaded {
+        if let Some((user, policy)) = userspace.status()? {
+            status.loaded = user.running;
+            status.mode = Some(Mode::Userspace);
+            status.spoofable = policy.trust.is_empty();
+            status.policy = Some(policy);
+            status.userspace = Some(user);
+        }
+    }
+    Ok(status)
+}
+
 fn print_status(status: &Status) {
     if !status.loaded {
-        println!("status:   not loaded (nothing pinned under {})", status.pin_dir.display());
+        match &status.userspace {
+            Some(user) => println!(
+                "status:   not loaded (userspace table {} left by a reader that is gone: run `toa unload`)",
+                user.table.display()
+            ),
+            None => println!("status:   not loaded (nothing pinned under {})", status.pin_dir.display()),
+        }
+    } else if let Some(user) = &status.userspace {
+        println!(
+            "status:   loaded, userspace mode (capture reader pid {}; applications need LD_PRELOAD=libtoa.so)",
+            user.reader_pid
+        );
+        println!("table:    {} ({} of {} entries hold a client)", user.table.display(), user.entries, user.capacity);
+        let t = &user.tuning;
+        println!(
+            "timing:   accept waits up to {} µs; entries kept {} s; options searched {} s",
+            t.accept_wait_us, t.entry_ttl, t.search_secs
+        );
     } else {
-        println!("status:   loaded");
+        println!("status:   loaded, eBPF mode");
         let cgroup = status.cgroup.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "unknown".into());
         println!("cgroup:   {cgroup}");
         println!("pins:     {}", status.pin_dir.display());
@@ -251,8 +339,16 @@ fn print_status(status: &Status) {
             let insns = p.verified_insns.map(|n| format!(", {n} insns verified")).unwrap_or_default();
             println!("program:  {} (id {}{insns})", p.name, p.id);
         }
+    }
+    if status.loaded {
         if let Some(p) = &status.policy {
-            let list = |v: Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
+            let list = |v: Vec<String>| {
+                if v.is_empty() {
+                    "-".to_owned()
+                } else {
+                    v.join(", ")
+                }
+            };
             println!("kinds:    {}", list(p.kinds.iter().map(u8::to_string).collect()));
             println!("dialects: {}", list(p.dialects.iter().map(|d| format!("{d:?}").to_lowercase()).collect()));
             println!("syn:      {}   pick: {:?}   rewrite_sockname: {}", p.syn, p.pick, p.rewrite_sockname);

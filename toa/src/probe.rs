@@ -15,7 +15,9 @@ use aya::{
 };
 use toa_common::{
     parse::encode_toa,
-    probe::{ProbeConfig, PROBE_ON_ACK, PROBE_ON_DATA, PROBE_ON_SYN, PROBE_OPTIONS, PROBE_OPTION_MAX},
+    probe::{
+        ProbeConfig, PROBE_ON_ACK, PROBE_ON_DATA, PROBE_ON_SYN, PROBE_OPTIONS, PROBE_OPTION_MAX, PROBE_PORT_FROM_SOURCE,
+    },
     ClientAddr, AF_INET, AF_INET6,
 };
 
@@ -52,6 +54,9 @@ pub struct ProbeOptions {
     pub interactive: bool,
     /// Options written as given, instead of a TOA for `client` (tests of malformed input).
     pub raw_options: Vec<Vec<u8>>,
+    /// Open the `count` connections all at once; each announces the client IPv4 address with
+    /// its own source port.
+    pub parallel: bool,
 }
 
 /// The classic TOA announcing `client`.
@@ -129,6 +134,9 @@ pub fn run(options: &ProbeOptions, mut on_reply: impl FnMut(&Exchange)) -> Resul
         client
     };
     let first = config(options, announced(0))?;
+    if options.parallel {
+        return run_parallel(options, first, on_reply);
+    }
 
     // Declared before the writer so that it is dropped after it: detach, then leave.
     let cgroup = TempCgroup::enter(&format!("toa-probe-{}", std::process::id()))?;
@@ -201,6 +209,41 @@ impl Writer {
     }
 }
 
+/// `count` connections open at the same time, each announcing its own source port.
+fn run_parallel(
+    options: &ProbeOptions,
+    mut cfg: ProbeConfig,
+    mut on_reply: impl FnMut(&Exchange),
+) -> Result<(), Error> {
+    let bad = |detail: String| Error::Probe { detail: format!("{}: {detail}", options.target) };
+    if !options.client.is_ipv4() || !options.raw_options.is_empty() || options.on == Segment::Syn {
+        return Err(bad("--parallel announces IPv4 clients on the ACK or data segment, without --raw-option".into()));
+    }
+    cfg.on |= PROBE_PORT_FROM_SOURCE;
+    let cgroup = TempCgroup::enter(&format!("toa-probe-{}", std::process::id()))?;
+    let _writer = Writer::attach(cgroup.path(), cfg)?;
+    let mut streams = Vec::with_capacity(options.count as usize);
+    for _ in 0..options.count {
+        let stream = TcpStream::connect_timeout(&options.target, options.timeout).map_err(|e| bad(e.to_string()))?;
+        streams.push(stream);
+    }
+    // Every connection is open before any is used.
+    for s in &mut streams {
+        s.set_write_timeout(Some(options.timeout)).map_err(|e| bad(e.to_string()))?;
+        s.write_all(format!("{}\n", options.message).as_bytes()).map_err(|e| bad(e.to_string()))?;
+        s.shutdown(std::net::Shutdown::Write).map_err(|e| bad(e.to_string()))?;
+    }
+    for mut s in streams {
+        s.set_read_timeout(Some(options.timeout)).map_err(|e| bad(e.to_string()))?;
+        let local = s.local_addr().map_err(|e| bad(e.to_string()))?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).map_err(|e| bad(e.to_string()))?;
+        let announced = SocketAddr::new(options.client.ip(), local.port());
+        on_reply(&Exchange { local, announced, reply });
+    }
+    Ok(())
+}
+
 fn exchange(options: &ProbeOptions, announced: SocketAddr) -> std::io::Result<Exchange> {
     let mut stream = TcpStream::connect_timeout(&options.target, options.timeout)?;
     let local = stream.local_addr()?;
@@ -250,6 +293,7 @@ mod tests {
             count: 1,
             interactive: false,
             raw_options: raw,
+            parallel: false,
         }
     }
 

@@ -15,7 +15,9 @@ use aya_ebpf::{
     macros::{btf_map, sock_ops},
     programs::SockOpsContext,
 };
-use toa_common::probe::{ProbeConfig, PROBE_ON_DATA, PROBE_ON_SYN, PROBE_OPTIONS, PROBE_OPTION_MAX};
+use toa_common::probe::{
+    ProbeConfig, PROBE_ON_DATA, PROBE_ON_MASK, PROBE_ON_SYN, PROBE_OPTIONS, PROBE_OPTION_MAX, PROBE_PORT_FROM_SOURCE,
+};
 
 const TCP_FLAG_SYN: u32 = 0x02;
 use toa_ebpf::packet::header_len;
@@ -31,7 +33,8 @@ pub fn toa_probe(ctx: SockOpsContext) -> u32 {
     };
     // SAFETY: the map slot outlives the program; only this probe's connection uses it.
     let config = unsafe { &mut *config };
-    let on_syn = config.on == PROBE_ON_SYN;
+    let on = config.on & PROBE_ON_MASK;
+    let on_syn = on == PROBE_ON_SYN;
     match ctx.op() {
         // Ask for the header callbacks from the SYN on, or from the segment after the SYN-ACK.
         BPF_SOCK_OPS_TCP_CONNECT_CB if on_syn => {
@@ -45,7 +48,7 @@ pub fn toa_probe(ctx: SockOpsContext) -> u32 {
             unsafe { bpf_reserve_hdr_opt(ctx.ops, config.total_len() as u32, 0) };
         }
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB => {
-            if config.on == PROBE_ON_DATA && !carries_data(ctx.ops) {
+            if on == PROBE_ON_DATA && !carries_data(ctx.ops) {
                 return 1;
             }
             // SAFETY: skb_tcp_flags is readable in the header callbacks.
@@ -70,6 +73,27 @@ fn carries_data(ops: *mut bpf_sock_ops) -> bool {
 
 #[inline(always)]
 fn write_options(ops: *mut bpf_sock_ops, config: &mut ProbeConfig) {
+    if config.on & PROBE_PORT_FROM_SOURCE != 0 {
+        // Parallel connections share the slot: each builds its own option on the stack.
+        let mut opt = [0u8; 8];
+        let mut j = 0;
+        while j < 8 {
+            opt[j] = config.options[0][j];
+            j += 1;
+        }
+        // SAFETY: local_port (host byte order) is readable in the header callbacks.
+        let port = (unsafe { (*ops).local_port } as u16).to_be_bytes();
+        opt[2] = port[0];
+        opt[3] = port[1];
+        // SAFETY: 8 bytes on the stack.
+        let rc = unsafe { bpf_store_hdr_opt(ops, opt.as_ptr().cast(), 8, 0) };
+        if rc == 0 {
+            config.written = config.written.wrapping_add(1);
+        } else {
+            config.refused = config.refused.wrapping_add(1);
+        }
+        return;
+    }
     let mut i = 0;
     while i < PROBE_OPTIONS {
         if i >= config.count as usize {

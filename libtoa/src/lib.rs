@@ -1,0 +1,311 @@
+//! `libtoa.so`: toa's userspace mode for kernels without the eBPF hooks (< 5.10).
+//!
+//! Preloaded into an application (`LD_PRELOAD=/usr/local/lib/toa/libtoa.so`), it wraps
+//! `accept`, `accept4` and `getpeername`: when toa's capture reader has recorded a client
+//! address for the connection in the shared table, the application sees the client instead of
+//! the load balancer. Anything else (no table, another network namespace, a socket that is not
+//! an incoming TCP connection, no entry) leaves the kernel's answer untouched.
+//!
+//! The library is `no_std` and makes its system calls itself: its only libc symbol is
+//! `__errno_location`, so it loads into processes linked against any glibc (see
+//! `cargo xtask symbols`). The table's path comes from `TOA_TABLE` (default
+//! `/run/toa/table`), read once when the library is loaded.
+#![no_std]
+
+mod sys;
+
+use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+use toa_common::{
+    config::v4_mapped,
+    table::{Entry, Key, Table, ENTRY_HAS_PORT},
+    AF_INET, AF_INET6,
+};
+
+const DEFAULT_TABLE: &[u8] = b"/run/toa/table\0";
+const PATH_MAX: usize = 256;
+
+/// The table's path, NUL-terminated (set by `init` before `main`).
+static mut TABLE_PATH: [u8; PATH_MAX] = [0; PATH_MAX];
+/// The mapped table, or null.
+static MAPPED: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
+/// Inode of the mapped file: the same file is never mapped twice.
+static MAPPED_INO: AtomicU64 = AtomicU64::new(0);
+/// Monotonic second before which no new attempt to map the table is made.
+static NEXT_TRY: AtomicU64 = AtomicU64::new(0);
+
+/// Runs when the library is loaded, before `main`: glibc passes `argc, argv, envp` to
+/// `.init_array` functions, so the environment is read without any libc call.
+#[unsafe(link_section = ".init_array")]
+#[used]
+static INIT: unsafe extern "C" fn(i32, *const *const u8, *const *const u8) = init;
+
+unsafe extern "C" fn init(_argc: i32, _argv: *const *const u8, envp: *const *const u8) {
+    let mut path = DEFAULT_TABLE;
+    let mut env = envp;
+    // SAFETY: envp is the NULL-terminated array of NUL-terminated strings the loader passes.
+    unsafe {
+        while !env.is_null() && !(*env).is_null() {
+            let var = *env;
+            let name = b"TOA_TABLE=";
+            let mut i = 0;
+            while i < name.len() && *var.add(i) == name[i] {
+                i += 1;
+            }
+            if i == name.len() {
+                let mut n = 0;
+                while *var.add(i + n) != 0 && n < PATH_MAX - 1 {
+                    n += 1;
+                }
+                if n > 0 && n < PATH_MAX - 1 {
+                    path = core::slice::from_raw_parts(var.add(i), n + 1);
+                }
+            }
+            env = env.add(1);
+        }
+        let dst = &mut *core::ptr::addr_of_mut!(TABLE_PATH);
+        for (d, s) in dst.iter_mut().zip(path) {
+            *d = *s;
+        }
+    }
+}
+
+/// accept(2), answering with the client where the table has one.
+///
+/// # Safety
+/// As for accept(2): `addr`/`len` null, or valid for the lengths they say.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept(fd: i32, addr: *mut u8, len: *mut u32) -> i32 {
+    // SAFETY: the caller's arguments, as for accept(2).
+    unsafe { accept4(fd, addr, len, 0) }
+}
+
+/// accept4(2), answering with the client where the table has one.
+///
+/// # Safety
+/// As for accept4(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept4(fd: i32, addr: *mut u8, len: *mut u32, flags: i32) -> i32 {
+    let given = if addr.is_null() || len.is_null() { 0 } else { unsafe { *len } };
+    // SAFETY: the caller's arguments, as for accept4(2).
+    let conn = sys::result(unsafe { sys::accept4(fd, addr, len, flags) });
+    if conn >= 0 && given > 0 {
+        // SAFETY: the kernel just wrote the peer there (up to `given` bytes).
+        unsafe { rewrite(conn, addr, len, given) };
+    }
+    conn
+}
+
+/// getpeername(2), answering with the client where the table has one.
+///
+/// # Safety
+/// As for getpeername(2).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getpeername(fd: i32, addr: *mut u8, len: *mut u32) -> i32 {
+    let given = if addr.is_null() || len.is_null() { 0 } else { unsafe { *len } };
+    // SAFETY: the caller's arguments, as for getpeername(2).
+    let r = sys::result(unsafe { sys::getpeername(fd, addr, len) });
+    if r == 0 && given > 0 {
+        // SAFETY: as in accept4.
+        unsafe { rewrite(fd, addr, len, given) };
+    }
+    r
+}
+
+/// A socket address read from or written to the caller's buffer.
+struct SockAddr {
+    family: u16,
+    port: u16,
+    /// IPv4 as `::ffff:a.b.c.d`.
+    addr: [u8; 16],
+}
+
+const SOCKADDR_IN: u32 = 16;
+const SOCKADDR_IN6: u32 = 28;
+
+/// Reads a `sockaddr_in`/`sockaddr_in6` of `len` valid bytes.
+unsafe fn read_sockaddr(p: *const u8, len: u32) -> Option<SockAddr> {
+    // SAFETY: `len` bytes are readable; each read is checked against it.
+    unsafe {
+        if len < 2 {
+            return None;
+        }
+        let family = u16::from_ne_bytes([*p, *p.add(1)]);
+        let port = u16::from_be_bytes([*p.add(2), *p.add(3)]);
+        let mut addr = [0u8; 16];
+        if family == AF_INET && len >= SOCKADDR_IN {
+            addr = v4_mapped([*p.add(4), *p.add(5), *p.add(6), *p.add(7)]);
+        } else if family == AF_INET6 && len >= SOCKADDR_IN6 {
+            for (i, b) in addr.iter_mut().enumerate() {
+                *b = *p.add(8 + i);
+            }
+        } else {
+            return None;
+        }
+        Some(SockAddr { family, port, addr })
+    }
+}
+
+/// Replaces the peer the kernel wrote at `addr` (caller's buffer of `given` bytes) with the
+/// connection's client, when the table has one.
+unsafe fn rewrite(fd: i32, addr: *mut u8, len: *mut u32, given: u32) {
+    // SAFETY: the kernel wrote min(given, *len) bytes; a truncated address is left alone.
+    let full = unsafe { *len };
+    if full > given {
+        return;
+    }
+    let Some(peer) = (unsafe { read_sockaddr(addr, full) }) else {
+        return;
+    };
+    let Some(table) = table() else { return };
+    let mut local = [0u8; 128];
+    let mut local_len = local.len() as u32;
+    // SAFETY: a local buffer and its length.
+    if unsafe { sys::getsockname(fd, local.as_mut_ptr(), &mut local_len) } != 0 {
+        return;
+    }
+    let Some(local) = (unsafe { read_sockaddr(local.as_ptr(), local_len) }) else {
+        return;
+    };
+    let key = Key { local: local.addr, remote: peer.addr, local_port: local.port, remote_port: peer.port };
+    let Some(client) = find(&table, &key, fd) else {
+        return;
+    };
+    // SAFETY: `full` bytes of the caller's buffer hold the peer of this family.
+    unsafe { write_client(addr, peer.family, &client) };
+}
+
+/// The entry of `key` with a client. A young connection in the policy's scope (the reader
+/// may be a few microseconds behind the kernel, which completed the handshake before accept()
+/// returned) is given a bounded wait for its entry.
+fn find(table: &Table<'_>, key: &Key, fd: i32) -> Option<Entry> {
+    let mut deadline = 0;
+    loop {
+        match table.lookup(key) {
+            Some(entry) if entry.has_client() => return Some(entry),
+            _ => {}
+        }
+        let now = sys::monotonic_ns();
+        if deadline == 0 {
+            if !table.in_scope(key.local_port, &key.remote) || !young(fd) {
+                return None;
+            }
+            deadline = now + table.header.wait_us.load(Ordering::Relaxed) as u64 * 1000;
+        }
+        if now >= deadline {
+            return None;
+        }
+        sys::sleep_us(20);
+    }
+}
+
+/// Whether the connection has received no more segments than a TOA can arrive on (as the eBPF
+/// mode searches): older connections never wait. Kernels whose `tcp_info` lacks the count
+/// (before 4.2) count as young.
+fn young(fd: i32) -> bool {
+    let mut info = [0u32; 64];
+    let mut len = (info.len() * 4) as u32;
+    // SAFETY: a buffer larger than struct tcp_info and its length.
+    if unsafe { sys::tcp_info(fd, info.as_mut_ptr().cast(), &mut len) } != 0 {
+        return false;
+    }
+    const SEGS_IN: usize = 140;
+    len < (SEGS_IN + 4) as u32 || info[SEGS_IN / 4] <= toa_common::SEARCH_SEGMENTS_IN
+}
+
+/// Writes the client into a `sockaddr_in`/`sockaddr_in6` of `family` (an IPv6 client stays out
+/// of an IPv4 socket's address: the real peer is kept).
+unsafe fn write_client(p: *mut u8, family: u16, e: &Entry) {
+    let client_v4 = e.family as u16 == AF_INET;
+    // SAFETY: the buffer holds a whole sockaddr of `family` (checked by read_sockaddr).
+    unsafe {
+        if family == AF_INET {
+            if !client_v4 {
+                return;
+            }
+            for i in 0..4 {
+                *p.add(4 + i) = e.addr[i];
+            }
+        } else {
+            let addr = if client_v4 { v4_mapped([e.addr[0], e.addr[1], e.addr[2], e.addr[3]]) } else { e.addr };
+            for (i, b) in addr.iter().enumerate() {
+                *p.add(8 + i) = *b;
+            }
+        }
+        if e.flags & ENTRY_HAS_PORT != 0 {
+            *p.add(2) = e.port[0];
+            *p.add(3) = e.port[1];
+        }
+    }
+}
+
+/// The table, if it is there, belongs to this network namespace and its reader is alive.
+fn table() -> Option<Table<'static>> {
+    let now = sys::monotonic_ns() / 1_000_000_000;
+    let base = MAPPED.load(Ordering::Acquire);
+    if !base.is_null() {
+        // SAFETY: validated (size included) when mapped; mappings are never removed, and the
+        // header's size never changes.
+        let size = unsafe { (*(base as *const toa_common::table::Header)).total_size } as usize;
+        // SAFETY: as above.
+        if let Some(table) = unsafe { Table::from_raw(base, size) }.filter(|t| t.live(now)) {
+            return Some(table);
+        }
+    }
+    // Absent or stopped: look for a (new) table at most once a second.
+    let next = NEXT_TRY.load(Ordering::Relaxed);
+    if now < next || NEXT_TRY.compare_exchange(next, now + 1, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+        return None;
+    }
+    map_table(now)
+}
+
+/// Maps the table file if it is a table of this namespace and not the one already mapped.
+fn map_table(now: u64) -> Option<Table<'static>> {
+    // SAFETY: written once by `init`, before any thread exists.
+    let path = unsafe { &*core::ptr::addr_of!(TABLE_PATH) };
+    let end = path.iter().position(|b| *b == 0)?;
+    let fd = sys::open_read(&path[..=end]);
+    if fd < 0 {
+        return None;
+    }
+    let fd = fd as i32;
+    let mapped = (|| {
+        let (_, ino, size) = sys::fstat(fd)?;
+        if ino == MAPPED_INO.load(Ordering::Relaxed) {
+            return None;
+        }
+        let base = sys::mmap_read(fd, size as usize)?;
+        // SAFETY: `size` bytes mapped, page aligned, kept for the life of the process.
+        let table = unsafe { Table::from_raw(base, size as usize) }?;
+        let netns = sys::stat(b"/proc/self/ns/net\0")?;
+        if (table.header.netns_dev, table.header.netns_ino) != netns {
+            // Another namespace's connections: never use it.
+            return None;
+        }
+        MAPPED_INO.store(ino, Ordering::Relaxed);
+        // A previous mapping stays (a thread may still read it): a few pages per reader restart.
+        MAPPED.store(base as *mut u8, Ordering::Release);
+        Some(table)
+    })();
+    sys::close(fd);
+    mapped.filter(|t| t.live(now))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    // Nothing here can panic by design; if it ever did, fail loudly rather than return garbage.
+    loop {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: raises SIGILL.
+        unsafe {
+            core::arch::asm!("ud2")
+        };
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: raises SIGILL.
+        unsafe {
+            core::arch::asm!("udf #0")
+        };
+    }
+}

@@ -1,0 +1,514 @@
+//! The userspace mode, for kernels without the eBPF hooks (< 5.10): a capture reader (a
+//! process of its own) fills a shared table that `libtoa.so`, preloaded into applications,
+//! reads. `toa load --mode userspace` starts the reader; `toa unload` stops it.
+
+pub mod capture;
+mod reader;
+
+use std::{
+    fs,
+    io::Read as _,
+    os::{
+        fd::AsRawFd as _,
+        unix::{fs::OpenOptionsExt as _, process::CommandExt as _},
+    },
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use toa_common::{
+    table::{
+        buckets_for, table_size, Table, TrustEntry, RUNNING, STOPPED, TABLE_DROPS, TABLE_ENTRIES, TABLE_EVICTED,
+        TABLE_PACKETS, TRUST_MAX,
+    },
+    Counter,
+};
+
+use crate::{
+    policy::{trust_key, trust_net, Policy},
+    system, Error,
+};
+
+/// Where the table lives unless `--table`/`TOA_TABLE` says otherwise (libtoa.so's default too).
+pub const DEFAULT_TABLE: &str = "/run/toa/table";
+
+/// How `toa load` gets client addresses to applications.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// eBPF on Linux ≥ 5.10, userspace below.
+    #[default]
+    Auto,
+    /// sock_ops + cgroup getpeername programs: every process, nothing to preload.
+    Ebpf,
+    /// A capture reader and libtoa.so preloaded into applications (any kernel).
+    Userspace,
+}
+
+impl Mode {
+    /// The mechanism `Auto` stands for on this kernel.
+    pub fn resolve(self) -> Mode {
+        match self {
+            Mode::Auto => match system::parse_release(&system::kernel_release()) {
+                Some(v) if v < (5, 10) => Mode::Userspace,
+                _ => Mode::Ebpf,
+            },
+            m => m,
+        }
+    }
+}
+
+/// The userspace mode's settings (flags of `toa load` and `toa run`).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct UserspaceArgs {
+    /// Entries the shared table holds; it never grows (64 bytes each) [default: 65536].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(8..=16_777_216))]
+    pub table_entries: Option<u32>,
+    /// Microseconds accept()/getpeername() wait for the reader to record a new connection's
+    /// option [default: 2000].
+    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub accept_wait_us: Option<u32>,
+    /// Seconds a client address stays in the table for getpeername() [default: 300].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub entry_ttl: Option<u32>,
+    /// Seconds to look for an option on the segments after the handshake [default: 10].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub search_secs: Option<u32>,
+}
+
+/// The settings in effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Tuning {
+    pub table_entries: u32,
+    pub accept_wait_us: u32,
+    pub entry_ttl: u32,
+    pub search_secs: u32,
+}
+
+impl UserspaceArgs {
+    pub fn tuning(&self) -> Tuning {
+        Tuning {
+            table_entries: self.table_entries.unwrap_or(65536),
+            accept_wait_us: self.accept_wait_us.unwrap_or(2000),
+            entry_ttl: self.entry_ttl.unwrap_or(300),
+            search_secs: self.search_secs.unwrap_or(10),
+        }
+    }
+}
+
+/// What `toa status` says of the userspace mode.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct UserspaceStatus {
+    pub table: PathBuf,
+    pub reader_pid: u32,
+    pub running: bool,
+    /// Entries holding a client address.
+    pub entries: u64,
+    /// Entries the table can hold.
+    pub capacity: u64,
+    pub tuning: Tuning,
+}
+
+/// `CLOCK_MONOTONIC` seconds (what libtoa.so compares heartbeats with).
+pub fn monotonic_secs() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64
+}
+
+/// (device, inode) of this process's network namespace.
+fn netns_id() -> Result<(u64, u64), Error> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = fs::metadata("/proc/self/ns/net")?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// A mapped table file.
+pub struct TableFile {
+    base: *mut u8,
+    len: usize,
+    file: fs::File,
+    ino: u64,
+}
+
+impl Drop for TableFile {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+impl TableFile {
+    /// Creates a table at `path` (atomically: written aside, then renamed over).
+    fn create(path: &Path, tuning: &Tuning) -> Result<Self, Error> {
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        fs::create_dir_all(dir).map_err(|e| Error::Userspace { detail: format!("creating {}: {e}", dir.display()) })?;
+        let tmp = dir.join(format!(
+            ".{}.{}",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("table"),
+            std::process::id()
+        ));
+        let buckets = buckets_for(tuning.table_entries);
+        let len = table_size(buckets);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .map_err(|e| Error::Userspace { detail: format!("creating {}: {e}", tmp.display()) })?;
+        let made = (|| {
+            // The mode is set explicitly: a umask must not hide the table from applications.
+            fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+            file.set_len(len as u64)?;
+            let mut t = Self::map(file, len, true)?;
+            // SAFETY: a fresh, zero-filled, writable mapping of the right size.
+            unsafe { Table::init(t.base, buckets, netns_id()?) };
+            t.set_tuning(tuning);
+            fs::rename(&tmp, path)?;
+            t.ino = std::os::unix::fs::MetadataExt::ino(&t.file.metadata()?);
+            Ok::<_, Error>(t)
+        })();
+        if made.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        made
+    }
+
+    /// Opens the table at `path`; `None` if there is no file.
+    pub fn open(path: &Path, writable: bool) -> Result<Option<Self>, Error> {
+        let file = match fs::OpenOptions::new().read(true).write(writable).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::Userspace { detail: format!("opening {}: {e}", path.display()) }),
+        };
+        let meta = file.metadata()?;
+        let mut t = Self::map(file, meta.len() as usize, writable)?;
+        t.ino = std::os::unix::fs::MetadataExt::ino(&meta);
+        if t.table_opt().is_none() {
+            return Err(Error::Userspace {
+                detail: format!(
+                    "{} is not a toa table of this version: remove it, or pass another --table",
+                    path.display()
+                ),
+            });
+        }
+        Ok(Some(t))
+    }
+
+    fn map(file: fs::File, len: usize, writable: bool) -> Result<Self, Error> {
+        let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+        // SAFETY: a shared mapping of our open file; checked for failure.
+        let base = unsafe { libc::mmap(std::ptr::null_mut(), len.max(1), prot, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(Self { base: base.cast(), len: len.max(1), file, ino: 0 })
+    }
+
+    fn table_opt(&self) -> Option<Table<'_>> {
+        // SAFETY: `len` mapped bytes, page aligned, for the life of `self`.
+        unsafe { Table::from_raw(self.base, self.len) }
+    }
+
+    pub fn table(&self) -> Table<'_> {
+        self.table_opt().expect("checked when opened")
+    }
+
+    fn set_tuning(&mut self, tuning: &Tuning) {
+        let h = self.table().header;
+        h.wait_us.store(tuning.accept_wait_us, Ordering::Relaxed);
+        h.ttl_secs.store(tuning.entry_ttl, Ordering::Relaxed);
+        h.pending_secs.store(tuning.search_secs, Ordering::Relaxed);
+    }
+
+    /// Writes the policy, serialized with other writers by a lock on the file.
+    fn set_policy(&mut self, policy: &Policy) -> Result<(), Error> {
+        let trust: Vec<TrustEntry> = policy
+            .trust
+            .iter()
+            .map(|net| {
+                let (prefix_len, addr) = trust_key(net);
+                TrustEntry { prefix_len, addr }
+            })
+            .collect();
+        if trust.len() > TRUST_MAX {
+            return Err(Error::Policy { detail: format!("at most {TRUST_MAX} --trust entries") });
+        }
+        // SAFETY: flock on our descriptor.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX) };
+        // SAFETY: the mapping is writable (callers open it so).
+        unsafe { self.table().write_config(&policy.to_config(), &trust) };
+        // SAFETY: as above.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        Ok(())
+    }
+
+    fn policy(&self) -> Policy {
+        let mut trust = Box::new([TrustEntry::default(); TRUST_MAX]);
+        let (cfg, n) = self.table().read_config(&mut trust);
+        Policy::from_kernel(&cfg, trust[..n].iter().filter_map(|t| trust_net(t.prefix_len, t.addr)).collect())
+    }
+
+    fn tuning(&self) -> Tuning {
+        let h = self.table().header;
+        Tuning {
+            table_entries: (h.buckets as usize * toa_common::table::WAYS) as u32,
+            accept_wait_us: h.wait_us.load(Ordering::Relaxed),
+            entry_ttl: h.ttl_secs.load(Ordering::Relaxed),
+            search_secs: h.pending_secs.load(Ordering::Relaxed),
+        }
+    }
+
+    fn live(&self) -> bool {
+        self.table().live(monotonic_secs())
+    }
+}
+
+/// The userspace mode's state, identified by its table's path.
+pub struct Userspace {
+    path: PathBuf,
+}
+
+/// What a userspace `toa load` did.
+#[derive(Debug)]
+pub struct UserspaceLoaded {
+    /// False when a reader was already running (its policy was updated).
+    pub started: bool,
+    pub status: UserspaceStatus,
+    pub policy: Policy,
+    pub start_time_ms: Option<f64>,
+}
+
+impl Userspace {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Starts the reader (or reconfigures the running one). On error nothing is left running.
+    pub fn load(&self, policy: &Policy, tuning: &Tuning) -> Result<UserspaceLoaded, Error> {
+        system::require_root("toa load --mode userspace")?;
+        policy.validate().map_err(|detail| Error::Policy { detail })?;
+        if let Some(mut t) = TableFile::open(&self.path, true)? {
+            if t.live() {
+                t.set_policy(policy)?;
+                let mut tuning = *tuning;
+                tuning.table_entries = t.tuning().table_entries;
+                t.set_tuning(&tuning);
+                return Ok(UserspaceLoaded {
+                    started: false,
+                    status: self.describe(&t),
+                    policy: t.policy(),
+                    start_time_ms: None,
+                });
+            }
+            // A table left by a reader that died: start afresh.
+            drop(t);
+            fs::remove_file(&self.path)?;
+        }
+        let started = Instant::now();
+        let mut t = TableFile::create(&self.path, tuning)?;
+        t.set_policy(policy)?;
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("userspace-reader").arg("--table").arg(&self.path);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        // SAFETY: setsid is async-signal-safe: the reader leaves this session and terminal.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            })
+        };
+        let mut child = cmd.spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let failure = loop {
+            if t.live() {
+                break None;
+            }
+            if let Some(status) = child.try_wait()? {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                break Some(format!("the capture reader exited ({status}): {}", err.trim()));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Some("the capture reader did not start within 5 s".to_owned());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        if let Some(detail) = failure {
+            let _ = fs::remove_file(&self.path);
+            return Err(Error::Userspace { detail });
+        }
+        Ok(UserspaceLoaded {
+            started: true,
+            status: self.describe(&t),
+            policy: t.policy(),
+            start_time_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+        })
+    }
+
+    fn describe(&self, t: &TableFile) -> UserspaceStatus {
+        let table = t.table();
+        let tuning = t.tuning();
+        UserspaceStatus {
+            table: self.path.clone(),
+            reader_pid: table.header.reader_pid.load(Ordering::Relaxed),
+            running: t.live(),
+            entries: table.counter(TABLE_ENTRIES),
+            capacity: tuning.table_entries as u64,
+            tuning,
+        }
+    }
+
+    /// The status and policy, if a table is there.
+    pub fn status(&self) -> Result<Option<(UserspaceStatus, Policy)>, Error> {
+        Ok(TableFile::open(&self.path, false)?.map(|t| (self.describe(&t), t.policy())))
+    }
+
+    /// Whether a live reader owns the table.
+    pub fn is_running(&self) -> bool {
+        matches!(TableFile::open(&self.path, false), Ok(Some(t)) if t.live())
+    }
+
+    /// The counters, with the eBPF mode's names, then the table's own.
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, Error> {
+        let t = TableFile::open(&self.path, false)?.ok_or_else(|| Error::Userspace {
+            detail: format!("no table at {}: toa is not loaded in userspace mode", self.path.display()),
+        })?;
+        let table = t.table();
+        let mut out: Vec<_> = Counter::ALL.iter().map(|c| (c.name(), table.counter(*c as usize))).collect();
+        out.extend([
+            ("table_packets", table.counter(TABLE_PACKETS)),
+            ("table_entries", table.counter(TABLE_ENTRIES)),
+            ("table_evicted", table.counter(TABLE_EVICTED)),
+            ("capture_drops", table.counter(TABLE_DROPS)),
+        ]);
+        Ok(out)
+    }
+
+    /// Stops the reader and removes the table; false when there was none.
+    pub fn unload(&self) -> Result<bool, Error> {
+        system::require_root("toa unload")?;
+        let Some(t) = TableFile::open(&self.path, false)? else {
+            return Ok(false);
+        };
+        let pid = t.table().header.reader_pid.load(Ordering::Relaxed);
+        if t.live() && pid > 0 && is_reader(pid) {
+            // SAFETY: signalling the reader whose PID its table holds (checked to be a reader).
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && is_reader(pid) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        // The reader removes its table; if it was dead, mark and remove it here. Mapped copies in
+        // applications see STOPPED and stop answering.
+        drop(t);
+        if let Some(t) = TableFile::open(&self.path, true)? {
+            t.table().header.state.store(STOPPED, Ordering::Release);
+            fs::remove_file(&self.path)?;
+        }
+        system::kernel_log("TOA: toa unloaded (userspace mode)");
+        Ok(true)
+    }
+
+    /// The reader process (`toa userspace-reader`): runs until `stop`.
+    pub fn run_reader(&self, stop: &AtomicBool) -> Result<(), Error> {
+        let t = TableFile::open(&self.path, true)?
+            .ok_or_else(|| Error::Userspace { detail: format!("no table at {}", self.path.display()) })?;
+        let table = t.table();
+        let mut trust = Box::new([TrustEntry::default(); TRUST_MAX]);
+        let (config, trust_len) = table.read_config(&mut trust);
+        let mut policy = reader::Policy { config, trust, trust_len };
+        let mut seq = table.header.config_seq.load(Ordering::Acquire);
+        let capture = capture::Capture::open(&port_ranges(&policy.config))
+            .map_err(|e| Error::Userspace { detail: format!("opening the capture socket (AF_PACKET): {e}") })?;
+        let pid = std::process::id();
+        table.header.reader_pid.store(pid, Ordering::Relaxed);
+        table.header.heartbeat.store(monotonic_secs(), Ordering::Release);
+        table.header.state.store(RUNNING, Ordering::Release);
+        system::kernel_log("TOA: toa loaded (userspace mode)");
+        // `toa load` stops listening once the table is live: nothing more goes to its pipe.
+        if let Ok(null) = fs::OpenOptions::new().write(true).open("/dev/null") {
+            // SAFETY: replaces our own stderr descriptor.
+            unsafe { libc::dup2(null.as_raw_fd(), 2) };
+        }
+        let mut buf = [0u8; capture::SNAP_LEN as usize];
+        let mut last_second = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let now = monotonic_secs();
+            if now != last_second {
+                last_second = now;
+                table.header.heartbeat.store(now, Ordering::Release);
+                let (_, gave_up) = table.sweep(now as u32);
+                table.count(Counter::SynRecvSockNoToa as usize, gave_up);
+                table.count(TABLE_DROPS, capture.drops());
+                if !self.owns(t.ino) {
+                    // Removed or replaced (`toa unload` found us dead, or a new table): stop.
+                    break;
+                }
+            }
+            let current = table.header.config_seq.load(Ordering::Acquire);
+            if current != seq {
+                seq = current;
+                let (config, n) = table.read_config(&mut policy.trust);
+                if port_ranges(&config) != port_ranges(&policy.config) {
+                    capture.set_filter(&port_ranges(&config))?;
+                }
+                policy.config = config;
+                policy.trust_len = n;
+            }
+            capture.wait(250);
+            while let Some(pkt) = capture.recv(&mut buf)? {
+                table.count(TABLE_PACKETS, 1);
+                if let Some(seg) = reader::segment(pkt) {
+                    reader::handle(&table, &policy, &seg, now as u32);
+                }
+            }
+        }
+        table.header.state.store(STOPPED, Ordering::Release);
+        table.clear_all();
+        if self.owns(t.ino) {
+            let _ = fs::remove_file(&self.path);
+        }
+        system::kernel_log("TOA: toa unloaded (userspace mode)");
+        Ok(())
+    }
+
+    fn owns(&self, ino: u64) -> bool {
+        fs::metadata(&self.path).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == ino)
+    }
+}
+
+/// The port ranges the capture filter lets through (empty: all).
+fn port_ranges(cfg: &toa_common::AgentConfig) -> Vec<[u16; 2]> {
+    if !cfg.has(toa_common::config::FLAG_PORTS) {
+        return Vec::new();
+    }
+    let n = (cfg.port_ranges as usize).min(cfg.ports.len());
+    if n == 0 {
+        // Ports restricted to an empty list: nothing is in scope.
+        return vec![[0, 0]];
+    }
+    cfg.ports[..n].to_vec()
+}
+
+/// Whether `pid` is a running toa capture reader.
+fn is_reader(pid: u32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"userspace-reader"))
+        && !fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+}
