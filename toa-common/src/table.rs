@@ -90,7 +90,8 @@ pub struct Header {
     pub pending_secs: AtomicU32,
     /// The reader's process id.
     pub reader_pid: AtomicU32,
-    pub _pad: u32,
+    /// The `config_seq` the reader applies (`toa load` waits for it).
+    pub config_applied: AtomicU32,
     /// The network namespace the reader captures in (device and inode of its nsfs file):
     /// a process in another namespace must not use the table.
     pub netns_dev: u64,

@@ -178,7 +178,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     match loaded.start_time_ms {
                         Some(t) => println!("toa loaded in userspace mode in {t:.0} ms"),
                         None => {
-                            println!("toa was already loaded in userspace mode; policy updated")
+                            println!("toa was already loaded in userspace mode; policy updated for new connections")
                         }
                     }
                     print_status(&status);

@@ -1,6 +1,7 @@
 //! What the agent honours, end to end: option kinds and dialects, the trust list, port scope,
 //! pick first/last, the SYN, NAT64, and reconfiguration of a loaded agent. Run as root.
 
+#[macro_use]
 mod support;
 
 use std::{
@@ -9,6 +10,18 @@ use std::{
 };
 
 use support::*;
+
+// The policies both modes honour (ByteDance's VIP and NAT64 lookups are eBPF only).
+in_both_modes!(
+    other_kinds_only_when_configured,
+    ipv6_layouts_of_other_kinds_and_alibaba_cdn,
+    trust_list_decides_who_may_speak,
+    port_scope,
+    pick_first_or_last,
+    syn_options_classic_and_alibaba_cdn,
+    syn_options_are_ignored_unless_asked,
+    reconfiguring_keeps_open_connections,
+);
 
 /// A classic-layout option for 203.0.113.7:4242 under `kind`.
 fn option4(kind: u8) -> String {
@@ -30,9 +43,8 @@ fn kept(out: &str, real: &str) -> bool {
     out == answer(real, real)
 }
 
-#[test]
-fn other_kinds_only_when_configured() {
-    let mut lab = Lab::new();
+fn other_kinds_only_when_configured(mode: Mode) {
+    let mut lab = Lab::with_mode(mode);
     lab.load();
     lab.python_server(SERVER_V4, 8080);
     let (out, real) = probe_raw(&lab, "198.18.0.1:8080", &[option4(200)], &[]);
@@ -50,9 +62,8 @@ fn other_kinds_only_when_configured() {
     assert_eq!(lab.status_json()["policy"]["kinds"], serde_json::json!([200]));
 }
 
-#[test]
-fn ipv6_layouts_of_other_kinds_and_alibaba_cdn() {
-    let mut lab = Lab::new();
+fn ipv6_layouts_of_other_kinds_and_alibaba_cdn(mode: Mode) {
+    let mut lab = Lab::with_mode(mode);
     lab.load_with(&["--kind", "253", "--dialect", "alibaba-cdn"]);
     lab.python_server("::", 8080);
     let v6 = "2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets();
@@ -70,9 +81,8 @@ fn ipv6_layouts_of_other_kinds_and_alibaba_cdn() {
     assert_eq!(out, answer(&expected, &expected));
 }
 
-#[test]
-fn trust_list_decides_who_may_speak() {
-    let mut lab = Lab::new();
+fn trust_list_decides_who_may_speak(mode: Mode) {
+    let mut lab = Lab::with_mode(mode);
     lab.load_with(&["--trust", "198.18.0.2/32", "--trust", "fd00::2/128"]);
     lab.python_server("::", 8080);
     let status = lab.status_json();
@@ -99,9 +109,8 @@ fn trust_list_decides_who_may_speak() {
     assert_eq!(lab.stats()["untrusted_option"], 2);
 }
 
-#[test]
-fn port_scope() {
-    let mut lab = Lab::new();
+fn port_scope(mode: Mode) {
+    let mut lab = Lab::with_mode(mode);
     lab.load_with(&["--port", "8081", "--port-range", "9000-9001"]);
     lab.python_server(SERVER_V4, 8080);
     lab.python_server(SERVER_V4, 8081);
@@ -116,9 +125,8 @@ fn port_scope() {
     assert_eq!(lab.status_json()["policy"]["ports"], serde_json::json!(["8081", "9000-9001"]));
 }
 
-#[test]
-fn pick_first_or_last() {
-    let mut lab = Lab::new();
+fn pick_first_or_last(mode: Mode) {
+    let mut lab = Lab::with_mode(mode);
     lab.load();
     lab.python_server(SERVER_V4, 8080);
     // A cascade: the inner proxy's TOA, then the balancer's (different ports: the kernel
@@ -147,9 +155,8 @@ fn bytedance_layout_and_its_vip() {
     assert_eq!(out, format!("accept={CLIENT} peer={CLIENT} sock=198.18.0.1:8080\n"));
 }
 
-#[test]
-fn syn_options_classic_and_alibaba_cdn() {
-    let mut lab = Lab::new();
+fn syn_options_classic_and_alibaba_cdn(mode: Mode) {
+    let mut lab = Lab::with_mode(mode);
     // The listener must be created after loading: SYNs are saved from listen() on.
     lab.load_with(&["--syn", "--dialect", "alibaba-cdn"]);
     assert_eq!(lab.status_json()["policy"]["syn"], true);
@@ -168,9 +175,8 @@ fn syn_options_classic_and_alibaba_cdn() {
     assert!(kept(&out, &real), "{out}");
 }
 
-#[test]
-fn syn_options_are_ignored_unless_asked() {
-    let mut lab = Lab::new();
+fn syn_options_are_ignored_unless_asked(mode: Mode) {
+    let mut lab = Lab::with_mode(mode);
     lab.load();
     lab.python_server(SERVER_V4, 8080);
     let (out, real) = probe_raw(&lab, "198.18.0.1:8080", &[option4(254)], &["--on", "syn"]);
@@ -203,9 +209,8 @@ fn nat64_lookup_from_python_and_rust() {
     assert_eq!(reply, format!("client=none peer={local}\n"));
 }
 
-#[test]
-fn reconfiguring_keeps_open_connections() {
-    let mut lab = Lab::new();
+fn reconfiguring_keeps_open_connections(mode: Mode) {
+    let mut lab = Lab::with_mode(mode);
     lab.load_with(&["--trust", "198.18.0.0/24"]);
     lab.rust_server("198.18.0.1:8080");
     let mut child = lab

@@ -303,6 +303,18 @@ impl Userspace {
                 let mut tuning = *tuning;
                 tuning.table_entries = t.tuning().table_entries;
                 t.set_tuning(&tuning);
+                // Return once the reader applies it: the next connection is judged by it.
+                let header = t.table().header;
+                let wanted = header.config_seq.load(Ordering::Acquire);
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while header.config_applied.load(Ordering::Acquire) != wanted {
+                    if Instant::now() > deadline {
+                        return Err(Error::Userspace {
+                            detail: "the capture reader did not take the new policy within 2 s (is it stopped?)".into(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 return Ok(UserspaceLoaded {
                     started: false,
                     status: self.describe(&t),
@@ -434,6 +446,7 @@ impl Userspace {
         let (config, trust_len) = table.read_config(&mut trust);
         let mut policy = reader::Policy { config, trust, trust_len };
         let mut seq = table.header.config_seq.load(Ordering::Acquire);
+        table.header.config_applied.store(seq, Ordering::Release);
         let capture = capture::Capture::open(&port_ranges(&policy.config))
             .map_err(|e| Error::Userspace { detail: format!("opening the capture socket (AF_PACKET): {e}") })?;
         let pid = std::process::id();
@@ -461,6 +474,8 @@ impl Userspace {
                     break;
                 }
             }
+            capture.wait(100);
+            // After the wait, before the packets: a policy written while we slept applies to them.
             let current = table.header.config_seq.load(Ordering::Acquire);
             if current != seq {
                 seq = current;
@@ -470,8 +485,8 @@ impl Userspace {
                 }
                 policy.config = config;
                 policy.trust_len = n;
+                table.header.config_applied.store(seq, Ordering::Release);
             }
-            capture.wait(250);
             while let Some(pkt) = capture.recv(&mut buf)? {
                 table.count(TABLE_PACKETS, 1);
                 if let Some(seg) = reader::segment(pkt) {

@@ -5,6 +5,20 @@
 //! Server namespace: 198.18.0.1/24 and fd00::1/64; client namespace: .2 and fd00::2.
 #![allow(dead_code)]
 
+/// Runs each named case `fn case(mode: Mode)` once per mode, as `ebpf::case` and
+/// `userspace::case`.
+#[allow(unused_macros)]
+macro_rules! in_both_modes {
+    ($($case:ident),* $(,)?) => {
+        mod ebpf {
+            $(#[test] fn $case() { super::$case(super::Mode::Ebpf) })*
+        }
+        mod userspace {
+            $(#[test] fn $case() { super::$case(super::Mode::Userspace) })*
+        }
+    };
+}
+
 use std::{
     fs,
     io::{BufRead as _, BufReader},
@@ -80,8 +94,34 @@ pub fn cgroup2_mount() -> PathBuf {
     PathBuf::from(dir)
 }
 
+/// How the lab's agent runs: the eBPF programs, or the userspace mode (capture reader + the
+/// servers started with `LD_PRELOAD=libtoa.so`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Ebpf,
+    Userspace,
+}
+
+/// libtoa.so, built by `cargo xtask test` (`TOA_LIBTOA` may name another).
+pub fn libtoa() -> PathBuf {
+    if let Some(path) = std::env::var_os("TOA_LIBTOA") {
+        return PathBuf::from(path);
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/libtoa.so");
+    assert!(
+        path.exists(),
+        "{} missing: build it first (`cargo build --release --manifest-path libtoa/Cargo.toml --target-dir target`; \
+         `cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
 pub struct Lab {
     pub name: String,
+    pub mode: Mode,
+    /// The userspace mode's table (under /run, removed with the lab).
+    pub table: PathBuf,
     pub server_ns: String,
     pub client_ns: String,
     pub cgroup: PathBuf,
@@ -91,6 +131,10 @@ pub struct Lab {
 
 impl Lab {
     pub fn new() -> Self {
+        Self::with_mode(Mode::Ebpf)
+    }
+
+    pub fn with_mode(mode: Mode) -> Self {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "the end-to-end tests must run as root");
         // An agent on the cgroup root rewrites the test servers' addresses too, which would
@@ -103,6 +147,8 @@ impl Lab {
         );
         let name = format!("toa-t{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let lab = Lab {
+            mode,
+            table: PathBuf::from("/run/toa-tests").join(&name).join("table"),
             server_ns: format!("{name}-s"),
             client_ns: format!("{name}-c"),
             cgroup: cgroup2_mount().join(&name),
@@ -137,10 +183,10 @@ impl Lab {
         lab
     }
 
-    /// `toa` with this lab's pin directory.
+    /// `toa` with this lab's pin directory and table.
     pub fn toa(&self) -> Command {
         let mut cmd = Command::new(toa_bin());
-        cmd.env("TOA_PIN_DIR", &self.pin_dir);
+        cmd.env("TOA_PIN_DIR", &self.pin_dir).env("TOA_TABLE", &self.table);
         cmd
     }
 
@@ -151,7 +197,29 @@ impl Lab {
 
     /// `toa load` with policy flags (again on a loaded agent: reconfigures it in place).
     pub fn load_with(&self, args: &[&str]) -> Output {
-        run(self.toa().arg("load").arg("--cgroup").arg(&self.cgroup).args(args))
+        run(&mut self.load_cmd(args))
+    }
+
+    /// `toa load` as this lab's mode does it: eBPF on the lab's cgroup, or the userspace reader
+    /// started in the server namespace.
+    pub fn load_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = self.toa();
+        match self.mode {
+            Mode::Ebpf => {
+                cmd.arg("load").arg("--cgroup").arg(&self.cgroup).args(args);
+            }
+            Mode::Userspace => {
+                cmd.args(["load", "--mode", "userspace"]).args(args);
+                in_netns_and_cgroup(&mut cmd, &self.netns_path(&self.server_ns), None);
+            }
+        }
+        cmd
+    }
+
+    /// The userspace reader's PID, from `toa status`.
+    pub fn reader_pid(&self) -> i32 {
+        let status = self.status_json();
+        status["userspace"]["reader_pid"].as_i64().unwrap_or_else(|| panic!("no reader in {status}")) as i32
     }
 
     pub fn unload(&self) -> Output {
@@ -195,6 +263,7 @@ impl Lab {
     }
 
     fn start_server(&mut self, mut cmd: Command) {
+        self.server_env(&mut cmd);
         in_netns_and_cgroup(&mut cmd, &self.netns_path(&self.server_ns), Some(&self.cgroup));
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -203,6 +272,13 @@ impl Lab {
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read the server's first line");
         assert!(line.starts_with("listening on"), "server did not start: {line:?}");
+    }
+
+    /// In userspace mode a server gets libtoa.so preloaded and the lab's table.
+    pub fn server_env(&self, cmd: &mut Command) {
+        if self.mode == Mode::Userspace {
+            cmd.env("LD_PRELOAD", libtoa()).env("TOA_TABLE", &self.table);
+        }
     }
 
     pub fn netns_path(&self, ns: &str) -> PathBuf {
@@ -323,8 +399,12 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if self.pin_dir.exists() {
+        if self.pin_dir.exists() || self.table.exists() {
             let _ = self.toa().arg("unload").output();
+        }
+        if let Some(dir) = self.table.parent() {
+            let _ = fs::remove_dir_all(dir);
+            let _ = fs::remove_dir("/run/toa-tests");
         }
         if let Ok(subs) = fs::read_dir(&self.cgroup) {
             for sub in subs.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
