@@ -68,7 +68,7 @@ pub struct UserspaceArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(8..=16_777_216))]
     pub table_entries: Option<u32>,
     /// Microseconds accept()/getpeername() wait for the reader to record a new connection's
-    /// option [default: 2000].
+    /// option [default: 5000].
     #[arg(long, value_name = "US", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub accept_wait_us: Option<u32>,
     /// Seconds a client address stays in the table for getpeername() [default: 300].
@@ -92,7 +92,7 @@ impl UserspaceArgs {
     pub fn tuning(&self) -> Tuning {
         Tuning {
             table_entries: self.table_entries.unwrap_or(65536),
-            accept_wait_us: self.accept_wait_us.unwrap_or(2000),
+            accept_wait_us: self.accept_wait_us.unwrap_or(5000),
             entry_ttl: self.entry_ttl.unwrap_or(300),
             search_secs: self.search_secs.unwrap_or(10),
         }
@@ -449,6 +449,9 @@ impl Userspace {
         table.header.config_applied.store(seq, Ordering::Release);
         let capture = capture::Capture::open(&port_ranges(&policy.config))
             .map_err(|e| Error::Userspace { detail: format!("opening the capture socket (AF_PACKET): {e}") })?;
+        // Applications wait for us in accept(): run before ordinary work when woken.
+        // SAFETY: setpriority on this process; failure only leaves the default priority.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
         let pid = std::process::id();
         table.header.reader_pid.store(pid, Ordering::Relaxed);
         table.header.heartbeat.store(monotonic_secs(), Ordering::Release);

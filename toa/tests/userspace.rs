@@ -1,0 +1,285 @@
+//! The userspace mode's own cases (the shared ones run in e2e.rs and policy.rs): an unmodified
+//! nginx, a thousand connections at once, the bounded wait, the table's bounds and expiry, bad
+//! input, and what libtoa.so asks of the C library. Run as root.
+
+#[macro_use]
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use support::*;
+
+/// Lets this process and its children (probe, servers) hold thousands of sockets.
+fn raise_nofile() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: get/setrlimit on a struct we own.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max.min(65536);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+}
+
+/// `(announced, reply)` per connection of a `--parallel` probe, in the order it printed them.
+fn parallel_probe(lab: &Lab, target: &str, n: u32, message: &str) -> Vec<(String, String)> {
+    let out = run(&mut lab.probe_cmd(
+        target,
+        &["--as", "203.0.113.7:1", "--count", &n.to_string(), "--parallel", "--message", message, "--timeout", "30"],
+    ));
+    let announced: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| l.split(" announcing ").nth(1).map(str::to_owned))
+        .collect();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let replies: Vec<String> = stdout.lines().filter(|l| l.contains("peer=")).map(str::to_owned).collect();
+    assert_eq!(announced.len(), n as usize, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(replies.len(), n as usize, "{stdout}");
+    announced.into_iter().zip(replies).collect()
+}
+
+#[test]
+fn a_thousand_parallel_connections_each_get_their_own_client() {
+    raise_nofile();
+    let mut lab = Lab::with_mode(Mode::Userspace);
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    let n = 1000;
+    let got = parallel_probe(&lab, "198.18.0.1:8080", n, "hello");
+    let mut ports = std::collections::HashSet::new();
+    for (announced, reply) in &got {
+        assert_eq!(format!("{reply}\n"), answer(announced, announced));
+        assert!(ports.insert(announced.clone()), "{announced} twice");
+    }
+    assert_eq!(lab.stats()["syn_recv_sock_toa"], u64::from(n));
+}
+
+/// nginx, preloaded: its workers (running as nobody) see the client in `$remote_addr`.
+struct Nginx {
+    child: Child,
+    prefix: PathBuf,
+}
+
+impl Nginx {
+    fn binary() -> PathBuf {
+        if let Some(p) = std::env::var_os("TOA_NGINX") {
+            return p.into();
+        }
+        let unpacked = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-tools/nginx/usr/sbin/nginx");
+        [PathBuf::from("/usr/sbin/nginx"), unpacked]
+            .into_iter()
+            .find(|p| p.exists())
+            .expect("nginx is needed by this test: `cargo xtask setup` unpacks it into target/test-tools")
+    }
+
+    fn start(lab: &Lab) -> Self {
+        let prefix = PathBuf::from(format!("/tmp/{}-nginx", lab.name));
+        std::fs::create_dir_all(prefix.join("tmp")).unwrap();
+        let conf = format!(
+            "daemon off; master_process on; worker_processes 1; pid {p}/nginx.pid; error_log stderr warn;
+             events {{ worker_connections 4096; }}
+             http {{
+               access_log off;
+               client_body_temp_path {p}/tmp; proxy_temp_path {p}/tmp; fastcgi_temp_path {p}/tmp;
+               uwsgi_temp_path {p}/tmp; scgi_temp_path {p}/tmp;
+               server {{
+                 listen 198.18.0.1:8080 backlog=4096; listen [fd00::1]:8080;
+                 location / {{ default_type text/plain; return 200 \"peer=$remote_addr:$remote_port\\n\"; }}
+               }}
+             }}",
+            p = prefix.display()
+        );
+        std::fs::write(prefix.join("nginx.conf"), conf).unwrap();
+        let mut cmd = Command::new(Self::binary());
+        cmd.arg("-p").arg(&prefix).arg("-c").arg(prefix.join("nginx.conf")).args(["-e", "stderr"]);
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        lab.server_env(&mut cmd);
+        in_netns_and_cgroup(&mut cmd, &lab.netns_path(&lab.server_ns), Some(&lab.cgroup));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        let nginx = Nginx { child, prefix };
+        let up = eventually(Duration::from_secs(10), || {
+            lab.in_server_ns(|| std::net::TcpStream::connect("198.18.0.1:8080").is_ok())
+        });
+        assert!(up, "nginx did not start listening");
+        nginx
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its workers before it exits.
+        // SAFETY: kill(2) on the PID of a child we started and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.prefix);
+    }
+}
+
+#[test]
+fn unmodified_nginx_reports_the_client() {
+    raise_nofile();
+    let lab = Lab::with_mode(Mode::Userspace);
+    lab.load();
+    let _nginx = Nginx::start(&lab);
+    let request = "GET / HTTP/1.0\r\n\r";
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT, "--message", request]);
+    assert!(out.ends_with(&format!("\r\n\r\npeer={CLIENT}\n")), "{out}");
+    let (out, _) = lab.probe("[fd00::1]:8080", &["--as", CLIENT6, "--message", request]);
+    assert!(out.ends_with(&format!("\r\n\r\npeer={}\n", CLIENT6.replace(['[', ']'], ""))), "{out}");
+    // A thousand at once, each its own.
+    let got = parallel_probe(&lab, "198.18.0.1:8080", 1000, request);
+    for (announced, reply) in got {
+        assert_eq!(reply, format!("peer={announced}"));
+    }
+}
+
+/// A connection in scope whose entry never comes (no option at all) waits the configured time,
+/// then keeps its real address; one from outside the trust list does not wait.
+#[test]
+fn missing_entry_gives_the_real_address_after_the_bounded_wait() {
+    let mut lab = Lab::with_mode(Mode::Userspace);
+    lab.load_with(&["--accept-wait-us", "300000"]);
+    lab.python_server(SERVER_V4, 8080);
+    let started = Instant::now();
+    let (local, reply) = lab.plain_exchange("198.18.0.1:8080");
+    let waited = started.elapsed();
+    assert_eq!(reply, answer(&local, &local));
+    // accept() waited (≥ 0.3 s) but not unboundedly; getpeername() after the first read does not
+    // wait again (the connection has had its segments).
+    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(3), "{waited:?}");
+
+    // Only the balancer's range is in scope: other clients never wait.
+    lab.load_with(&["--accept-wait-us", "300000", "--trust", "100.125.0.0/16"]);
+    let started = Instant::now();
+    let (local, reply) = lab.plain_exchange("198.18.0.1:8080");
+    assert_eq!(reply, answer(&local, &local));
+    assert!(started.elapsed() < Duration::from_millis(300), "{:?}", started.elapsed());
+}
+
+/// A stopped reader: accept() waits its bounded time, then gives the real address; once the
+/// heartbeat is stale, nothing waits at all. Resumed, it serves again.
+#[test]
+fn stalled_or_dead_reader_keeps_real_addresses() {
+    let mut lab = Lab::with_mode(Mode::Userspace);
+    lab.load_with(&["--accept-wait-us", "200000"]);
+    lab.python_server(SERVER_V4, 8080);
+    let pid = lab.reader_pid();
+    // SAFETY: signals to the reader this test started (its PID from toa status).
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    let real = probe_source(&err);
+    assert_eq!(out, answer(&real, &real), "no entry was ever written");
+    std::thread::sleep(Duration::from_secs(4));
+    let started = Instant::now();
+    let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    let real = probe_source(&err);
+    assert_eq!(out, answer(&real, &real));
+    assert!(started.elapsed() < Duration::from_millis(200), "a dead reader must not cost a wait");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(eventually(Duration::from_secs(3), || lab.status_json()["loaded"] == true));
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    assert_eq!(out, answer(CLIENT, CLIENT));
+}
+
+/// The table has a fixed size: more connections than slots evict the oldest, and entries go
+/// when their time is up.
+#[test]
+fn table_is_bounded_and_entries_expire() {
+    let mut lab = Lab::with_mode(Mode::Userspace);
+    lab.load_with(&["--table-entries", "64", "--entry-ttl", "2", "--search-secs", "1"]);
+    assert_eq!(lab.status_json()["userspace"]["capacity"], 64);
+    let size = std::fs::metadata(&lab.table).unwrap().len();
+    lab.python_server(SERVER_V4, 8080);
+    let n = 300;
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--as", "203.0.113.7:10000", "--count", &n.to_string()]);
+    // Each connection was answered with its own client while it was open.
+    for (i, line) in out.lines().enumerate() {
+        let client = format!("203.0.113.7:{}", 10000 + i);
+        assert_eq!(format!("{line}\n"), answer(&client, &client), "connection {i}");
+    }
+    let stats = lab.stats();
+    assert!(stats["table_evicted"].as_u64().unwrap() > 0, "{stats}");
+    assert_eq!(std::fs::metadata(&lab.table).unwrap().len(), size, "the file never grows");
+    assert!(
+        eventually(Duration::from_secs(6), || lab.stats()["table_entries"] == 0),
+        "entries did not expire: {}",
+        lab.stats()
+    );
+}
+
+#[test]
+fn bad_input_fails_clearly_and_starts_nothing() {
+    let lab = Lab::with_mode(Mode::Userspace);
+    // --cgroup is the eBPF mode's.
+    let out = lab.load_cmd(&["--cgroup", "/sys/fs/cgroup"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--cgroup applies to the eBPF mode only"));
+    assert!(!lab.table.exists());
+    // Values out of range.
+    for args in [["--table-entries", "0"], ["--accept-wait-us", "5000000"], ["--entry-ttl", "0"]] {
+        let out = lab.load_cmd(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(args[0]), "{args:?}");
+        assert!(!lab.table.exists());
+    }
+    // A file in the way that is not a table.
+    std::fs::create_dir_all(lab.table.parent().unwrap()).unwrap();
+    std::fs::write(&lab.table, b"not a table").unwrap();
+    let out = lab.load_cmd(&[]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a toa table of this version: remove it"), "{err}");
+    std::fs::remove_file(&lab.table).unwrap();
+    // Not root.
+    let mut cmd = lab.load_cmd(&[]);
+    // SAFETY: setuid between fork and exec, async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt as _;
+        cmd.pre_exec(|| if libc::setuid(65534) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must run as root"));
+    assert!(!lab.table.exists());
+}
+
+/// A process in another network namespace never uses the table: the same 4-tuple there is
+/// another connection.
+#[test]
+fn another_namespace_does_not_use_the_table() {
+    let mut lab = Lab::with_mode(Mode::Userspace);
+    // The reader runs in the client namespace; the server (preloaded) in the server namespace.
+    let mut cmd = lab.toa();
+    cmd.args(["load", "--mode", "userspace"]);
+    in_netns_and_cgroup(&mut cmd, &lab.netns_path(&lab.client_ns), None);
+    run(&mut cmd);
+    lab.python_server(SERVER_V4, 8080);
+    let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    let real = probe_source(&err);
+    assert_eq!(out, answer(&real, &real));
+}
+
+/// libtoa.so loads into processes linked against any glibc: its only C library symbol is
+/// `__errno_location` (plus the weak ones every shared object's start files reference).
+#[test]
+fn libtoa_asks_the_c_library_for_errno_only() {
+    let out = run(Command::new("objdump").arg("-T").arg(libtoa()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let undefined: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("*UND*") && !l.contains(" w "))
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    assert_eq!(undefined, ["__errno_location"], "{text}");
+    let exported: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" g ") && l.contains(".text"))
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    assert_eq!(exported, ["accept", "accept4", "getpeername"], "{text}");
+    assert!(!text.contains("GLIBC_"), "no versioned symbol: {text}");
+}
