@@ -113,14 +113,16 @@ fn run_task(cli: Cli) -> Result<()> {
         Task::Setup => setup(),
         Task::Build { static_: false, .. } => {
             setup()?;
-            cargo(&["build", "--release", "--package", "toa"])
+            cargo(&["build", "--release", "--package", "toa"])?;
+            build_libtoa()
         }
         Task::Build { static_: true, arch } => {
             setup()?;
             for arch in arch {
                 build_static(&root, arch)?;
             }
-            Ok(())
+            // libtoa.so asks nothing of the C library but errno: one build serves every glibc.
+            build_libtoa()
         }
         Task::Install { prefix } => {
             require_root("cargo xtask install")?;
@@ -134,6 +136,17 @@ fn run_task(cli: Cli) -> Result<()> {
                 .with_context(|| format!("copy to {}", tmp.display()))?;
             std::fs::rename(&tmp, &dest)?;
             println!("installed {}", dest.display());
+            build_libtoa()?;
+            let lib_dir = prefix.parent().unwrap_or(Path::new("/usr/local")).join("lib/toa");
+            std::fs::create_dir_all(&lib_dir)?;
+            let tmp = lib_dir.join(".libtoa.so.new");
+            std::fs::copy(root.join("target/release/libtoa.so"), &tmp)?;
+            // Renamed over, never written in place: running programs have the old one mapped.
+            std::fs::rename(&tmp, lib_dir.join("libtoa.so"))?;
+            println!(
+                "installed {} (userspace mode: LD_PRELOAD it into applications)",
+                lib_dir.join("libtoa.so").display()
+            );
             run(Command::new(&dest).arg("load"))
         }
         Task::Test { host_only } => {
@@ -141,6 +154,8 @@ fn run_task(cli: Cli) -> Result<()> {
             setup()?;
             // The end-to-end tests start examples/peer_echo as a server.
             cargo(&["build", "--package", "toa", "--examples", "--bins"])?;
+            // The userspace mode's tests preload it into their servers.
+            build_libtoa()?;
             cargo(&["test", "--package", "toa-common", "--package", "toa", "--", "--test-threads=2"])?;
             if host_only {
                 return Ok(());
@@ -154,6 +169,7 @@ fn run_task(cli: Cli) -> Result<()> {
         Task::Bench { quick } => {
             require_root("cargo xtask bench")?;
             setup()?;
+            build_libtoa()?;
             bench(quick)
         }
         Task::Kernels { kernels, no_debian, no_readme } => {
@@ -177,6 +193,12 @@ fn fuzz(root: &Path, seconds: u32) -> Result<()> {
         .args(["fuzz", "run", "find_toa", "--sanitizer", "none", "--"])
         .arg(format!("-max_total_time={seconds}"))
         .current_dir(root.join("fuzz")))
+}
+
+/// target/release/libtoa.so: its own workspace (a no_std cdylib must not see the std that
+/// toa-common's `user` feature brings into the main one).
+fn build_libtoa() -> Result<()> {
+    cargo(&["build", "--release", "--manifest-path", "libtoa/Cargo.toml", "--target-dir", "target"])
 }
 
 fn bench(quick: bool) -> Result<()> {
@@ -342,5 +364,56 @@ fn bpf_linker() -> Result<()> {
 
 /// bpftool, ip and python3, from Debian's packages when missing.
 fn test_tools() -> Result<()> {
-    apt_install_missing(&[("bpftool", "bpftool"), ("ip", "iproute2"), ("python3", "python3")])
+    apt_install_missing(&[
+        ("bpftool", "bpftool"),
+        ("ip", "iproute2"),
+        ("python3", "python3"),
+        ("objdump", "binutils"),
+        ("dpkg-deb", "dpkg"),
+    ])?;
+    nginx()
+}
+
+/// nginx for the userspace mode's tests, unpacked from Debian's package into target/test-tools
+/// rather than installed: installing it would start a web server on this host.
+fn nginx() -> Result<()> {
+    let dir = workspace_root().join("target/test-tools");
+    if Path::new("/usr/sbin/nginx").exists() || dir.join("nginx/usr/sbin/nginx").exists() {
+        return Ok(());
+    }
+    // Its libraries are plain packages without services.
+    let missing: Vec<&str> = ["libcrypt1", "libpcre2-8-0", "libssl3", "zlib1g"]
+        .into_iter()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        println!("xtask: installing {}", missing.join(", "));
+        run(Command::new("apt-get").arg("update").arg("-qq"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let debs = dir.join("debs");
+    std::fs::create_dir_all(&debs)?;
+    println!("xtask: unpacking nginx into {}", dir.display());
+    // apt-get download would drop privileges to _apt, which cannot write into target/.
+    let download = || {
+        run(Command::new("apt-get")
+            .args(["download", "-qq", "-o", "APT::Sandbox::User=root", "nginx"])
+            .current_dir(&debs))
+    };
+    if download().is_err() {
+        run(Command::new("apt-get").arg("update").arg("-qq"))?;
+        download()?;
+    }
+    let deb = std::fs::read_dir(&debs)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("nginx_")))
+        .context("apt-get download nginx left no .deb")?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir.join("nginx")))
 }
