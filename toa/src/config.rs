@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::{
     policy::{Dialect, Pick, Policy, PortRange},
+    userspace::{Mode, Tuning, UserspaceArgs, DEFAULT_TABLE},
     Error, DEFAULT_PIN_DIR,
 };
 
@@ -32,6 +33,8 @@ pub enum LogFormat {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
+    /// `auto`, `ebpf` or `userspace`.
+    pub mode: Option<Mode>,
     pub cgroup: Option<PathBuf>,
     pub pin_dir: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
@@ -50,6 +53,12 @@ pub struct ConfigFile {
     /// Ports or ranges: `port = [80, "8000-8100"]`.
     #[serde(default)]
     pub port: Vec<PortRange>,
+    /// The userspace mode's keys, named like the flags.
+    pub table: Option<PathBuf>,
+    pub table_entries: Option<u32>,
+    pub accept_wait_us: Option<u32>,
+    pub entry_ttl: Option<u32>,
+    pub search_secs: Option<u32>,
 }
 
 /// The policy flags of `toa load` and `toa run`.
@@ -130,6 +139,9 @@ impl ConfigFile {
 /// Settings given on the command line (they override the file).
 #[derive(Clone, Debug, Default)]
 pub struct Overrides {
+    pub mode: Option<Mode>,
+    pub table: Option<PathBuf>,
+    pub userspace: UserspaceArgs,
     pub cgroup: Option<PathBuf>,
     pub pin_dir: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
@@ -141,6 +153,10 @@ pub struct Overrides {
 /// What `toa run` does, once file and flags are merged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
+    /// As configured (`auto` is resolved when loading).
+    pub mode: Mode,
+    pub table: PathBuf,
+    pub tuning: Tuning,
     pub cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub metrics: SocketAddr,
@@ -151,7 +167,18 @@ pub struct Settings {
 
 impl Settings {
     pub fn merge(file: &ConfigFile, flags: &Overrides) -> Self {
+        let u = &flags.userspace;
+        let tuning = UserspaceArgs {
+            table_entries: u.table_entries.or(file.table_entries),
+            accept_wait_us: u.accept_wait_us.or(file.accept_wait_us),
+            entry_ttl: u.entry_ttl.or(file.entry_ttl),
+            search_secs: u.search_secs.or(file.search_secs),
+        }
+        .tuning();
         Self {
+            mode: flags.mode.or(file.mode).unwrap_or_default(),
+            table: flags.table.clone().or_else(|| file.table.clone()).unwrap_or_else(|| DEFAULT_TABLE.into()),
+            tuning,
             cgroup: flags.cgroup.clone().or_else(|| file.cgroup.clone()),
             pin_dir: flags.pin_dir.clone().or_else(|| file.pin_dir.clone()).unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
             metrics: flags

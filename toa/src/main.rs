@@ -48,6 +48,9 @@ enum Command {
         /// Configuration file [default: /etc/toa/toa.toml, if it exists].
         #[arg(long)]
         config: Option<PathBuf>,
+        /// eBPF (Linux ≥ 5.10) or userspace (capture reader + LD_PRELOAD libtoa.so) [default: auto].
+        #[arg(long, value_enum)]
+        mode: Option<Mode>,
         /// cgroup v2 directory to scope the agent to (default: the root).
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -62,6 +65,8 @@ enum Command {
         log_format: Option<LogFormat>,
         #[command(flatten)]
         policy: PolicyArgs,
+        #[command(flatten, next_help_heading = "Userspace mode")]
+        userspace: UserspaceArgs,
     },
     /// Detach the agent and remove everything it pinned (or stop the userspace reader).
     Unload,
@@ -157,8 +162,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         logging::init(LogFormat::Text);
     }
     match cli.command {
-        Command::Run { config, cgroup, metrics, keep_loaded, log_format, policy } => {
-            let flags = Overrides { cgroup, pin_dir: cli.pin_dir, metrics, keep_loaded, log_format, policy };
+        Command::Run { config, mode, cgroup, metrics, keep_loaded, log_format, policy, userspace } => {
+            let flags = Overrides {
+                mode,
+                table: cli.table.clone(),
+                userspace,
+                cgroup,
+                pin_dir: cli.pin_dir,
+                metrics,
+                keep_loaded,
+                log_format,
+                policy,
+            };
             service::run(config, flags)?;
         }
         Command::Load { mode, cgroup, json, policy, userspace: args } => {
@@ -213,7 +228,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                 signal_hook::flag::register(signal, std::sync::Arc::clone(&stop))?;
             }
-            userspace.run_reader(&stop)?;
+            userspace.run_reader(&stop, || {
+                // `toa load` stops listening once the table is live: nothing more goes to its pipe.
+                if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+                    // SAFETY: replaces our own stderr descriptor.
+                    unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 2) };
+                }
+            })?;
         }
         Command::Status { json } => {
             let status = full_status(&agent, &userspace)?;

@@ -9,29 +9,58 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{programs, system, Agent};
+use crate::{programs, system, Agent, Userspace};
 
-/// Reads the counters through the pins, so it reports whatever agent is loaded there.
+/// Where the counters live.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// The eBPF agent's pin directory.
+    Ebpf(PathBuf),
+    /// The userspace mode's table.
+    Userspace(PathBuf),
+}
+
+impl Source {
+    /// Whether the agent is serving (programs attached, or the reader alive).
+    pub fn is_up(&self) -> bool {
+        match self {
+            Source::Ebpf(pins) => Agent::new(pins).is_attached(),
+            Source::Userspace(table) => Userspace::new(table).is_running(),
+        }
+    }
+
+    fn stats(&self) -> Result<Vec<(&'static str, u64)>, crate::Error> {
+        match self {
+            Source::Ebpf(pins) => Agent::new(pins).stats(),
+            Source::Userspace(table) => Userspace::new(table).stats(),
+        }
+    }
+}
+
+/// Reads the counters at each scrape, so it reports whatever agent is loaded there.
 #[derive(Debug)]
 struct AgentCollector {
-    pin_dir: PathBuf,
+    source: Source,
 }
 
 impl Collector for AgentCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let agent = Agent::new(&self.pin_dir);
-        let loaded = ConstGauge::new(i64::from(agent.is_attached()));
+        let loaded = ConstGauge::new(i64::from(self.source.is_up()));
         loaded.encode(encoder.encode_descriptor(
             "loaded",
-            "1 while the programs are attached",
+            "1 while the programs are attached (userspace mode: while the capture reader runs)",
             None,
             loaded.metric_type(),
         )?)?;
         // No agent, no counters: an absent series is clearer than a series of zeros.
-        if let Ok(stats) = agent.stats() {
+        if let Ok(stats) = self.source.stats() {
             for (name, value) in stats {
                 let counter = ConstCounter::new(value);
-                let help = toa_common::Counter::ALL.iter().find(|c| c.name() == name).map(|c| c.help()).unwrap_or("");
+                let help = toa_common::Counter::ALL
+                    .iter()
+                    .find(|c| c.name() == name)
+                    .map(|c| c.help())
+                    .unwrap_or_else(|| crate::userspace::table_counter_help(name));
                 counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
             }
         }
@@ -40,7 +69,7 @@ impl Collector for AgentCollector {
 }
 
 /// The registry `toa run` serves.
-pub fn registry(pin_dir: PathBuf) -> Registry {
+pub fn registry(source: Source) -> Registry {
     let mut registry = Registry::with_prefix("toa");
     registry.register(
         "build",
@@ -51,7 +80,7 @@ pub fn registry(pin_dir: PathBuf) -> Registry {
             ("programs".to_owned(), programs::hash()),
         ]),
     );
-    registry.register_collector(Box::new(AgentCollector { pin_dir }));
+    registry.register_collector(Box::new(AgentCollector { source }));
     registry
 }
 

@@ -18,7 +18,9 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{ConfigFile, Overrides, Settings, DEFAULT_CONFIG},
-    logging, metrics, Agent, Error, LoadOptions,
+    logging, metrics,
+    userspace::Mode,
+    Agent, Error, LoadOptions, Userspace,
 };
 
 /// Runs until SIGTERM or SIGINT.
@@ -32,6 +34,9 @@ pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
         .map_err(|e| Error::Metrics { addr: settings.metrics, detail: e.to_string() })?;
     let server = Arc::new(server);
     let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    if settings.mode.resolve() == Mode::Userspace {
+        return run_userspace(settings, server, signals, &path, config.is_some(), &flags);
+    }
 
     let agent = Agent::new(&settings.pin_dir);
     let options = LoadOptions {
@@ -63,8 +68,8 @@ pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
     let http = {
         let server = Arc::clone(&server);
         let ready = Arc::clone(&ready);
-        let pin_dir = settings.pin_dir.clone();
-        std::thread::spawn(move || serve(&server, pin_dir, &ready))
+        let source = metrics::Source::Ebpf(settings.pin_dir.clone());
+        std::thread::spawn(move || serve(&server, source, &ready))
     };
 
     let mut signals = signals;
@@ -115,18 +120,86 @@ fn reload(
     Ok(Settings { pin_dir: old.pin_dir.clone(), metrics: old.metrics, log_format: old.log_format, ..new })
 }
 
+/// The userspace mode as a service: the capture reader runs on a thread of this process.
+fn run_userspace(
+    mut settings: Settings,
+    server: Arc<tiny_http::Server>,
+    mut signals: Signals,
+    path: &std::path::Path,
+    required: bool,
+    flags: &Overrides,
+) -> Result<(), Error> {
+    if settings.cgroup.is_some() {
+        warn!("cgroup applies to the eBPF mode only; in userspace mode the preloaded applications are served");
+    }
+    if settings.keep_loaded {
+        warn!("keep_loaded has no effect in userspace mode: the capture reader is this process");
+    }
+    let userspace = Userspace::new(&settings.table);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = userspace.start_in_process(&settings.policy, &settings.tuning, Arc::clone(&stop))?;
+    if settings.policy.trust.is_empty() {
+        warn!("no trust list: any client that reaches this host can claim any address (set trust)");
+    }
+    info!(
+        table = %settings.table.display(),
+        metrics = %settings.metrics,
+        "toa loaded (userspace mode); start applications with LD_PRELOAD=libtoa.so"
+    );
+    let ready = Arc::new(AtomicBool::new(true));
+    let http = {
+        let server = Arc::clone(&server);
+        let ready = Arc::clone(&ready);
+        let source = metrics::Source::Userspace(settings.table.clone());
+        std::thread::spawn(move || serve(&server, source, &ready))
+    };
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            let reloaded = (|| {
+                let new = Settings::merge(&ConfigFile::read(path, required)?, flags);
+                if new.mode != settings.mode || new.table != settings.table || new.metrics != settings.metrics {
+                    warn!("mode, table and metrics take effect at the next start");
+                }
+                userspace.reconfigure(&new.policy, &new.tuning)?;
+                info!(policy = ?new.policy, "configuration reloaded; new policy applies to new connections");
+                Ok::<_, Error>(Settings {
+                    mode: settings.mode,
+                    table: settings.table.clone(),
+                    metrics: settings.metrics,
+                    ..new
+                })
+            })();
+            match reloaded {
+                Ok(new) => settings = new,
+                Err(e) => error!("configuration not reloaded, keeping the previous one: {e}"),
+            }
+            continue;
+        }
+        ready.store(false, Ordering::SeqCst);
+        stop.store(true, Ordering::SeqCst);
+        match reader.join() {
+            Ok(Ok(())) => info!("toa unloaded"),
+            Ok(Err(e)) => error!("the capture reader failed: {e}"),
+            Err(_) => error!("the capture reader panicked"),
+        }
+        break;
+    }
+    server.unblock();
+    let _ = http.join();
+    Ok(())
+}
+
 /// `/metrics`, `/healthz` (programs attached), `/readyz` (loaded and not stopping).
-fn serve(server: &tiny_http::Server, pin_dir: PathBuf, ready: &AtomicBool) {
-    let registry = metrics::registry(pin_dir.clone());
-    let agent = Agent::new(pin_dir);
+fn serve(server: &tiny_http::Server, source: metrics::Source, ready: &AtomicBool) {
+    let registry = metrics::registry(source.clone());
     for request in server.incoming_requests() {
         let (code, body, content_type) = match request.url() {
             "/metrics" => {
                 (200, metrics::render(&registry), "application/openmetrics-text; version=1.0.0; charset=utf-8")
             }
-            "/healthz" if agent.is_attached() => (200, "ok\n".to_owned(), "text/plain"),
+            "/healthz" if source.is_up() => (200, "ok\n".to_owned(), "text/plain"),
             "/healthz" => (503, "programs not attached\n".to_owned(), "text/plain"),
-            "/readyz" if ready.load(Ordering::SeqCst) && agent.is_attached() => (200, "ok\n".to_owned(), "text/plain"),
+            "/readyz" if ready.load(Ordering::SeqCst) && source.is_up() => (200, "ok\n".to_owned(), "text/plain"),
             "/readyz" => (503, "not ready\n".to_owned(), "text/plain"),
             _ => (404, "try /metrics, /healthz or /readyz\n".to_owned(), "text/plain"),
         };

@@ -1167,6 +1167,26 @@ fn systemd_unit_is_hardened_and_verifies() {
     assert_ok(&path, check_unit(&path));
 }
 
+/// The userspace drop-in on top of the unit: what systemd makes of both verifies, and adds
+/// exactly what the capture reader needs.
+#[test]
+fn systemd_userspace_drop_in_verifies_and_adds_what_the_reader_needs() {
+    let unit = read(&deploy_file("systemd/toa.service"));
+    let drop_in = read(&deploy_file("systemd/userspace.conf"));
+    let scratch = Scratch::new("drop-in");
+    // A drop-in is read after the unit: the same as its sections appended to it.
+    let merged = scratch.write("toa.service", &format!("{unit}\n{drop_in}"));
+    systemd_verify(&merged).unwrap();
+    let entries = unit_entries(&drop_in).unwrap();
+    let words = |key| unit_words(&entries, key).into_iter().collect::<Vec<_>>();
+    assert_eq!(words("CapabilityBoundingSet"), ["CAP_NET_RAW", "CAP_SYS_NICE"]);
+    assert_eq!(words("AmbientCapabilities"), ["CAP_NET_RAW", "CAP_SYS_NICE"]);
+    assert_eq!(words("RestrictAddressFamilies"), ["AF_PACKET"]);
+    assert_eq!(unit_values(&entries, "Service", "RuntimeDirectoryMode"), ["0755"]);
+    let exec = unit_values(&entries, "Service", "ExecStart");
+    assert_eq!(exec, ["", "/usr/local/bin/toa run --config /etc/toa/toa.toml --mode userspace"]);
+}
+
 #[test]
 fn systemd_verify_rejects_broken_units() {
     // systemd-analyze alone, so that its own verdict is shown to be able to fail.
@@ -1234,7 +1254,19 @@ fn systemd_unit_check_rejects_broken_copies() {
 // The example /etc/toa/toa.toml: every key documented, and each documented value accepted by
 // the agent's own parser.
 
-const CONFIG_KEYS: &[&str] = &["cgroup", "pin_dir", "metrics", "keep_loaded", "log_format"];
+const CONFIG_KEYS: &[&str] = &[
+    "cgroup",
+    "pin_dir",
+    "metrics",
+    "keep_loaded",
+    "log_format",
+    "mode",
+    "table",
+    "table_entries",
+    "accept_wait_us",
+    "entry_ttl",
+    "search_secs",
+];
 
 fn check_config_example(path: &Path) -> Checked {
     let text = read(path);
@@ -1275,6 +1307,22 @@ fn check_config_example(path: &Path) -> Checked {
             }
             if c.keep_loaded != Some(false) {
                 errors.push(format!("keep_loaded shown as {:?}, the default is false", c.keep_loaded));
+            }
+            let tuning = toa::userspace::UserspaceArgs::default().tuning();
+            let shown = (c.table_entries, c.accept_wait_us, c.entry_ttl, c.search_secs);
+            let defaults = (
+                Some(tuning.table_entries),
+                Some(tuning.accept_wait_us),
+                Some(tuning.entry_ttl),
+                Some(tuning.search_secs),
+            );
+            if shown != defaults {
+                errors.push(format!("userspace settings shown as {shown:?}, the defaults are {defaults:?}"));
+            }
+            if c.table.as_deref() != Some(Path::new(toa::userspace::DEFAULT_TABLE))
+                || c.mode != Some(Default::default())
+            {
+                errors.push(format!("table/mode shown as {:?}/{:?}, not the defaults", c.table, c.mode));
             }
         }
     }

@@ -283,3 +283,46 @@ fn libtoa_asks_the_c_library_for_errno_only() {
     assert_eq!(exported, ["accept", "accept4", "getpeername"], "{text}");
     assert!(!text.contains("GLIBC_"), "no versioned symbol: {text}");
 }
+
+/// `toa run --mode userspace`: the reader on a thread of the service, metrics from the table,
+/// SIGHUP takes a new policy, SIGTERM removes the table.
+#[test]
+fn run_as_a_service_in_userspace_mode() {
+    const PORT: u16 = 9431;
+    let mut lab = Lab::with_mode(Mode::Userspace);
+    let dir = std::env::temp_dir().join(format!("{}-config", lab.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("toa.toml");
+    std::fs::write(&config, "mode = \"userspace\"\naccept_wait_us = 20000\n").unwrap();
+    let mut service = lab.start_service(PORT, &["--config", config.to_str().unwrap()]);
+    lab.python_server(SERVER_V4, 8080);
+    let status = lab.status_json();
+    assert_eq!(status["mode"], "userspace");
+    assert_eq!(status["userspace"]["tuning"]["accept_wait_us"], 20000);
+
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT, "--count", "3"]);
+    assert_eq!(out.lines().count(), 3);
+    assert!(out.lines().all(|l| l.starts_with("accept=203.0.113.7:")), "{out}");
+    let (code, body) = lab.http_get(PORT, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let metric =
+        |name: &str| body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<u64>().ok());
+    assert_eq!(metric("toa_loaded"), Some(1), "{body}");
+    assert_eq!(metric("toa_syn_recv_sock_toa_total"), Some(3), "{body}");
+    assert!(metric("toa_table_packets_total").unwrap() >= 6, "{body}");
+
+    // SIGHUP: only the balancer's range is trusted now.
+    std::fs::write(&config, "mode = \"userspace\"\ntrust = [\"100.125.0.0/16\"]\n").unwrap();
+    service.signal(libc::SIGHUP);
+    assert!(eventually(Duration::from_secs(5), || lab.status_json()["spoofable"] == false));
+    let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    let real = probe_source(&err);
+    assert_eq!(out, answer(&real, &real));
+
+    let (ok, stderr) = service.stop();
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("toa loaded (userspace mode)"), "{stderr}");
+    assert!(stderr.contains("toa unloaded"), "{stderr}");
+    assert!(!lab.table.exists(), "SIGTERM must remove the table");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -88,6 +88,26 @@ pub struct Tuning {
     pub search_secs: u32,
 }
 
+impl Tuning {
+    /// The same bounds as the flags (the config file's keys go through here too).
+    pub fn validate(&self) -> Result<(), String> {
+        let bad = |key: &str, range: &str| Err(format!("{key}: out of range ({range})"));
+        if !(8..=16_777_216).contains(&self.table_entries) {
+            return bad("table_entries", "8 to 16777216");
+        }
+        if self.accept_wait_us > 1_000_000 {
+            return bad("accept_wait_us", "0 to 1000000");
+        }
+        if self.entry_ttl == 0 {
+            return bad("entry_ttl", "at least 1");
+        }
+        if self.search_secs == 0 {
+            return bad("search_secs", "at least 1");
+        }
+        Ok(())
+    }
+}
+
 impl UserspaceArgs {
     pub fn tuning(&self) -> Tuning {
         Tuning {
@@ -146,7 +166,12 @@ impl TableFile {
     /// Creates a table at `path` (atomically: written aside, then renamed over).
     fn create(path: &Path, tuning: &Tuning) -> Result<Self, Error> {
         let dir = path.parent().unwrap_or(Path::new("/"));
-        fs::create_dir_all(dir).map_err(|e| Error::Userspace { detail: format!("creating {}: {e}", dir.display()) })?;
+        if !dir.exists() {
+            // Applications running as any user must reach the table.
+            fs::create_dir_all(dir)
+                .and_then(|()| fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)))
+                .map_err(|e| Error::Userspace { detail: format!("creating {}: {e}", dir.display()) })?;
+        }
         let tmp = dir.join(format!(
             ".{}.{}",
             path.file_name().and_then(|n| n.to_str()).unwrap_or("table"),
@@ -293,10 +318,97 @@ impl Userspace {
         &self.path
     }
 
-    /// Starts the reader (or reconfigures the running one). On error nothing is left running.
+    /// Starts the reader as a process of its own (or reconfigures the running one). On error
+    /// nothing is left running.
     pub fn load(&self, policy: &Policy, tuning: &Tuning) -> Result<UserspaceLoaded, Error> {
         system::require_root("toa load --mode userspace")?;
+        let started = Instant::now();
+        let t = match self.prepare(policy, tuning)? {
+            Prepared::Reconfigured(loaded) => return Ok(*loaded),
+            Prepared::Fresh(t) => t,
+        };
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("userspace-reader").arg("--table").arg(&self.path);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        // SAFETY: setsid is async-signal-safe: the reader leaves this session and terminal.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            })
+        };
+        let mut child = cmd.spawn()?;
+        let failure = wait_live(&t, || {
+            Ok(match child.try_wait()? {
+                Some(status) => {
+                    let mut err = String::new();
+                    if let Some(mut e) = child.stderr.take() {
+                        let _ = e.read_to_string(&mut err);
+                    }
+                    Some(format!("the capture reader exited ({status}): {}", err.trim()))
+                }
+                None => None,
+            })
+        })?;
+        if let Some(detail) = failure {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = fs::remove_file(&self.path);
+            return Err(Error::Userspace { detail });
+        }
+        Ok(UserspaceLoaded {
+            started: true,
+            status: self.describe(&t),
+            policy: t.policy(),
+            start_time_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+        })
+    }
+
+    /// For `toa run`: the reader runs on a thread of this process until `stop`. Returns once it
+    /// serves (or failed to start).
+    pub fn start_in_process(
+        &self,
+        policy: &Policy,
+        tuning: &Tuning,
+        stop: std::sync::Arc<AtomicBool>,
+    ) -> Result<std::thread::JoinHandle<Result<(), Error>>, Error> {
+        system::require_root("toa run --mode userspace")?;
+        let t = match self.prepare(policy, tuning)? {
+            Prepared::Fresh(t) => t,
+            Prepared::Reconfigured(loaded) => {
+                // Another reader (from `toa load`) serves this table: this service takes over.
+                tracing::warn!(
+                    pid = loaded.status.reader_pid,
+                    "stopping the reader started by toa load; toa run takes over"
+                );
+                self.unload()?;
+                match self.prepare(policy, tuning)? {
+                    Prepared::Fresh(t) => t,
+                    Prepared::Reconfigured(_) => {
+                        return Err(Error::Userspace { detail: "another reader keeps the table alive".into() })
+                    }
+                }
+            }
+        };
+        let path = self.path.clone();
+        let handle = std::thread::spawn(move || Userspace::new(path).run_reader(&stop, || {}));
+        let failure = wait_live(&t, || Ok(handle.is_finished().then(|| "the capture reader stopped".to_owned())))?;
+        if let Some(detail) = failure {
+            let why = match handle.join() {
+                Ok(Err(e)) => e.to_string(),
+                _ => detail,
+            };
+            let _ = fs::remove_file(&self.path);
+            return Err(Error::Userspace { detail: why });
+        }
+        Ok(handle)
+    }
+
+    /// Reconfigures a live reader, or creates a fresh table for a new one.
+    fn prepare(&self, policy: &Policy, tuning: &Tuning) -> Result<Prepared, Error> {
         policy.validate().map_err(|detail| Error::Policy { detail })?;
+        tuning.validate().map_err(|detail| Error::Policy { detail })?;
         if let Some(mut t) = TableFile::open(&self.path, true)? {
             if t.live() {
                 t.set_policy(policy)?;
@@ -315,61 +427,21 @@ impl Userspace {
                     }
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                return Ok(UserspaceLoaded {
+                let loaded = UserspaceLoaded {
                     started: false,
                     status: self.describe(&t),
                     policy: t.policy(),
                     start_time_ms: None,
-                });
+                };
+                return Ok(Prepared::Reconfigured(Box::new(loaded)));
             }
             // A table left by a reader that died: start afresh.
             drop(t);
             fs::remove_file(&self.path)?;
         }
-        let started = Instant::now();
         let mut t = TableFile::create(&self.path, tuning)?;
         t.set_policy(policy)?;
-        let exe = std::env::current_exe()?;
-        let mut cmd = Command::new(exe);
-        cmd.arg("userspace-reader").arg("--table").arg(&self.path);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        // SAFETY: setsid is async-signal-safe: the reader leaves this session and terminal.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            })
-        };
-        let mut child = cmd.spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let failure = loop {
-            if t.live() {
-                break None;
-            }
-            if let Some(status) = child.try_wait()? {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                break Some(format!("the capture reader exited ({status}): {}", err.trim()));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break Some("the capture reader did not start within 5 s".to_owned());
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        if let Some(detail) = failure {
-            let _ = fs::remove_file(&self.path);
-            return Err(Error::Userspace { detail });
-        }
-        Ok(UserspaceLoaded {
-            started: true,
-            status: self.describe(&t),
-            policy: t.policy(),
-            start_time_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
-        })
+        Ok(Prepared::Fresh(t))
     }
 
     fn describe(&self, t: &TableFile) -> UserspaceStatus {
@@ -388,6 +460,17 @@ impl Userspace {
     /// The status and policy, if a table is there.
     pub fn status(&self) -> Result<Option<(UserspaceStatus, Policy)>, Error> {
         Ok(TableFile::open(&self.path, false)?.map(|t| (self.describe(&t), t.policy())))
+    }
+
+    /// Gives a live reader a new policy and tuning (`toa run`'s SIGHUP).
+    pub fn reconfigure(&self, policy: &Policy, tuning: &Tuning) -> Result<(), Error> {
+        match self.prepare(policy, tuning)? {
+            Prepared::Reconfigured(_) => Ok(()),
+            Prepared::Fresh(_) => {
+                let _ = fs::remove_file(&self.path);
+                Err(Error::Userspace { detail: "the capture reader is gone".into() })
+            }
+        }
     }
 
     /// Whether a live reader owns the table.
@@ -437,8 +520,8 @@ impl Userspace {
         Ok(true)
     }
 
-    /// The reader process (`toa userspace-reader`): runs until `stop`.
-    pub fn run_reader(&self, stop: &AtomicBool) -> Result<(), Error> {
+    /// The capture reader: runs until `stop`; `on_running` is called once it serves.
+    pub fn run_reader(&self, stop: &AtomicBool, on_running: impl FnOnce()) -> Result<(), Error> {
         let t = TableFile::open(&self.path, true)?
             .ok_or_else(|| Error::Userspace { detail: format!("no table at {}", self.path.display()) })?;
         let table = t.table();
@@ -457,11 +540,7 @@ impl Userspace {
         table.header.heartbeat.store(monotonic_secs(), Ordering::Release);
         table.header.state.store(RUNNING, Ordering::Release);
         system::kernel_log("TOA: toa loaded (userspace mode)");
-        // `toa load` stops listening once the table is live: nothing more goes to its pipe.
-        if let Ok(null) = fs::OpenOptions::new().write(true).open("/dev/null") {
-            // SAFETY: replaces our own stderr descriptor.
-            unsafe { libc::dup2(null.as_raw_fd(), 2) };
-        }
+        on_running();
         let mut buf = [0u8; capture::SNAP_LEN as usize];
         let mut last_second = 0;
         while !stop.load(Ordering::Relaxed) {
@@ -508,6 +587,44 @@ impl Userspace {
 
     fn owns(&self, ino: u64) -> bool {
         fs::metadata(&self.path).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == ino)
+    }
+}
+
+enum Prepared {
+    /// A live reader took the new policy.
+    Reconfigured(Box<UserspaceLoaded>),
+    /// A new table, waiting for its reader.
+    Fresh(TableFile),
+}
+
+/// Waits up to 5 s for the table's reader to serve; `failed` says why it never will.
+fn wait_live(
+    t: &TableFile,
+    mut failed: impl FnMut() -> Result<Option<String>, Error>,
+) -> Result<Option<String>, Error> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if t.live() {
+            return Ok(None);
+        }
+        if let Some(why) = failed()? {
+            return Ok(Some(why));
+        }
+        if Instant::now() > deadline {
+            return Ok(Some("the capture reader did not start within 5 s".to_owned()));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Help text of the userspace mode's own counters (metrics).
+pub fn table_counter_help(name: &str) -> &'static str {
+    match name {
+        "table_packets" => "segments the capture filter passed to the reader",
+        "table_entries" => "table entries holding a client address",
+        "table_evicted" => "entries given up early because their bucket was full (raise --table-entries)",
+        "capture_drops" => "segments the kernel dropped because the reader fell behind",
+        _ => "",
     }
 }
 

@@ -575,6 +575,7 @@ pub mod raw_tcp {
     }
 
     /// One IPv4 + TCP segment from SPOOFED:sport to dst:dport.
+    #[allow(clippy::too_many_arguments)]
     fn segment(
         dst: Ipv4Addr,
         sport: u16,
