@@ -17,6 +17,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
+    process::Command,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -64,6 +65,7 @@ fn main() {
 
     let rates = bench.connection_rates(&s);
     results.insert("connection_rate".into(), rates);
+    results.insert("modes".into(), bench.modes(&s));
     results.insert("agent_cpu".into(), bench.agent_cpu(&s));
     results.insert("getpeername".into(), bench.getpeername_cost(&s));
     results.insert("proxy_protocol_v2".into(), bench.proxy_v2(&s));
@@ -236,6 +238,63 @@ impl<'a> Bench<'a> {
         self.set_agent(false);
         self.set_option(true);
         json!({"toa_on_every_connection": toa, "no_option": plain})
+    }
+
+    /// Both modes against one baseline: an unmodified server process (examples/peer_echo), no
+    /// agent. The eBPF mode rewrites for that same server; the userspace mode needs a second
+    /// copy started with libtoa.so preloaded, and its capture reader running.
+    fn modes(&self, s: &Settings) -> Value {
+        println!("\nmodes against one baseline (connections/s: no agent vs the mode)");
+        let table = PathBuf::from(format!("/run/toa-bench-{}/table", std::process::id()));
+        let _plain = ExternalServer::start(self, 8095, None);
+        let _preloaded = ExternalServer::start(self, 8096, Some(&table));
+        let reader = |on: bool, args: &[&str]| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_toa"));
+            cmd.env("TOA_TABLE", &table);
+            if on {
+                cmd.args(["load", "--mode", "userspace"]).args(args);
+            } else {
+                cmd.arg("unload");
+            }
+            support::in_netns_and_cgroup(&mut cmd, &self.lab.netns_path(&self.lab.server_ns), None);
+            support::run(&mut cmd);
+        };
+        let baseline = || {
+            self.set_agent(false);
+            self.rate(s, 8095, false)
+        };
+        self.set_option(true);
+        let ebpf = self.compare(s, "TOA on every connection: no agent vs eBPF mode", baseline, || {
+            self.set_agent(true);
+            self.rate(s, 8095, false)
+        });
+        let userspace = self.compare(s, "TOA on every connection: no agent vs userspace mode", baseline, || {
+            self.set_agent(false);
+            reader(true, &[]);
+            let r = self.rate(s, 8096, false);
+            // What is measured is the reader at work: it saw the connections' options.
+            let stats = toa::Userspace::new(&table).stats().expect("userspace stats");
+            assert!(stats.iter().any(|(n, v)| *n == "syn_recv_sock_toa" && *v > 0), "{stats:?}");
+            reader(false, &[]);
+            r
+        });
+        self.set_option(false);
+        let waits =
+            self.compare(s, "no option, in scope (accept() waits 5 ms): no agent vs userspace", baseline, || {
+                reader(true, &[]);
+                let r = self.rate(s, 8096, false);
+                reader(false, &[]);
+                r
+            });
+        let untrusted = self.compare(s, "no option, source outside --trust: no agent vs userspace", baseline, || {
+            reader(true, &["--trust", "100.125.0.0/16"]);
+            let r = self.rate(s, 8096, false);
+            reader(false, &[]);
+            r
+        });
+        self.set_option(true);
+        let _ = fs::remove_dir(table.parent().unwrap());
+        json!({"ebpf": ebpf, "userspace": userspace, "userspace_no_option_waits": waits, "userspace_no_option_untrusted": untrusted})
     }
 
     /// Where the time goes: the kernel's own accounting of the agent's programs
@@ -623,6 +682,33 @@ fn serve(conn: TcpStream, proxy_v2: bool) {
     }
     let peer = if proxy_v2 { peer } else { conn.peer_addr().map(|a| a.to_string()).unwrap_or_default() };
     let _ = writeln!(&conn, "peer={peer}");
+}
+
+/// examples/peer_echo as a process of its own in the server namespace (and our cgroup, where
+/// the eBPF agent is attached), optionally preloaded with libtoa.so; killed on drop.
+struct ExternalServer(std::process::Child);
+
+impl ExternalServer {
+    fn start(bench: &Bench<'_>, port: u16, table: Option<&std::path::Path>) -> Self {
+        let mut cmd = Command::new(support::example_bin("peer_echo"));
+        cmd.arg(format!("198.18.0.1:{port}")).stdout(std::process::Stdio::piped());
+        if let Some(table) = table {
+            cmd.env("LD_PRELOAD", support::libtoa()).env("TOA_TABLE", table);
+        }
+        support::in_netns_and_cgroup(&mut cmd, &bench.lab.netns_path(&bench.lab.server_ns), None);
+        let mut child = cmd.spawn().expect("start examples/peer_echo (cargo xtask bench builds it)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.starts_with("listening on"), "{line:?}");
+        Self(child)
+    }
+}
+
+impl Drop for ExternalServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Raises the open-file limit as far as allowed; returns it (held connections need two

@@ -163,6 +163,7 @@ fn run_task(cli: Cli) -> Result<()> {
             kernels::run_matrix(&root, &[], true, true)?;
             fuzz(&root, 20)?;
             // Keeps the benchmark code from rotting; no thresholds.
+            cargo(&["build", "--release", "--package", "toa", "--examples"])?;
             bench(true)
         }
         Task::Fuzz { seconds } => fuzz(&root, seconds),
@@ -170,6 +171,8 @@ fn run_task(cli: Cli) -> Result<()> {
             require_root("cargo xtask bench")?;
             setup()?;
             build_libtoa()?;
+            // The modes' benchmark runs examples/peer_echo as a server process.
+            cargo(&["build", "--release", "--package", "toa", "--examples"])?;
             bench(quick)
         }
         Task::Kernels { kernels, no_debian, no_readme } => {
