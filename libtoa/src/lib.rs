@@ -14,7 +14,7 @@
 
 mod sys;
 
-use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 use toa_common::{
     config::v4_mapped,
@@ -33,6 +33,8 @@ static MAPPED: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
 static MAPPED_INO: AtomicU64 = AtomicU64::new(0);
 /// Monotonic second before which no new attempt to map the table is made.
 static NEXT_TRY: AtomicU64 = AtomicU64::new(0);
+/// A thread is mapping the table.
+static MAPPING: AtomicBool = AtomicBool::new(false);
 
 /// Runs when the library is loaded, before `main`: glibc passes `argc, argv, envp` to
 /// `.init_array` functions, so the environment is read without any libc call.
@@ -175,28 +177,75 @@ unsafe fn rewrite(fd: i32, addr: *mut u8, len: *mut u32, given: u32) {
     unsafe { write_client(addr, peer.family, &client) };
 }
 
-/// The entry of `key` with a client. A young connection in the policy's scope (the reader
-/// may be a few microseconds behind the kernel, which completed the handshake before accept()
-/// returned) is given a bounded wait for its entry.
+/// The entry of `key` with a client. A young connection in the policy's scope gets a bounded
+/// wait: the kernel queued the segment with the option to the reader before accept() (or the
+/// read before getpeername()) returned, but the reader may not have run yet. The wait ends as
+/// soon as the reader has caught up, with or without an entry.
 fn find(table: &Table<'_>, key: &Key, fd: i32) -> Option<Entry> {
-    let mut deadline = 0;
+    let found = || table.lookup(key).filter(Entry::has_client);
+    if let Some(entry) = found() {
+        return Some(entry);
+    }
+    if !table.in_scope(key.local_port, &key.remote) || !young(fd) {
+        return None;
+    }
+    let deadline = sys::monotonic_ns() + table.header.wait_us.load(Ordering::Relaxed) as u64 * 1000;
     loop {
-        match table.lookup(key) {
-            Some(entry) if entry.has_client() => return Some(entry),
-            _ => {}
-        }
-        let now = sys::monotonic_ns();
-        if deadline == 0 {
-            if !table.in_scope(key.local_port, &key.remote) || !young(fd) {
-                return None;
-            }
-            deadline = now + table.header.wait_us.load(Ordering::Relaxed) as u64 * 1000;
-        }
-        if now >= deadline {
-            return None;
+        if caught_up(table) {
+            // Everything the reader was sent before this call is in the table now.
+            return found();
         }
         sys::sleep_us(20);
+        if let Some(entry) = found() {
+            return Some(entry);
+        }
+        if sys::monotonic_ns() >= deadline {
+            return None;
+        }
     }
+}
+
+/// Whether the reader has stored everything its socket received: its queue is empty (`Rmem` of
+/// its line in `/proc/net/packet`, read first) and it is not busy (read second: it turns busy
+/// before taking a packet off the queue, idle only after storing it).
+fn caught_up(table: &Table<'_>) -> bool {
+    let ino = table.header.capture_ino.load(Ordering::Relaxed);
+    ino != 0 && packet_queue(ino) == Some(0) && table.header.reader_busy.load(Ordering::SeqCst) == 0
+}
+
+/// Bytes queued on the packet socket with inode `ino`, from `/proc/net/packet` (columns: sk
+/// RefCnt Type Proto Iface R Rmem User Inode, the same since Linux 2.6).
+fn packet_queue(ino: u64) -> Option<u64> {
+    let fd = sys::open_read(b"/proc/net/packet\0");
+    if fd < 0 {
+        return None;
+    }
+    // Not zero-filled (that would call the C library's memset): only what read() wrote is used.
+    let mut buf = core::mem::MaybeUninit::<[u8; 8192]>::uninit();
+    let base = buf.as_mut_ptr() as *mut u8;
+    let mut len = 0;
+    while len < 8192 {
+        let n = sys::read_raw(fd as i32, base.wrapping_add(len), 8192 - len);
+        if n <= 0 {
+            break;
+        }
+        len += n as usize;
+    }
+    sys::close(fd as i32);
+    // SAFETY: read() initialized the first `len` bytes.
+    let text = unsafe { core::slice::from_raw_parts(base, len) };
+    text.split(|b| *b == b'\n').skip(1).find_map(|line| {
+        let mut cols = line.split(|b| *b == b' ').filter(|c| !c.is_empty());
+        let rmem = cols.nth(6).and_then(decimal)?;
+        (cols.nth(1).and_then(decimal)? == ino).then_some(rmem)
+    })
+}
+
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| d.is_ascii_digit().then(|| n * 10 + (d - b'0') as u64))
 }
 
 /// Whether the connection has received no more segments than a TOA can arrive on (as the eBPF
@@ -242,6 +291,33 @@ unsafe fn write_client(p: *mut u8, family: u16, e: &Entry) {
 /// The table, if it is there, belongs to this network namespace and its reader is alive.
 fn table() -> Option<Table<'static>> {
     let now = sys::monotonic_ns() / 1_000_000_000;
+    if let Some(table) = mapped(now) {
+        return Some(table);
+    }
+    // Absent or stopped: one thread looks for a (new) table, at most once a second; the others
+    // wait for it rather than miss a connection while it maps.
+    if MAPPING.swap(true, Ordering::Acquire) {
+        for _ in 0..1000 {
+            if !MAPPING.load(Ordering::Acquire) {
+                break;
+            }
+            sys::sleep_us(1);
+        }
+        return mapped(now);
+    }
+    let next = NEXT_TRY.load(Ordering::Relaxed);
+    let table = if now >= next {
+        NEXT_TRY.store(now + 1, Ordering::Relaxed);
+        map_table(now)
+    } else {
+        None
+    };
+    MAPPING.store(false, Ordering::Release);
+    table
+}
+
+/// The table already mapped, if its reader is alive.
+fn mapped(now: u64) -> Option<Table<'static>> {
     let base = MAPPED.load(Ordering::Acquire);
     if !base.is_null() {
         // SAFETY: validated (size included) when mapped; mappings are never removed, and the
@@ -252,12 +328,7 @@ fn table() -> Option<Table<'static>> {
             return Some(table);
         }
     }
-    // Absent or stopped: look for a (new) table at most once a second.
-    let next = NEXT_TRY.load(Ordering::Relaxed);
-    if now < next || NEXT_TRY.compare_exchange(next, now + 1, Ordering::Relaxed, Ordering::Relaxed).is_err() {
-        return None;
-    }
-    map_table(now)
+    None
 }
 
 /// Maps the table file if it is a table of this namespace and not the one already mapped.

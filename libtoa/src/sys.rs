@@ -11,6 +11,7 @@ mod nr {
     pub const GETSOCKOPT: usize = 55;
     pub const OPENAT: usize = 257;
     pub const CLOSE: usize = 3;
+    pub const READ: usize = 0;
     pub const FSTAT: usize = 5;
     pub const NEWFSTATAT: usize = 262;
     pub const MMAP: usize = 9;
@@ -26,6 +27,7 @@ mod nr {
     pub const GETSOCKOPT: usize = 209;
     pub const OPENAT: usize = 56;
     pub const CLOSE: usize = 57;
+    pub const READ: usize = 63;
     pub const FSTAT: usize = 80;
     pub const NEWFSTATAT: usize = 79;
     pub const MMAP: usize = 222;
@@ -93,6 +95,12 @@ pub fn open_read(path: &[u8]) -> Ret {
     }
     // SAFETY: a NUL-terminated path.
     unsafe { syscall6(nr::OPENAT, [AT_FDCWD as usize, path.as_ptr() as usize, O_RDONLY_CLOEXEC, 0, 0, 0]) }
+}
+
+/// Reads up to `len` bytes to `buf` (which may be uninitialized); the count, or a negative errno.
+pub fn read_raw(fd: i32, buf: *mut u8, len: usize) -> Ret {
+    // SAFETY: the kernel writes at most `len` bytes at `buf`, which the caller owns.
+    unsafe { syscall6(nr::READ, [fd as usize, buf as usize, len, 0, 0, 0]) }
 }
 
 pub fn close(fd: i32) {

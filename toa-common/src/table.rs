@@ -27,7 +27,7 @@ use crate::{
 /// "TOATABL1", little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TOATABL1");
 /// Bumped on any change of the layout.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Bytes before the first bucket.
 pub const HEADER_SIZE: usize = 32 * 1024;
 /// Slots per bucket.
@@ -98,6 +98,13 @@ pub struct Header {
     pub netns_ino: u64,
     /// `CLOCK_MONOTONIC` seconds, refreshed by the reader at least once a second.
     pub heartbeat: AtomicU64,
+    /// Inode of the reader's capture socket (its line in `/proc/net/packet`).
+    pub capture_ino: AtomicU64,
+    /// 1 from before the reader takes a packet off its socket until it has stored what the
+    /// packets said and found the socket empty. With the socket's queue (`Rmem` in
+    /// `/proc/net/packet`) at 0, a 0 here means every packet received so far is in the table.
+    pub reader_busy: AtomicU32,
+    pub _pad2: u32,
     /// Total size of the file, checked by every process that maps it.
     pub total_size: u64,
     /// Seqlock over `config`, `trust_len` and `trust` (written by `toa load`, read by the reader).

@@ -279,13 +279,17 @@ impl<'a> Bench<'a> {
             r
         });
         self.set_option(false);
-        let waits =
-            self.compare(s, "no option, in scope (accept() waits 5 ms): no agent vs userspace", baseline, || {
+        let waits = self.compare(
+            s,
+            "no option, in scope (waits for the reader to catch up): no agent vs userspace",
+            baseline,
+            || {
                 reader(true, &[]);
                 let r = self.rate(s, 8096, false);
                 reader(false, &[]);
                 r
-            });
+            },
+        );
         let untrusted = self.compare(s, "no option, source outside --trust: no agent vs userspace", baseline, || {
             reader(true, &["--trust", "100.125.0.0/16"]);
             let r = self.rate(s, 8096, false);

@@ -218,6 +218,13 @@ impl Capture {
         })
     }
 
+    /// The socket's inode (its line in `/proc/net/packet`).
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        let fd = self.fd.as_raw_fd();
+        std::fs::metadata(format!("/proc/self/fd/{fd}")).map(|m| m.ino()).unwrap_or(0)
+    }
+
     /// Waits up to `timeout_ms` for a packet; false on timeout (or a signal).
     pub fn wait(&self, timeout_ms: i32) -> bool {
         let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };

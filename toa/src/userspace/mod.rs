@@ -537,6 +537,7 @@ impl Userspace {
         unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
         let pid = std::process::id();
         table.header.reader_pid.store(pid, Ordering::Relaxed);
+        table.header.capture_ino.store(capture.inode(), Ordering::Relaxed);
         table.header.heartbeat.store(monotonic_secs(), Ordering::Release);
         table.header.state.store(RUNNING, Ordering::Release);
         system::kernel_log("TOA: toa loaded (userspace mode)");
@@ -569,12 +570,16 @@ impl Userspace {
                 policy.trust_len = n;
                 table.header.config_applied.store(seq, Ordering::Release);
             }
+            // Busy from before the first packet leaves the socket until the socket is empty
+            // again and all it said is stored (libtoa.so reads this with the queue length).
+            table.header.reader_busy.store(1, Ordering::SeqCst);
             while let Some(pkt) = capture.recv(&mut buf)? {
                 table.count(TABLE_PACKETS, 1);
                 if let Some(seg) = reader::segment(pkt) {
                     reader::handle(&table, &policy, &seg, now as u32);
                 }
             }
+            table.header.reader_busy.store(0, Ordering::SeqCst);
         }
         table.header.state.store(STOPPED, Ordering::Release);
         table.clear_all();
