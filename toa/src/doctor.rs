@@ -57,6 +57,11 @@ pub fn run(pin_dir: &Path) -> Vec<Check> {
         }
         return checks;
     }
+    if matches!(system::parse_release(&system::kernel_release()), Some(v) if v < (5, 10)) {
+        // The eBPF checks below cannot pass here, and toa load will not need them.
+        checks.push(capture());
+        return checks;
+    }
     checks.push(programs_load());
     if let Ok(mount) = &v2 {
         checks.push(attach_scratch(mount));
@@ -77,8 +82,19 @@ fn kernel() -> Check {
     let release = system::kernel_release();
     match system::parse_release(&release) {
         Some(v) if v >= (5, 10) => pass("kernel", format!("{release} (5.10 or newer)")),
-        Some(_) => fail("kernel", format!("{release} is older than 5.10"), "upgrade the kernel to 5.10 or newer"),
+        Some(_) => pass(
+            "kernel",
+            format!("{release} is older than 5.10: toa load runs the userspace mode (eBPF needs 5.10)"),
+        ),
         None => pass("kernel", format!("{release} (version not recognised; the checks below decide)")),
+    }
+}
+
+/// Below 5.10: whether the userspace mode's capture socket (AF_PACKET + classic BPF) opens.
+fn capture() -> Check {
+    match crate::userspace::capture::Capture::open(&[]) {
+        Ok(_) => pass("capture", "AF_PACKET socket with its classic BPF filter opens: toa load --mode userspace works"),
+        Err(e) => fail("capture", format!("AF_PACKET capture socket: {e}"), "run as root (CAP_NET_RAW is needed)"),
     }
 }
 

@@ -35,13 +35,13 @@ enum Command {
         /// cgroup v2 directory to scope the agent to (default: the root, i.e. every process).
         #[arg(long)]
         cgroup: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         policy: PolicyArgs,
         #[command(flatten, next_help_heading = "Userspace mode")]
         userspace: UserspaceArgs,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
     },
     /// Run as a service: load, serve metrics, reload on SIGHUP, unload on SIGTERM.
     Run {
