@@ -82,10 +82,9 @@ fn kernel() -> Check {
     let release = system::kernel_release();
     match system::parse_release(&release) {
         Some(v) if v >= (5, 10) => pass("kernel", format!("{release} (5.10 or newer)")),
-        Some(_) => pass(
-            "kernel",
-            format!("{release} is older than 5.10: toa load runs the userspace mode (eBPF needs 5.10)"),
-        ),
+        Some(_) => {
+            pass("kernel", format!("{release} is older than 5.10: toa load runs the userspace mode (eBPF needs 5.10)"))
+        }
         None => pass("kernel", format!("{release} (version not recognised; the checks below decide)")),
     }
 }

@@ -186,6 +186,14 @@ fn stalled_or_dead_reader_keeps_real_addresses() {
     assert!(eventually(Duration::from_secs(3), || lab.status_json()["loaded"] == true));
     let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
     assert_eq!(out, answer(CLIENT, CLIENT));
+    // A reader stopped again is still ended by toa unload (its heartbeat is stale by then).
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_secs(4));
+    lab.unload();
+    let gone = || !Path::new(&format!("/proc/{pid}")).exists();
+    assert!(eventually(Duration::from_secs(5), gone), "reader {pid} left behind");
+    assert!(!lab.table.exists());
 }
 
 /// The table has a fixed size: more connections than slots evict the oldest, and entries go

@@ -501,9 +501,14 @@ impl Userspace {
             return Ok(false);
         };
         let pid = t.table().header.reader_pid.load(Ordering::Relaxed);
-        if t.live() && pid > 0 && is_reader(pid) {
-            // SAFETY: signalling the reader whose PID its table holds (checked to be a reader).
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        // Live or not: a reader that was stopped (SIGSTOP) has a stale heartbeat but must go too.
+        if pid > 0 && is_reader(pid) {
+            // SAFETY: signalling the reader whose PID its table holds (checked to be a reader);
+            // SIGCONT too, or a stopped reader would never see the SIGTERM.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+                libc::kill(pid as i32, libc::SIGCONT);
+            }
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline && is_reader(pid) {
                 std::thread::sleep(Duration::from_millis(2));
