@@ -120,9 +120,11 @@ fn run_task(cli: Cli) -> Result<()> {
             setup()?;
             for arch in arch {
                 build_static(&root, arch)?;
+                // libtoa.so asks nothing of the C library but errno: one build per architecture
+                // serves every glibc.
+                build_libtoa_for(arch)?;
             }
-            // libtoa.so asks nothing of the C library but errno: one build serves every glibc.
-            build_libtoa()
+            Ok(())
         }
         Task::Install { prefix } => {
             require_root("cargo xtask install")?;
@@ -202,6 +204,32 @@ fn fuzz(root: &Path, seconds: u32) -> Result<()> {
 /// toa-common's `user` feature brings into the main one).
 fn build_libtoa() -> Result<()> {
     cargo(&["build", "--release", "--manifest-path", "libtoa/Cargo.toml", "--target-dir", "target"])
+}
+
+/// libtoa.so for `arch` (glibc target; linked by rust-lld for arm64, see .cargo/config.toml).
+fn build_libtoa_for(arch: Arch) -> Result<()> {
+    if arch == Arch::X86_64 {
+        build_libtoa()?;
+        println!("built target/release/libtoa.so");
+        return Ok(());
+    }
+    let target = "aarch64-unknown-linux-gnu";
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    if !installed.lines().any(|t| t.trim() == target) {
+        run(Command::new("rustup").args(["target", "add", target]))?;
+    }
+    cargo(&[
+        "build",
+        "--release",
+        "--manifest-path",
+        "libtoa/Cargo.toml",
+        "--target-dir",
+        "target",
+        "--target",
+        target,
+    ])?;
+    println!("built target/{target}/release/libtoa.so");
+    Ok(())
 }
 
 fn bench(quick: bool) -> Result<()> {
