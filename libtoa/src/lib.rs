@@ -14,7 +14,7 @@
 
 mod sys;
 
-use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use toa_common::{
     config::v4_mapped,
@@ -33,8 +33,10 @@ static MAPPED: AtomicPtr<u8> = AtomicPtr::new(core::ptr::null_mut());
 static MAPPED_INO: AtomicU64 = AtomicU64::new(0);
 /// Monotonic second before which no new attempt to map the table is made.
 static NEXT_TRY: AtomicU64 = AtomicU64::new(0);
-/// A thread is mapping the table.
-static MAPPING: AtomicBool = AtomicBool::new(false);
+/// When (monotonic ns) a thread started mapping the table; 0 when none is. A claim older than
+/// 10 ms is taken over: its thread may be gone (a fork() in the middle leaves it set).
+static MAPPING: AtomicU64 = AtomicU64::new(0);
+const MAPPING_STALE_NS: u64 = 10_000_000;
 
 /// Runs when the library is loaded, before `main`: glibc passes `argc, argv, envp` to
 /// `.init_array` functions, so the environment is read without any libc call.
@@ -296,13 +298,18 @@ fn table() -> Option<Table<'static>> {
     }
     // Absent or stopped: one thread looks for a (new) table, at most once a second; the others
     // wait for it rather than miss a connection while it maps.
-    if MAPPING.swap(true, Ordering::Acquire) {
-        for _ in 0..1000 {
-            if !MAPPING.load(Ordering::Acquire) {
-                break;
-            }
+    let start = sys::monotonic_ns();
+    let claimed = MAPPING.load(Ordering::Acquire);
+    if claimed != 0 && start.saturating_sub(claimed) < MAPPING_STALE_NS {
+        while MAPPING.load(Ordering::Acquire) == claimed
+            && sys::monotonic_ns().saturating_sub(claimed) < MAPPING_STALE_NS
+        {
             sys::sleep_us(1);
         }
+        return mapped(now);
+    }
+    if MAPPING.compare_exchange(claimed, start, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        // Another thread claimed it this instant.
         return mapped(now);
     }
     let next = NEXT_TRY.load(Ordering::Relaxed);
@@ -312,7 +319,7 @@ fn table() -> Option<Table<'static>> {
     } else {
         None
     };
-    MAPPING.store(false, Ordering::Release);
+    MAPPING.store(0, Ordering::Release);
     table
 }
 
