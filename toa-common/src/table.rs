@@ -452,6 +452,17 @@ impl<'a> Table<'a> {
 
     /// Reads the policy consistently: `(config, trust entries written into `trust`)`.
     pub fn read_config(&self, trust: &mut [TrustEntry; TRUST_MAX]) -> (AgentConfig, usize) {
+        self.read_policy(|config, shared| {
+            for (i, t) in trust.iter_mut().enumerate().take(shared.len) {
+                *t = shared.get(i);
+            }
+            (*config, shared.len)
+        })
+    }
+
+    /// Runs `read` on the policy until it ran on a consistent one (the `config_seq` seqlock):
+    /// what it computed from a copy torn by a concurrent writer is thrown away.
+    fn read_policy<T>(&self, mut read: impl FnMut(&AgentConfig, SharedTrust) -> T) -> T {
         loop {
             let s1 = self.header.config_seq.load(Ordering::Acquire);
             if s1 & 1 != 0 {
@@ -460,14 +471,11 @@ impl<'a> Table<'a> {
             }
             // SAFETY: plain data; a torn copy is discarded by the sequence check below.
             let config = unsafe { core::ptr::read_volatile(self.header.config.get()) };
-            let n = (self.header.trust_len.load(Ordering::Relaxed) as usize).min(TRUST_MAX);
-            for (i, t) in trust.iter_mut().enumerate().take(n) {
-                // SAFETY: as above.
-                *t = unsafe { core::ptr::read_volatile((self.header.trust.get() as *const TrustEntry).add(i)) };
-            }
+            let len = (self.header.trust_len.load(Ordering::Relaxed) as usize).min(TRUST_MAX);
+            let out = read(&config, SharedTrust { base: self.header.trust.get() as *const TrustEntry, len });
             fence(Ordering::Acquire);
             if self.header.config_seq.load(Ordering::Relaxed) == s1 {
-                return (config, n);
+                return out;
             }
         }
     }
@@ -512,26 +520,24 @@ impl Table<'_> {
     /// (what `accept()` checks before waiting for the reader), read straight from the shared
     /// header: no copy of the trust list on the caller's stack.
     pub fn in_scope(&self, local_port: u16, remote: &[u8; 16]) -> bool {
-        loop {
-            let s1 = self.header.config_seq.load(Ordering::Acquire);
-            if s1 & 1 != 0 {
-                core::hint::spin_loop();
-                continue;
-            }
-            // SAFETY: plain data; a torn read is discarded by the sequence check.
-            let cfg = unsafe { core::ptr::read_volatile(self.header.config.get()) };
-            let mut ok = cfg.port_allowed(local_port);
-            if ok && cfg.has(FLAG_TRUST_REQUIRED) {
-                let n = (self.header.trust_len.load(Ordering::Relaxed) as usize).min(TRUST_MAX);
-                let base = self.header.trust.get() as *const TrustEntry;
-                // SAFETY: `n` ≤ TRUST_MAX entries of the array; torn reads discarded below.
-                ok = (0..n).any(|i| unsafe { core::ptr::read_volatile(base.add(i)) }.contains(remote));
-            }
-            fence(Ordering::Acquire);
-            if self.header.config_seq.load(Ordering::Relaxed) == s1 {
-                return ok;
-            }
-        }
+        self.read_policy(|cfg, trust| {
+            cfg.port_allowed(local_port)
+                && (!cfg.has(FLAG_TRUST_REQUIRED) || (0..trust.len).any(|i| trust.get(i).contains(remote)))
+        })
+    }
+}
+
+/// The trust list in the shared header, read entry by entry under `read_policy`.
+struct SharedTrust {
+    base: *const TrustEntry,
+    len: usize,
+}
+
+impl SharedTrust {
+    fn get(&self, i: usize) -> TrustEntry {
+        // SAFETY: `i < len ≤ TRUST_MAX` entries of the header's array (callers iterate below
+        // `len`; the index is clamped to stay inside); torn reads are discarded by the seqlock.
+        unsafe { core::ptr::read_volatile(self.base.add(i.min(TRUST_MAX - 1))) }
     }
 }
 

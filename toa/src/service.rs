@@ -65,12 +65,7 @@ pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
     }
 
     let ready = Arc::new(AtomicBool::new(true));
-    let http = {
-        let server = Arc::clone(&server);
-        let ready = Arc::clone(&ready);
-        let source = metrics::Source::Ebpf(settings.pin_dir.clone());
-        std::thread::spawn(move || serve(&server, source, &ready))
-    };
+    let http = spawn_http(&server, metrics::Source::Ebpf(settings.pin_dir.clone()), &ready);
 
     let mut signals = signals;
     for signal in signals.forever() {
@@ -147,12 +142,7 @@ fn run_userspace(
         "toa loaded (userspace mode); start applications with LD_PRELOAD=libtoa.so"
     );
     let ready = Arc::new(AtomicBool::new(true));
-    let http = {
-        let server = Arc::clone(&server);
-        let ready = Arc::clone(&ready);
-        let source = metrics::Source::Userspace(settings.table.clone());
-        std::thread::spawn(move || serve(&server, source, &ready))
-    };
+    let http = spawn_http(&server, metrics::Source::Userspace(settings.table.clone()), &ready);
     for signal in signals.forever() {
         if signal == SIGHUP {
             let reloaded = (|| {
@@ -187,6 +177,16 @@ fn run_userspace(
     server.unblock();
     let _ = http.join();
     Ok(())
+}
+
+/// The HTTP endpoint's thread.
+fn spawn_http(
+    server: &Arc<tiny_http::Server>,
+    source: metrics::Source,
+    ready: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let (server, ready) = (Arc::clone(server), Arc::clone(ready));
+    std::thread::spawn(move || serve(&server, source, &ready))
 }
 
 /// `/metrics`, `/healthz` (programs attached), `/readyz` (loaded and not stopping).
