@@ -4,7 +4,8 @@
 //! of BPF socket storage with each socket (`INET_DIAG_REQ_SK_BPF_STORAGES`, Linux ≥ 5.2): one
 //! dump per address family gives every socket of this network namespace together with what the
 //! agent stored for it, with no extra program and no per-socket lookup. The owning process is
-//! found by matching socket inodes in /proc/*/fd.
+//! found by matching socket inodes in /proc/*/fd. In the userspace mode each socket is looked up
+//! in the shared table by its 4-tuple instead.
 
 use std::{
     collections::HashMap,
@@ -16,9 +17,12 @@ use std::{
 
 use aya::maps::MapData;
 use serde::Serialize;
-use toa_common::{SockState, AF_INET, AF_INET6, STATE_FOUND};
+use toa_common::{
+    table::{Entry, Key, ENTRY_HAS_PORT},
+    SockState, AF_INET, AF_INET6, STATE_FOUND,
+};
 
-use crate::{error::chain, Error};
+use crate::{error::chain, userspace::TableFile, Error};
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -61,7 +65,7 @@ pub fn list(pin_dir: &Path) -> Result<Vec<Conn>, Error> {
     let owners = socket_owners();
     let mut conns = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        dump(family, map_fd, |msg, storage| {
+        dump(family, Some(map_fd), |msg, storage| {
             let Some(state) = storage else { return };
             if state.state != STATE_FOUND {
                 return;
@@ -77,17 +81,64 @@ pub fn list(pin_dir: &Path) -> Result<Vec<Conn>, Error> {
                 process,
             });
         })
-        .map_err(|e| {
-            let detail = if e.raw_os_error() == Some(libc::ENOENT) {
-                "this kernel has no TCP socket diagnostics loaded: modprobe tcp_diag".to_owned()
-            } else {
-                e.to_string()
-            };
-            Error::Read { what: "socket diagnostics (NETLINK_SOCK_DIAG)".into(), detail }
-        })?;
+        .map_err(diag_error)?;
     }
     conns.sort_by_key(|c| (c.local, c.balancer));
     Ok(conns)
+}
+
+/// The same list in the userspace mode: each TCP socket of this namespace looked up in the
+/// table by its 4-tuple (what libtoa.so does for the application).
+pub fn list_userspace(table: &Path) -> Result<Vec<Conn>, Error> {
+    let file = TableFile::open(table, false)?
+        .ok_or_else(|| Error::Userspace { detail: format!("no table at {}: toa is not loaded", table.display()) })?;
+    let table = file.table();
+    let owners = socket_owners();
+    let mut conns = Vec::new();
+    let mapped = |a: SocketAddr| match a.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        dump(family, None, |msg, _| {
+            let key = Key {
+                local: mapped(msg.local),
+                remote: mapped(msg.remote),
+                local_port: msg.local.port(),
+                remote_port: msg.remote.port(),
+            };
+            let Some(entry) = table.lookup(&key).filter(Entry::has_client) else { return };
+            let port =
+                if entry.flags & ENTRY_HAS_PORT != 0 { u16::from_be_bytes(entry.port) } else { msg.remote.port() };
+            let a = entry.addr;
+            let ip: IpAddr = if u16::from(entry.family) == AF_INET {
+                Ipv4Addr::new(a[0], a[1], a[2], a[3]).into()
+            } else {
+                Ipv6Addr::from(a).into()
+            };
+            let (pid, process) = owners.get(&msg.inode).cloned().map_or((None, None), |(p, c)| (Some(p), Some(c)));
+            conns.push(Conn {
+                local: msg.local,
+                balancer: msg.remote,
+                client: SocketAddr::new(ip, port),
+                state: tcp_state(msg.state),
+                pid,
+                process,
+            });
+        })
+        .map_err(diag_error)?;
+    }
+    conns.sort_by_key(|c| (c.local, c.balancer));
+    Ok(conns)
+}
+
+fn diag_error(e: io::Error) -> Error {
+    let detail = if e.raw_os_error() == Some(libc::ENOENT) {
+        "this kernel has no TCP socket diagnostics loaded: modprobe tcp_diag".to_owned()
+    } else {
+        e.to_string()
+    };
+    Error::Read { what: "socket diagnostics (NETLINK_SOCK_DIAG)".into(), detail }
 }
 
 fn client_addr(state: &SockState) -> Option<SocketAddr> {
@@ -107,8 +158,9 @@ struct DiagMsg {
     inode: u32,
 }
 
-/// Dumps every TCP socket of `family`, asking for the storage of map `map_fd` with each.
-fn dump(family: u8, map_fd: i32, mut each: impl FnMut(&DiagMsg, Option<SockState>)) -> io::Result<()> {
+/// Dumps every TCP socket of `family`, asking for the storage of map `map_fd` with each (none:
+/// the request old kernels also understand).
+fn dump(family: u8, map_fd: Option<i32>, mut each: impl FnMut(&DiagMsg, Option<SockState>)) -> io::Result<()> {
     // SAFETY: plain socket(2); the descriptor is owned right away.
     let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
     if fd < 0 {
@@ -121,9 +173,11 @@ fn dump(family: u8, map_fd: i32, mut each: impl FnMut(&DiagMsg, Option<SockState
     let mut req = vec![family, libc::IPPROTO_TCP as u8, 0, 0];
     req.extend_from_slice(&u32::MAX.to_ne_bytes());
     req.extend_from_slice(&[0u8; 48]);
-    // Nested attribute: which storage map to report.
-    let inner = attr(SK_DIAG_BPF_STORAGE_REQ_MAP_FD, &(map_fd as u32).to_ne_bytes());
-    req.extend_from_slice(&attr(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED, &inner));
+    if let Some(map_fd) = map_fd {
+        // Nested attribute: which storage map to report.
+        let inner = attr(SK_DIAG_BPF_STORAGE_REQ_MAP_FD, &(map_fd as u32).to_ne_bytes());
+        req.extend_from_slice(&attr(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED, &inner));
+    }
 
     let mut msg = Vec::with_capacity(16 + req.len());
     msg.extend_from_slice(&((16 + req.len()) as u32).to_ne_bytes());

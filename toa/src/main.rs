@@ -279,7 +279,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(netns) = netns {
                 enter_netns(&netns)?;
             }
-            let conns = toa::conns::list(&pin_dir)?;
+            let ebpf_loaded = pin_dir.join("socks").exists();
+            let conns = if !ebpf_loaded && userspace.path().exists() {
+                toa::conns::list_userspace(userspace.path())?
+            } else {
+                toa::conns::list(&pin_dir)?
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&conns)?);
             } else {
