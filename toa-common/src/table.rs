@@ -387,7 +387,11 @@ impl<'a> Table<'a> {
             free.write(entry);
             return Stored::Stored;
         }
-        let oldest = bucket.iter().min_by_key(|s| s.stamp()).expect("WAYS > 0");
+        // A full bucket gives up a connection still waiting for its option before one that has
+        // its client: a burst of SYNs (a flood) must not push out the addresses of open
+        // connections. Among equals, the oldest goes.
+        let oldest =
+            bucket.iter().min_by_key(|s| (s.read().is_some_and(|e| e.has_client()), s.stamp())).expect("WAYS > 0");
         oldest.write(entry);
         self.count(TABLE_EVICTED, 1);
         Stored::Evicted
@@ -598,6 +602,21 @@ mod tests {
         assert_eq!(t.lookup(&key(0)), None, "the oldest went");
         assert!(t.lookup(&key(1)).is_some() && t.lookup(&key(1000)).is_some());
         assert_eq!(t.counter(TABLE_EVICTED), 1);
+    }
+
+    #[test]
+    fn a_flood_of_pending_entries_does_not_evict_clients() {
+        let (_m, t) = table(1);
+        t.store(&found(1, 10));
+        for n in 100..100 + 3 * WAYS as u16 {
+            t.store(&Entry { state: PENDING, ..found(n, 20 + n as u32) });
+        }
+        assert!(t.lookup(&key(1)).is_some_and(|e| e.has_client()), "the older entry with a client stays");
+        // Only clients left: the oldest goes.
+        for n in 0..WAYS as u16 {
+            t.store(&found(200 + n, 1000 + n as u32));
+        }
+        assert_eq!(t.lookup(&key(1)), None);
     }
 
     #[test]
