@@ -71,15 +71,7 @@ pub fn list(pin_dir: &Path) -> Result<Vec<Conn>, Error> {
                 return;
             }
             let Some(client) = client_addr(&state) else { return };
-            let (pid, process) = owners.get(&msg.inode).cloned().map_or((None, None), |(p, c)| (Some(p), Some(c)));
-            conns.push(Conn {
-                local: msg.local,
-                balancer: msg.remote,
-                client,
-                state: tcp_state(msg.state),
-                pid,
-                process,
-            });
+            conns.push(Conn::of(msg, client, &owners));
         })
         .map_err(diag_error)?;
     }
@@ -116,20 +108,20 @@ pub fn list_userspace(table: &Path) -> Result<Vec<Conn>, Error> {
             } else {
                 Ipv6Addr::from(a).into()
             };
-            let (pid, process) = owners.get(&msg.inode).cloned().map_or((None, None), |(p, c)| (Some(p), Some(c)));
-            conns.push(Conn {
-                local: msg.local,
-                balancer: msg.remote,
-                client: SocketAddr::new(ip, port),
-                state: tcp_state(msg.state),
-                pid,
-                process,
-            });
+            conns.push(Conn::of(msg, SocketAddr::new(ip, port), &owners));
         })
         .map_err(diag_error)?;
     }
     conns.sort_by_key(|c| (c.local, c.balancer));
     Ok(conns)
+}
+
+impl Conn {
+    /// The socket `msg` with its `client`, and its owner if a process holds it.
+    fn of(msg: &DiagMsg, client: SocketAddr, owners: &HashMap<u32, (u32, String)>) -> Self {
+        let (pid, process) = owners.get(&msg.inode).cloned().map_or((None, None), |(p, c)| (Some(p), Some(c)));
+        Conn { local: msg.local, balancer: msg.remote, client, state: tcp_state(msg.state), pid, process }
+    }
 }
 
 fn diag_error(e: io::Error) -> Error {

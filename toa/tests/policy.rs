@@ -4,11 +4,6 @@
 #[macro_use]
 mod support;
 
-use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    process::Stdio,
-};
-
 use support::*;
 
 // The policies both modes honour (ByteDance's VIP and NAT64 lookups are eBPF only).
@@ -213,35 +208,21 @@ fn reconfiguring_keeps_open_connections(mode: Mode) {
     let mut lab = Lab::with_mode(mode);
     lab.load_with(&["--trust", "198.18.0.0/24"]);
     lab.rust_server("198.18.0.1:8080");
-    let mut child = lab
-        .probe_cmd("198.18.0.1:8080", &["--as", CLIENT, "--stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
-    let mut ask = || {
-        writeln!(child.stdin.as_mut().unwrap(), "?").unwrap();
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        line
-    };
-    assert_eq!(ask(), answer(CLIENT, CLIENT));
+    let mut conn = LiveConn::open(&lab, "198.18.0.1:8080");
+    assert_eq!(conn.ask(), answer(CLIENT, CLIENT));
     let ids = lab.status_json()["programs"].clone();
 
     // Trust another range: nothing detaches, the open connection keeps its client...
     let out = lab.load_with(&["--trust", "100.125.0.0/16"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("policy updated for new connections"));
     assert_eq!(lab.status_json()["programs"], ids, "no program was replaced");
-    assert_eq!(ask(), answer(CLIENT, CLIENT));
+    assert_eq!(conn.ask(), answer(CLIENT, CLIENT));
     // ...and a new one is no longer believed.
     let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
     let real = probe_source(&err);
     assert_eq!(out, answer(&real, &real));
 
-    drop(child.stdin.take());
-    assert!(child.wait().unwrap().success());
+    conn.close();
 }
 
 #[test]

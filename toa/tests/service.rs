@@ -2,11 +2,7 @@
 
 mod support;
 
-use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use support::*;
 
@@ -108,33 +104,6 @@ fn sighup_reloads_the_config_and_keeps_the_old_one_when_broken() {
     assert!(stderr.contains("configuration not reloaded"), "{stderr}");
 }
 
-/// A connection opened through `toa probe --stdin`: send a line, read the server's answer.
-struct LiveConn {
-    child: std::process::Child,
-    reader: BufReader<std::process::ChildStdout>,
-}
-
-impl LiveConn {
-    fn open(lab: &Lab, target: &str) -> Self {
-        let mut cmd = lab.probe_cmd(target, &["--as", CLIENT, "--stdin"]);
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-        let reader = BufReader::new(child.stdout.take().unwrap());
-        Self { child, reader }
-    }
-
-    fn ask(&mut self) -> String {
-        writeln!(self.child.stdin.as_mut().unwrap(), "still there?").unwrap();
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        line
-    }
-
-    fn close(mut self) {
-        drop(self.child.stdin.take());
-        assert!(self.child.wait().unwrap().success());
-    }
-}
-
 #[test]
 fn keep_loaded_restart_loses_no_client_and_conns_shows_it() {
     let mut lab = Lab::new();
@@ -159,9 +128,7 @@ fn keep_loaded_restart_loses_no_client_and_conns_shows_it() {
     assert_ne!(lab.status_json()["programs"], ids_before);
 
     // toa conns, in the server's namespace, shows exactly this connection.
-    let out = run(lab.toa().args(["conns", "--json", "--netns"]).arg(lab.netns_path(&lab.server_ns)));
-    let conns: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let conns = conns.as_array().unwrap();
+    let conns = lab.conns();
     assert_eq!(conns.len(), 1, "{conns:?}");
     assert_eq!(conns[0]["client"], CLIENT);
     assert_eq!(conns[0]["local"], "198.18.0.1:8080");

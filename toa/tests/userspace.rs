@@ -341,30 +341,17 @@ fn run_as_a_service_in_userspace_mode() {
 /// `toa conns` in userspace mode: the open connection, its client, and the preloaded process.
 #[test]
 fn conns_lists_the_connections_the_table_knows() {
-    use std::io::{BufRead as _, BufReader, Write as _};
     let mut lab = Lab::with_mode(Mode::Userspace);
     lab.load();
     lab.python_server(SERVER_V4, 8080);
-    let mut child = lab
-        .probe_cmd("198.18.0.1:8080", &["--as", CLIENT, "--stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    writeln!(child.stdin.as_mut().unwrap(), "?").unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert_eq!(line, answer(CLIENT, CLIENT));
-    let out = run(lab.toa().args(["conns", "--json", "--netns"]).arg(lab.netns_path(&lab.server_ns)));
-    let conns: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let conns = conns.as_array().unwrap();
+    let mut conn = LiveConn::open(&lab, "198.18.0.1:8080");
+    assert_eq!(conn.ask(), answer(CLIENT, CLIENT));
+    let conns = lab.conns();
     assert_eq!(conns.len(), 1, "{conns:?}");
     assert_eq!(conns[0]["client"], CLIENT);
     assert_eq!(conns[0]["local"], "198.18.0.1:8080");
     assert!(conns[0]["balancer"].as_str().unwrap().starts_with("198.18.0.2:"));
     assert_eq!(conns[0]["state"], "ESTAB");
     assert!(conns[0]["process"].as_str().unwrap().starts_with("python"), "{conns:?}");
-    drop(child.stdin.take());
-    assert!(child.wait().unwrap().success());
+    conn.close();
 }

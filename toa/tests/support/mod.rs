@@ -231,6 +231,13 @@ impl Lab {
         serde_json::from_slice(&out.stdout).expect("status --json is JSON")
     }
 
+    /// `toa conns --json` in the server namespace.
+    pub fn conns(&self) -> Vec<serde_json::Value> {
+        let out = run(self.toa().args(["conns", "--json", "--netns"]).arg(self.netns_path(&self.server_ns)));
+        let conns: serde_json::Value = serde_json::from_slice(&out.stdout).expect("conns --json is JSON");
+        conns.as_array().expect("a list").clone()
+    }
+
     pub fn stats(&self) -> serde_json::Value {
         let out = run(self.toa().args(["stats", "--json"]));
         serde_json::from_slice(&out.stdout).expect("stats --json is JSON")
@@ -415,6 +422,35 @@ impl Drop for Lab {
         for ns in [&self.server_ns, &self.client_ns] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
+    }
+}
+
+/// One connection from `toa probe --stdin` (announcing `CLIENT`), held open: each `ask` sends
+/// a line and returns the server's answer.
+pub struct LiveConn {
+    child: Child,
+    reader: BufReader<std::process::ChildStdout>,
+}
+
+impl LiveConn {
+    pub fn open(lab: &Lab, target: &str) -> Self {
+        let mut cmd = lab.probe_cmd(target, &["--as", CLIENT, "--stdin"]);
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+        let reader = BufReader::new(child.stdout.take().unwrap());
+        Self { child, reader }
+    }
+
+    pub fn ask(&mut self) -> String {
+        use std::io::Write as _;
+        writeln!(self.child.stdin.as_mut().unwrap(), "still there?").unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        line
+    }
+
+    pub fn close(mut self) {
+        drop(self.child.stdin.take());
+        assert!(self.child.wait().unwrap().success());
     }
 }
 
