@@ -263,6 +263,19 @@ impl<'a> Bench<'a> {
             self.set_agent(false);
             self.rate(s, 8095, false)
         };
+        // One run against the preloaded server with a reader started with `args`; with
+        // `options_seen`, checks that the reader recorded the connections' options, i.e. that
+        // what is measured is the reader at work.
+        let with_reader = |args: &[&str], options_seen: bool| {
+            reader(true, args);
+            let r = self.rate(s, 8096, false);
+            if options_seen {
+                let stats = toa::Userspace::new(&table).stats().expect("userspace stats");
+                assert!(stats.iter().any(|(n, v)| *n == "syn_recv_sock_toa" && *v > 0), "{stats:?}");
+            }
+            reader(false, &[]);
+            r
+        };
         self.set_option(true);
         let ebpf = self.compare(s, "TOA on every connection: no agent vs eBPF mode", baseline, || {
             self.set_agent(true);
@@ -270,31 +283,17 @@ impl<'a> Bench<'a> {
         });
         let userspace = self.compare(s, "TOA on every connection: no agent vs userspace mode", baseline, || {
             self.set_agent(false);
-            reader(true, &[]);
-            let r = self.rate(s, 8096, false);
-            // What is measured is the reader at work: it saw the connections' options.
-            let stats = toa::Userspace::new(&table).stats().expect("userspace stats");
-            assert!(stats.iter().any(|(n, v)| *n == "syn_recv_sock_toa" && *v > 0), "{stats:?}");
-            reader(false, &[]);
-            r
+            with_reader(&[], true)
         });
         self.set_option(false);
         let waits = self.compare(
             s,
             "no option, in scope (waits for the reader to catch up): no agent vs userspace",
             baseline,
-            || {
-                reader(true, &[]);
-                let r = self.rate(s, 8096, false);
-                reader(false, &[]);
-                r
-            },
+            || with_reader(&[], false),
         );
         let untrusted = self.compare(s, "no option, source outside --trust: no agent vs userspace", baseline, || {
-            reader(true, &["--trust", "100.125.0.0/16"]);
-            let r = self.rate(s, 8096, false);
-            reader(false, &[]);
-            r
+            with_reader(&["--trust", "100.125.0.0/16"], false)
         });
         self.set_option(true);
         let _ = fs::remove_dir(table.parent().unwrap());
