@@ -7,9 +7,12 @@
 //! an incoming TCP connection, no entry) leaves the kernel's answer untouched.
 //!
 //! The library is `no_std` and makes its system calls itself: its only libc symbol is
-//! `__errno_location`, so it loads into processes linked against any glibc (see
-//! `cargo xtask symbols`). The table's path comes from `TOA_TABLE` (default
-//! `/run/toa/table`), read once when the library is loaded.
+//! `__errno_location`, so it loads into processes linked against any glibc (a test in
+//! `toa/tests/userspace.rs` checks the symbols). The table's path comes from `TOA_TABLE`
+//! (default `/run/toa/table`), read once when the library is loaded.
+//!
+//! It counts what its lookups did in this process (`toa_libtoa_counter`), so that waits and
+//! lost clients are counted, never guessed from timings.
 #![no_std]
 
 mod sys;
@@ -37,6 +40,38 @@ static NEXT_TRY: AtomicU64 = AtomicU64::new(0);
 /// 10 ms is taken over: its thread may be gone (a fork() in the middle leaves it set).
 static MAPPING: AtomicU64 = AtomicU64::new(0);
 const MAPPING_STALE_NS: u64 = 10_000_000;
+
+/// This process's lookups, by what they did (the index `toa_libtoa_counter` takes).
+#[derive(Clone, Copy)]
+#[repr(u32)]
+enum Count {
+    /// A connection's peer was looked up (accept, accept4 or getpeername on a TCP socket).
+    Lookup = 0,
+    /// No live table: none there, another namespace's, or its reader is dead or stopped.
+    NoTable = 1,
+    /// The client was found and returned.
+    Found = 2,
+    /// A young connection in scope had no entry yet: a bounded wait began.
+    Wait = 3,
+    /// The wait ended because the reader had caught up (no entry was coming).
+    WaitCaughtUp = 4,
+    /// The wait ran to its bound (`accept_wait_us`): a reader lagging that much may lose a client.
+    WaitTimedOut = 5,
+}
+const COUNTS: usize = 6;
+static COUNTERS: [AtomicU64; COUNTS] = [const { AtomicU64::new(0) }; COUNTS];
+
+fn count(c: Count) {
+    COUNTERS[c as usize].fetch_add(1, Ordering::Relaxed);
+}
+
+/// This process's counter `index` (see `Count`: 0 lookups, 1 no live table, 2 found, 3 waits,
+/// 4 waits ended by the reader catching up, 5 waits that ran to their bound); 0 past the end.
+/// Found with `dlsym(RTLD_DEFAULT, "toa_libtoa_counter")` in a preloaded process.
+#[unsafe(no_mangle)]
+pub extern "C" fn toa_libtoa_counter(index: u32) -> u64 {
+    COUNTERS.get(index as usize).map_or(0, |c| c.load(Ordering::Relaxed))
+}
 
 /// Runs when the library is loaded, before `main`: glibc passes `argc, argv, envp` to
 /// `.init_array` functions, so the environment is read without any libc call.
@@ -161,7 +196,11 @@ unsafe fn rewrite(fd: i32, addr: *mut u8, len: *mut u32, given: u32) {
     let Some(peer) = (unsafe { read_sockaddr(addr, full) }) else {
         return;
     };
-    let Some(table) = table() else { return };
+    count(Count::Lookup);
+    let Some(table) = table() else {
+        count(Count::NoTable);
+        return;
+    };
     let mut local = [0u8; 128];
     let mut local_len = local.len() as u32;
     // SAFETY: a local buffer and its length.
@@ -175,6 +214,7 @@ unsafe fn rewrite(fd: i32, addr: *mut u8, len: *mut u32, given: u32) {
     let Some(client) = find(&table, &key, fd) else {
         return;
     };
+    count(Count::Found);
     // SAFETY: `full` bytes of the caller's buffer hold the peer of this family.
     unsafe { write_client(addr, peer.family, &client) };
 }
@@ -191,9 +231,11 @@ fn find(table: &Table<'_>, key: &Key, fd: i32) -> Option<Entry> {
     if !table.in_scope(key.local_port, &key.remote) || !young(fd) {
         return None;
     }
+    count(Count::Wait);
     let deadline = sys::monotonic_ns() + table.header.wait_us.load(Ordering::Relaxed) as u64 * 1000;
     loop {
         if caught_up(table) {
+            count(Count::WaitCaughtUp);
             // Everything the reader was sent before this call is in the table now.
             return found();
         }
@@ -202,6 +244,7 @@ fn find(table: &Table<'_>, key: &Key, fd: i32) -> Option<Entry> {
             return Some(entry);
         }
         if sys::monotonic_ns() >= deadline {
+            count(Count::WaitTimedOut);
             return None;
         }
     }

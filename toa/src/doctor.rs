@@ -33,6 +33,7 @@ fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -
     Check { name, ok: false, detail: detail.into(), fix: Some(fix.into()) }
 }
 
+const CAP_NET_RAW: u32 = 13;
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
@@ -42,8 +43,19 @@ const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
 
 /// Runs every check; `toa load` would work when all pass.
 pub fn run(pin_dir: &Path) -> Vec<Check> {
-    let mut checks = vec![kernel(), privileges()];
+    // The checks of the mode `toa load` picks here: the eBPF ones cannot pass below 5.10 (no
+    // CAP_BPF before 5.8, no cgroup v2 before 4.5), and the userspace mode needs none of them.
+    let userspace = crate::userspace::Mode::Auto.resolve() == crate::userspace::Mode::Userspace;
+    let mut checks = vec![kernel(), privileges(userspace)];
     let privileged = checks[1].ok;
+    if userspace {
+        checks.push(if privileged {
+            capture()
+        } else {
+            fail("capture", "not checked without privileges", "run toa doctor as root")
+        });
+        return checks;
+    }
     let v2 = cgroup::v2_mount();
     checks.push(match &v2 {
         Ok(m) => pass("cgroup v2", format!("mounted at {}", m.display())),
@@ -55,11 +67,6 @@ pub fn run(pin_dir: &Path) -> Vec<Check> {
         for name in ["BPF programs", "cgroup attach"] {
             checks.push(fail(name, why, "run toa doctor as root"));
         }
-        return checks;
-    }
-    if matches!(system::parse_release(&system::kernel_release()), Some(v) if v < (5, 10)) {
-        // The eBPF checks below cannot pass here, and toa load will not need them.
-        checks.push(capture());
         return checks;
     }
     checks.push(programs_load());
@@ -97,7 +104,9 @@ fn capture() -> Check {
     }
 }
 
-fn privileges() -> Check {
+/// The capabilities the mode needs: the eBPF mode loads and attaches programs; the userspace
+/// mode opens a packet socket and writes its table under /run (root's).
+fn privileges(userspace: bool) -> Check {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     let eff = status
         .lines()
@@ -105,13 +114,19 @@ fn privileges() -> Check {
         .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
         .unwrap_or(0);
     let has = |cap: u32| eff & (1 << cap) != 0;
-    let missing: Vec<&str> = [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
-        .into_iter()
-        .filter(|(c, _)| !has(*c))
-        .map(|(_, n)| n)
-        .collect();
-    if missing.is_empty() {
-        pass("privileges", "CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN")
+    let needed: &[(u32, &str)] = if userspace {
+        &[(CAP_NET_RAW, "CAP_NET_RAW")]
+    } else {
+        &[(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
+    };
+    let missing: Vec<&str> = needed.iter().filter(|(c, _)| !has(*c)).map(|(_, n)| *n).collect();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if missing.is_empty() && (root || !userspace) {
+        let names: Vec<&str> = needed.iter().map(|(_, n)| *n).collect();
+        pass("privileges", names.join(", "))
+    } else if missing.is_empty() {
+        fail("privileges", "not root: the table lives under /run/toa", "run as root (sudo)")
     } else {
         fail("privileges", format!("missing {}", missing.join(", ")), "run as root (sudo), or grant those capabilities")
     }

@@ -4,8 +4,6 @@
 #[macro_use]
 mod support;
 
-use std::time::Duration;
-
 use support::*;
 
 // The cases every mode must pass.
@@ -94,7 +92,7 @@ fn connection_without_option_keeps_its_address(mode: Mode) {
     lab.python_server(SERVER_V4, 8080);
     let (local, reply) = lab.plain_exchange("198.18.0.1:8080");
     assert_eq!(reply, answer(&local, &local));
-    assert!(eventually(Duration::from_secs(5), || lab.stats()["syn_recv_sock_no_toa"] == 1), "{}", lab.stats());
+    assert!(eventually(DEADLINE, || lab.stats()["syn_recv_sock_no_toa"] == 1), "{}", lab.stats());
     let stats = lab.stats();
     assert_eq!(stats["syn_recv_sock_toa"], 0);
     assert_eq!(stats["getname_toa_ok"], 0);
@@ -243,10 +241,7 @@ fn unload_restores_addresses_and_leaves_nothing(mode: Mode) {
         let out = lab.unload();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "toa unloaded\n");
         assert!(!lab.pin_dir.exists(), "pins left behind");
-        assert!(
-            eventually(Duration::from_secs(5), || ids.iter().all(|id| !program_exists(*id))),
-            "programs still loaded: {ids:?}"
-        );
+        assert!(eventually(DEADLINE, || ids.iter().all(|id| !program_exists(*id))), "programs still loaded: {ids:?}");
         assert!(
             !cgroup_attachments(&lab.cgroup).contains("toa_"),
             "still attached: {}",
@@ -259,7 +254,7 @@ fn unload_restores_addresses_and_leaves_nothing(mode: Mode) {
         assert!(!lab.table.exists(), "table left behind");
         // Gone once its new parent (init) has reaped it.
         let gone = || !std::path::Path::new(&format!("/proc/{pid}")).exists();
-        assert!(eventually(Duration::from_secs(5), gone), "reader {pid} still there");
+        assert!(eventually(DEADLINE, gone), "reader {pid} still there");
     }
     assert_eq!(lab.status_json()["loaded"], false);
 

@@ -3,7 +3,10 @@
 
 For each line a client sends: answer with the address accept() returned for the connection
 and the one getpeername() returns now (and with --sockname, what getsockname() returns); close
-when the client does. Usage: peer_echo.py HOST PORT [--sockname]
+when the client does. With --libtoa-counters FILE, after each connection it rewrites FILE
+with "connections=N" and the counters of the libtoa.so preloaded into this process, so that
+tests count what its lookups did. Usage: peer_echo.py HOST PORT [--sockname]
+[--libtoa-counters FILE]
 """
 import socket
 import sys
@@ -13,6 +16,25 @@ import threading
 def show(addr):
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+LIBTOA_COUNTERS = ["lookups", "no_table", "found", "waits", "waits_caught_up", "waits_timed_out"]
+closed = 0
+closed_lock = threading.Lock()
+
+
+def write_libtoa_counters(path):
+    """Writes this process's libtoa counters to `path` (atomically: a new file renamed)."""
+    import ctypes
+    import os
+
+    counter = ctypes.CDLL(None).toa_libtoa_counter
+    counter.restype = ctypes.c_uint64
+    counter.argtypes = [ctypes.c_uint32]
+    text = f"connections={closed}\n" + "".join(f"{n}={counter(i)}\n" for i, n in enumerate(LIBTOA_COUNTERS))
+    with open(path + ".new", "w") as f:
+        f.write(text)
+    os.rename(path + ".new", path)
 
 
 def main():
@@ -41,6 +63,11 @@ def answer(conn, accepted):
                 conn.sendall((reply + "\n").encode())
         except OSError:
             pass
+    if "--libtoa-counters" in sys.argv:
+        global closed
+        with closed_lock:
+            closed += 1
+            write_libtoa_counters(sys.argv[sys.argv.index("--libtoa-counters") + 1])
 
 
 if __name__ == "__main__":

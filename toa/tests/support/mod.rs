@@ -29,6 +29,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// How long a test waits for an event (a line, a file, a counter, a socket that accepts)
+/// before it calls it a hang. It only bounds a hang: qemu guests run 10–50× slower than the
+/// host, and nothing is ever measured against it.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
 /// The client the tests' probes announce.
 pub const CLIENT: &str = "203.0.113.7:4242";
 pub const CLIENT6: &str = "[2001:db8::7]:4242";
@@ -83,15 +88,16 @@ fn ip(args: &[&str]) {
 
 /// The cgroup v2 mount point, from /proc/mounts. Privileged tests fail loudly without it.
 pub fn cgroup2_mount() -> PathBuf {
+    cgroup2_mount_if_any().expect("these tests need a cgroup v2 hierarchy mounted")
+}
+
+/// The cgroup v2 mount point, if there is one (there is none before Linux 4.5).
+pub fn cgroup2_mount_if_any() -> Option<PathBuf> {
     let mounts = fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
-    let dir = mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<_> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
-        })
-        .expect("these tests need a cgroup v2 hierarchy mounted");
-    PathBuf::from(dir)
+    mounts.lines().find_map(|l| {
+        let f: Vec<_> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    })
 }
 
 /// How the lab's agent runs: the eBPF programs, or the userspace mode (capture reader + the
@@ -138,20 +144,28 @@ impl Lab {
         // SAFETY: geteuid has no preconditions.
         assert_eq!(unsafe { libc::geteuid() }, 0, "the end-to-end tests must run as root");
         // An agent on the cgroup root rewrites the test servers' addresses too, which would
-        // make "the real address is kept" untestable.
-        let root_hooks = cgroup_attachments(&cgroup2_mount());
-        assert!(
-            !root_hooks.contains("toa_sock_ops"),
-            "toa is loaded on the cgroup v2 root of this host; the end-to-end tests need it \
-             unloaded: run `toa unload` first\n{root_hooks}"
-        );
+        // make "the real address is kept" untestable. (The userspace mode runs where there may
+        // be no cgroup v2 at all: before 4.5.)
+        let v2 = match mode {
+            Mode::Ebpf => Some(cgroup2_mount()),
+            Mode::Userspace => cgroup2_mount_if_any(),
+        };
+        if let Some(v2) = &v2 {
+            let root_hooks = cgroup_attachments(v2);
+            assert!(
+                !root_hooks.contains("toa_sock_ops"),
+                "toa is loaded on the cgroup v2 root of this host; the end-to-end tests need it \
+                 unloaded: run `toa unload` first\n{root_hooks}"
+            );
+        }
         let name = format!("toa-t{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
         let lab = Lab {
             mode,
             table: PathBuf::from("/run/toa-tests").join(&name).join("table"),
             server_ns: format!("{name}-s"),
             client_ns: format!("{name}-c"),
-            cgroup: cgroup2_mount().join(&name),
+            // The userspace mode needs no cgroup: its lab makes none.
+            cgroup: v2.filter(|_| mode == Mode::Ebpf).map(|v2| v2.join(&name)).unwrap_or_default(),
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
             name,
             servers: Vec::new(),
@@ -179,7 +193,9 @@ impl Lab {
             ip(&["-n", ns, "link", "set", "eth0", "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
-        fs::create_dir(&lab.cgroup).expect("create the test cgroup");
+        if mode == Mode::Ebpf {
+            fs::create_dir(&lab.cgroup).expect("create the test cgroup");
+        }
         lab
     }
 
@@ -210,6 +226,12 @@ impl Lab {
             }
             Mode::Userspace => {
                 cmd.args(["load", "--mode", "userspace"]).args(args);
+                // The longest wait allowed, unless the test sets its own: a reader that lags on
+                // a loaded machine or in a slow guest must not cost a client here. The default
+                // bound is the benchmark's business.
+                if !args.contains(&"--accept-wait-us") {
+                    cmd.args(["--accept-wait-us", "1000000"]);
+                }
                 in_netns_and_cgroup(&mut cmd, &self.netns_path(&self.server_ns), None);
             }
         }
@@ -271,7 +293,7 @@ impl Lab {
 
     fn start_server(&mut self, mut cmd: Command) {
         self.server_env(&mut cmd);
-        in_netns_and_cgroup(&mut cmd, &self.netns_path(&self.server_ns), Some(&self.cgroup));
+        in_netns_and_cgroup(&mut cmd, &self.netns_path(&self.server_ns), self.server_cgroup());
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
@@ -321,7 +343,7 @@ impl Lab {
         self.in_server_ns(move || {
             use std::io::{Read as _, Write as _};
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            s.set_read_timeout(Some(DEADLINE)).ok()?;
             write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
             let mut text = String::new();
             s.read_to_string(&mut text).ok()?;
@@ -339,8 +361,8 @@ impl Lab {
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         in_netns_and_cgroup(&mut cmd, &self.netns_path(&self.server_ns), None);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        let mut service = Service { child: Some(child) };
-        let ready = eventually(Duration::from_secs(10), || {
+        let mut service = Service::new(child);
+        let ready = eventually(DEADLINE, || {
             assert!(service.running(), "toa run exited early: {}", service.stderr());
             matches!(self.http_get(port, "/readyz"), Some((200, _)))
         });
@@ -376,6 +398,11 @@ impl Lab {
         (format!("{}:{sport}", raw_tcp::SPOOFED), reply)
     }
 
+    /// The cgroup the servers run in: the lab's in eBPF mode, none in userspace mode.
+    pub fn server_cgroup(&self) -> Option<&Path> {
+        (self.mode == Mode::Ebpf).then_some(self.cgroup.as_path())
+    }
+
     /// A second cgroup inside the lab's, removed with the lab.
     pub fn sub_cgroup(&self, name: &str) -> PathBuf {
         let dir = self.cgroup.join(name);
@@ -389,8 +416,8 @@ impl Lab {
         use std::io::{Read as _, Write as _};
         let target: std::net::SocketAddr = target.parse().unwrap();
         self.in_client_ns(move || {
-            let mut s = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut s = std::net::TcpStream::connect_timeout(&target, DEADLINE).unwrap();
+            s.set_read_timeout(Some(DEADLINE)).unwrap();
             s.write_all(b"plain\n").unwrap();
             s.shutdown(std::net::Shutdown::Write).unwrap();
             let mut reply = String::new();
@@ -413,12 +440,14 @@ impl Drop for Lab {
             let _ = fs::remove_dir_all(dir);
             let _ = fs::remove_dir("/run/toa-tests");
         }
-        if let Ok(subs) = fs::read_dir(&self.cgroup) {
-            for sub in subs.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
-                let _ = fs::remove_dir(sub.path());
+        if self.mode == Mode::Ebpf {
+            if let Ok(subs) = fs::read_dir(&self.cgroup) {
+                for sub in subs.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+                    let _ = fs::remove_dir(sub.path());
+                }
             }
+            let _ = fs::remove_dir(&self.cgroup);
         }
-        let _ = fs::remove_dir(&self.cgroup);
         for ns in [&self.server_ns, &self.client_ns] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
@@ -454,12 +483,32 @@ impl LiveConn {
     }
 }
 
-/// A `toa run` started by a test; `Drop` ends it (by its PID) if the test did not.
+/// A `toa run` started by a test; `Drop` ends it (by its PID) if the test did not. Its stderr
+/// (the log) is collected as it comes, so that a test can wait for a line.
 pub struct Service {
     child: Option<Child>,
+    log: std::sync::Arc<(std::sync::Mutex<String>, std::sync::Condvar)>,
+    collector: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Service {
+    fn new(mut child: Child) -> Self {
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = std::sync::Arc::new((std::sync::Mutex::new(String::new()), std::sync::Condvar::new()));
+        let shared = log.clone();
+        let collector = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let (text, changed) = &*shared;
+                let mut text = text.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+                changed.notify_all();
+            }
+        });
+        Service { child: Some(child), log, collector: Some(collector) }
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("running").id() as i32
     }
@@ -473,18 +522,36 @@ impl Service {
         assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
     }
 
+    /// Waits until the log has `n` lines containing `text` (bounded by `DEADLINE`).
+    pub fn wait_for_log(&self, text: &str, n: usize) {
+        let (log, changed) = &*self.log;
+        let (log, timeout) =
+            changed.wait_timeout_while(log.lock().unwrap(), DEADLINE, |log| log.matches(text).count() < n).unwrap();
+        assert!(!timeout.timed_out(), "toa run did not log {text:?} {n} time(s):\n{log}");
+    }
+
     /// SIGTERM, then waits for the exit; returns (success, stderr).
     pub fn stop(&mut self) -> (bool, String) {
         self.signal(libc::SIGTERM);
-        let child = self.child.take().expect("running");
-        let out = child.wait_with_output().expect("wait for toa run");
-        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let mut child = self.child.take().expect("running");
+        let status = child.wait().expect("wait for toa run");
+        (status.success(), self.collected())
+    }
+
+    /// Everything it logged, once it has exited.
+    fn collected(&mut self) -> String {
+        if let Some(collector) = self.collector.take() {
+            let _ = collector.join();
+        }
+        self.log.0.lock().unwrap().clone()
     }
 
     fn stderr(&mut self) -> String {
-        let Some(mut child) = self.child.take() else { return String::new() };
-        let _ = child.kill();
-        child.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default()
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.collected()
     }
 }
 
@@ -557,20 +624,37 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-/// Whether bpftool still shows the program with this id.
+/// Whether the kernel still has the program with this id.
 pub fn program_exists(id: u64) -> bool {
-    Command::new("bpftool")
-        .args(["prog", "show", "id", &id.to_string()])
-        .output()
-        .expect("bpftool is needed by the tests (installed by `cargo xtask setup`)")
-        .status
-        .success()
+    aya::programs::loaded_programs().filter_map(Result::ok).any(|p| u64::from(p.id()) == id)
 }
 
-/// Programs bpftool shows attached to a cgroup (its own attachments only).
+/// The names of the programs attached to a cgroup (its own attachments only), one per line as
+/// `HOOK NAME`. Asked of the kernel directly (BPF_PROG_QUERY), not of bpftool, whose newer
+/// releases fail on older kernels.
 pub fn cgroup_attachments(cgroup: &Path) -> String {
-    let out = run(Command::new("bpftool").arg("cgroup").arg("show").arg(cgroup));
-    String::from_utf8(out.stdout).unwrap()
+    const HOOKS: [(u32, &str); 6] = [
+        (3, "sock_ops"),
+        (29, "getpeername4"),
+        (30, "getpeername6"),
+        (31, "getsockname4"),
+        (32, "getsockname6"),
+        (22, "getsockopt"),
+    ];
+    let names: Vec<(u32, String)> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| (p.id(), p.name_as_str().unwrap_or("?").to_owned()))
+        .collect();
+    let mut text = String::new();
+    for (attach_type, hook) in HOOKS {
+        for id in
+            toa::cgroup_programs(cgroup, attach_type).unwrap_or_else(|e| panic!("query {}: {e}", cgroup.display()))
+        {
+            let name = names.iter().find(|(i, _)| *i == id).map_or("?", |(_, n)| n.as_str());
+            text.push_str(&format!("{hook} {name}\n"));
+        }
+    }
+    text
 }
 
 /// A TCP client written by hand, for option areas the kernel's own stack would never send
@@ -583,7 +667,7 @@ pub mod raw_tcp {
         io,
         net::Ipv4Addr,
         os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-        time::{Duration, Instant},
+        time::Instant,
     };
 
     pub const SPOOFED: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
@@ -700,7 +784,7 @@ pub mod raw_tcp {
         };
         // The server's next segment to us that satisfies `want`.
         let wait = |want: &dyn Fn(&Seen) -> bool| -> io::Result<Seen> {
-            let deadline = Instant::now() + Duration::from_secs(3);
+            let deadline = Instant::now() + super::DEADLINE;
             let mut buf = [0u8; 2048];
             while Instant::now() < deadline {
                 // SAFETY: recv into our buffer.
