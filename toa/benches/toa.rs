@@ -565,6 +565,7 @@ fn toa_config(on: bool) -> toa_common::probe::ProbeConfig {
         interactive: false,
         raw_options: Vec::new(),
         parallel: false,
+        from: None,
     };
     let mut cfg = probe::config(&options, options.client).expect("a valid option");
     if !on {

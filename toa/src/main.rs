@@ -126,6 +126,11 @@ enum Command {
         /// its own source port.
         #[arg(long, conflicts_with = "stdin")]
         parallel: bool,
+        /// Speak TCP from this address, the balancer's own (one this host does not own, which the
+        /// backend reaches at this host's MAC), instead of through the kernel: for kernels older
+        /// than 5.10, where the probe's eBPF writer cannot load.
+        #[arg(long, value_name = "IP")]
+        from: Option<std::net::IpAddr>,
     },
 }
 
@@ -295,10 +300,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Probe { target, client, on, message, timeout, count, stdin, raw_options, parallel } => {
+        Command::Probe { target, client, on, message, timeout, count, stdin, raw_options, parallel, from } => {
             let timeout = Duration::from_secs(timeout);
-            let options =
-                ProbeOptions { target, client, on, message, timeout, count, interactive: stdin, raw_options, parallel };
+            let options = ProbeOptions {
+                target,
+                client,
+                on,
+                message,
+                timeout,
+                count,
+                interactive: stdin,
+                raw_options,
+                parallel,
+                from,
+            };
             probe::run(&options, |exchange| {
                 // What the backend said on stdout; what the probe did on stderr.
                 if !stdin {

@@ -139,8 +139,11 @@ fn malformed_options_keep_the_real_address(mode: Mode) {
     assert_eq!(stats["syn_recv_sock_toa"], 0);
     assert_eq!(stats["getname_toa_ok"], 0);
     // Only the three wrong lengths are malformed TOAs; a TOA hidden inside another option and
-    // kind 253 are well-formed lists without a (classic) TOA.
-    assert_eq!(stats["option_malformed"], 3);
+    // kind 253 are well-formed lists without a (classic) TOA. The reader's filter passes only
+    // option areas that can hold a TOA (8 bytes or more): the 4-byte one reaches it only beside
+    // the timestamps the kernel's writer adds, not from the probe's own TCP (before 5.10).
+    let expected = if mode == Mode::Userspace && !kernel_has_writer() { 2 } else { 3 };
+    assert_eq!(stats["option_malformed"], expected);
 }
 
 /// The shapes the kernel's option writer refuses to send, from a hand-written client: the real

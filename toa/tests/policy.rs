@@ -78,13 +78,15 @@ fn ipv6_layouts_of_other_kinds_and_alibaba_cdn(mode: Mode) {
 
 fn trust_list_decides_who_may_speak(mode: Mode) {
     let mut lab = Lab::with_mode(mode);
-    lab.load_with(&["--trust", "198.18.0.2/32", "--trust", "fd00::2/128"]);
+    let (v4, v6) = probe_sources();
+    let (v4, v6) = (format!("{v4}/32"), format!("{v6}/128"));
+    lab.load_with(&["--trust", &v4, "--trust", &v6]);
     lab.python_server("::", 8080);
     let status = lab.status_json();
     assert_eq!(status["spoofable"], false);
-    assert_eq!(status["policy"]["trust"], serde_json::json!(["198.18.0.2/32", "fd00::2/128"]));
+    assert_eq!(status["policy"]["trust"], serde_json::json!([v4, v6]));
 
-    // Trusted over IPv4 (to a dual-stack socket: the trie holds ::ffff:198.18.0.2) and IPv6.
+    // Trusted over IPv4 (to a dual-stack socket: the trie holds the IPv4-mapped address) and IPv6.
     let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
     let mapped = "[::ffff:203.0.113.7]:4242";
     assert_eq!(out, answer(mapped, mapped));

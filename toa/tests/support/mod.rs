@@ -62,6 +62,32 @@ pub const SERVER_V4: &str = "198.18.0.1";
 pub const CLIENT_V4: &str = "198.18.0.2";
 pub const SERVER_V6: &str = "fd00::1";
 pub const CLIENT_V6: &str = "fd00::2";
+/// The balancer's own addresses on the link (FULLNAT's local address), which no namespace owns:
+/// the server namespace reaches them at the client namespace's MAC. The probe speaks TCP from
+/// there where the kernel's writer is missing (before 5.10), and so does `raw_tcp`.
+pub const BALANCER_V4: &str = "198.18.0.3";
+pub const BALANCER_V6: &str = "fd00::3";
+
+/// The addresses the probe's connections come from: the client namespace's own, or the
+/// balancer's where the probe speaks TCP itself.
+pub fn probe_sources() -> (&'static str, &'static str) {
+    if kernel_has_writer() {
+        (CLIENT_V4, CLIENT_V6)
+    } else {
+        (BALANCER_V4, BALANCER_V6)
+    }
+}
+
+/// Whether this kernel can run the probe's eBPF writer (sock_ops header options, 5.10).
+/// `TOA_TEST_RAW_PROBE=1` takes the older kernels' path on any kernel.
+pub fn kernel_has_writer() -> bool {
+    if std::env::var_os("TOA_TEST_RAW_PROBE").is_some_and(|v| v == "1") {
+        return false;
+    }
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("read the kernel release");
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (5, 10)
+}
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -196,6 +222,13 @@ impl Lab {
         if mode == Mode::Ebpf {
             fs::create_dir(&lab.cgroup).expect("create the test cgroup");
         }
+        // The server namespace reaches the balancer's addresses at the client's MAC.
+        let link = run(Command::new("ip").args(["-n", &lab.client_ns, "-o", "link", "show", "eth0"]));
+        let link = String::from_utf8_lossy(&link.stdout).into_owned();
+        let mac = link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).expect("the client's MAC");
+        for balancer in [BALANCER_V4, BALANCER_V6] {
+            ip(&["-n", &lab.server_ns, "neigh", "replace", balancer, "lladdr", mac, "dev", "eth0", "nud", "permanent"]);
+        }
         lab
     }
 
@@ -320,9 +353,17 @@ impl Lab {
         (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
     }
 
+    /// `toa probe` from the client namespace. Before 5.10 it speaks TCP itself from the
+    /// balancer's address (`--from`), as the kernel's writer is missing there.
     pub fn probe_cmd(&self, target: &str, args: &[&str]) -> Command {
         let mut cmd = self.toa();
         cmd.arg("probe").arg(target).args(args);
+        if !args.contains(&"--timeout") {
+            cmd.args(["--timeout", &DEADLINE.as_secs().to_string()]);
+        }
+        if !kernel_has_writer() && !args.contains(&"--from") {
+            cmd.args(["--from", if target.starts_with('[') { BALANCER_V6 } else { BALANCER_V4 }]);
+        }
         in_netns_and_cgroup(&mut cmd, &self.netns_path(&self.client_ns), None);
         cmd
     }
@@ -373,24 +414,6 @@ impl Lab {
     /// Sends `options` on the handshake ACK from a hand-written client (see `raw_tcp`) and
     /// returns (the client's address, the server's answer to one line).
     pub fn raw_exchange(&self, port: u16, sport: u16, options: &[u8]) -> (String, String) {
-        // The server namespace reaches the spoofed address at the client's MAC.
-        let link = run(Command::new("ip").args(["-n", &self.client_ns, "-o", "link", "show", "eth0"]));
-        let link = String::from_utf8_lossy(&link.stdout).into_owned();
-        let mac =
-            link.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).expect("the client's MAC").to_owned();
-        ip(&[
-            "-n",
-            &self.server_ns,
-            "neigh",
-            "replace",
-            &raw_tcp::SPOOFED.to_string(),
-            "lladdr",
-            &mac,
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
-        ]);
         let options = options.to_vec();
         let reply = self.in_client_ns(move || {
             raw_tcp::exchange("198.18.0.1".parse().unwrap(), port, sport, &options, b"raw\n").expect("raw exchange")
@@ -599,11 +622,19 @@ pub fn in_netns_and_cgroup(cmd: &mut Command, netns: &Path, cgroup: Option<&Path
     }
 }
 
-/// Path of an example binary built by `cargo test` next to the test binaries.
+/// Path of an example binary built by `cargo test` next to the test binaries, or in
+/// `TOA_EXAMPLES_DIR` (the kernel matrix runs static test binaries with dynamically linked
+/// examples: libtoa.so can only be preloaded into those).
 pub fn example_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/e2e-… → target/<profile>/examples/<name>
-    let path = exe.parent().and_then(Path::parent).expect("target dir").join("examples").join(name);
+    let dir = match std::env::var_os("TOA_EXAMPLES_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        // target/<profile>/deps/e2e-… → target/<profile>/examples/<name>
+        None => {
+            let exe = std::env::current_exe().expect("current_exe");
+            exe.parent().and_then(Path::parent).expect("target dir").join("examples")
+        }
+    };
+    let path = dir.join(name);
     assert!(
         path.exists(),
         "{} missing: build it first (`cargo build --examples`; `cargo xtask test` does)",

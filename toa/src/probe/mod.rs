@@ -1,6 +1,9 @@
 //! `toa probe`: play the load balancer. Connects to a backend with a TOA option naming a chosen
 //! client, sends one line and returns the backend's answer. The writer program is attached to a
-//! cgroup made for this process alone and everything is removed before returning.
+//! cgroup made for this process alone and everything is removed before returning. Where that
+//! program cannot load (before 5.10), `--from` makes the probe speak TCP itself (`raw`).
+
+mod raw;
 
 use std::{
     io::{Read as _, Write as _},
@@ -57,6 +60,9 @@ pub struct ProbeOptions {
     /// Open the `count` connections all at once; each announces the client IPv4 address with
     /// its own source port.
     pub parallel: bool,
+    /// Speak TCP from this address (the balancer's own, not this host's) instead of through
+    /// the kernel's writer: for kernels without the sock_ops header-option hooks.
+    pub from: Option<std::net::IpAddr>,
 }
 
 /// The classic TOA announcing `client`.
@@ -111,6 +117,13 @@ pub fn config(options: &ProbeOptions, client: SocketAddr) -> Result<ProbeConfig,
     Ok(cfg)
 }
 
+/// The option bytes to write for a connection announcing `client`, checked as the kernel's
+/// writer would check them.
+pub fn option_list(options: &ProbeOptions, client: SocketAddr) -> Result<Vec<u8>, Error> {
+    let cfg = config(options, client)?;
+    Ok((0..cfg.count as usize).flat_map(|i| cfg.options[i][..cfg.lens[i] as usize].to_vec()).collect())
+}
+
 /// One connection of a probe.
 #[derive(Clone, Debug)]
 pub struct Exchange {
@@ -125,7 +138,24 @@ pub struct Exchange {
 /// Runs the probe, calling `on_reply` after each connection.
 pub fn run(options: &ProbeOptions, mut on_reply: impl FnMut(&Exchange)) -> Result<(), Error> {
     system::require_root("toa probe")?;
-    system::require_kernel()?;
+    if let Some(from) = options.from {
+        if options.parallel
+            && (!options.client.is_ipv4() || !options.raw_options.is_empty() || options.on == Segment::Syn)
+        {
+            return Err(Error::Probe {
+                detail: "--parallel announces IPv4 clients on the ACK or data segment, without --raw-option".into(),
+            });
+        }
+        return raw::run(options, from, on_reply);
+    }
+    system::require_kernel().map_err(|_| Error::Probe {
+        detail: format!(
+            "kernel {} is older than 5.10: the probe's kernel writer needs the sock_ops header-option hooks. \
+             Give --from ADDR (the balancer's address on this link, one this host does not own, which the \
+             backend reaches at this host's MAC): the probe then speaks TCP itself",
+            system::kernel_release()
+        ),
+    })?;
     programs::require_embedded()?;
     system::raise_memlock();
     let announced = |i: u32| {
@@ -303,6 +333,7 @@ mod tests {
             interactive: false,
             raw_options: raw,
             parallel: false,
+            from: None,
         }
     }
 
