@@ -13,7 +13,7 @@ pub mod table;
 
 pub use config::AgentConfig;
 pub use counters::Counter;
-pub use parse::{find_toa, OptionArea, Parsed, OPTION_AREA_MAX, OPTION_BUF_LEN, TOA_KIND};
+pub use parse::{find_toa, scan_toa, OptionArea, Outcome, Parsed, OPTION_AREA_MAX, OPTION_BUF_LEN, TOA_KIND};
 
 /// `AF_INET`, as the kernel and the option parser use it.
 pub const AF_INET: u16 = 2;

@@ -1,9 +1,9 @@
 //! The TCP option parser: a pure function over the option area of one TCP header.
 //!
 //! The eBPF program copies the option area into a 64-byte buffer (a per-CPU map slot) and calls
-//! [`find_toa`] on it; the host tests and the fuzzer call the same function. Every index is
-//! masked with `OPTION_BUF_LEN - 1`, which costs nothing on the host and lets every kernel's
-//! verifier see that each read stays inside the buffer.
+//! [`scan_toa`] on it; the host tests and the fuzzer call [`find_toa`], the same search. Every
+//! index is masked with `OPTION_BUF_LEN - 1`, which costs nothing on the host and lets every
+//! kernel's verifier see that each read stays inside the buffer.
 
 use crate::{
     config::{AgentConfig, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_PICK_LAST},
@@ -168,8 +168,29 @@ pub enum Parsed {
 /// An option of a configured kind with a wrong length is skipped by its length byte and the
 /// search goes on; a broken option list ends the search, since nothing after it can be trusted
 /// to be an option boundary.
-#[inline(never)]
 pub fn find_toa(area: &mut OptionArea, cfg: &AgentConfig) -> Parsed {
+    match scan_toa(area, cfg) {
+        Outcome::Found => Parsed::Found(area.last),
+        Outcome::Absent => Parsed::Absent,
+        Outcome::Malformed => Parsed::Malformed,
+    }
+}
+
+/// [`Parsed`] without the address, which [`scan_toa`] leaves in `area.last`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Found,
+    Absent,
+    Malformed,
+}
+
+/// [`find_toa`] for the eBPF programs: the same search, but the result comes back in a register
+/// and the client stays in `area.last` (map memory). A returned [`Parsed`] lives on the stack,
+/// where Linux 5.15's verifier keeps no value for its 2-byte tag: after `Absent` or `Malformed` it
+/// also walks the `Found` branch and rejects the read of address bytes that were never written
+/// ("invalid read from stack"). Kernels from 5.16 track such narrow stores.
+#[inline(never)]
+pub fn scan_toa(area: &mut OptionArea, cfg: &AgentConfig) -> Outcome {
     area.set_cursor(0);
     area.set_word(Word::HasLast, 0);
     area.set_word(Word::Malformed, 0);
@@ -217,12 +238,11 @@ pub fn find_toa(area: &mut OptionArea, cfg: &AgentConfig) -> Parsed {
         area.set_cursor(off + opt_len);
     }
     if area.word(Word::HasLast) != 0 {
-        return Parsed::Found(area.last);
-    }
-    if area.word(Word::Malformed) != 0 {
-        Parsed::Malformed
+        Outcome::Found
+    } else if area.word(Word::Malformed) != 0 {
+        Outcome::Malformed
     } else {
-        Parsed::Absent
+        Outcome::Absent
     }
 }
 
