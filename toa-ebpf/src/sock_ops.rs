@@ -19,7 +19,8 @@ use aya_ebpf::{
 };
 use toa_common::{
     config::{FLAG_READ_SYN, FLAG_TRUST_REQUIRED},
-    find_toa, AgentConfig, ClientAddr, Counter, Parsed, SockState, AF_INET, SEARCH_SEGMENTS_IN, STATE_FOUND,
+    scan_toa, AgentConfig, ClientAddr, Counter, OptionArea, Outcome, SockState, AF_INET, SEARCH_SEGMENTS_IN,
+    STATE_FOUND,
 };
 use toa_ebpf::packet::{copy_options, copy_syn_options};
 
@@ -66,19 +67,23 @@ fn save_syns(ctx: &SockOpsContext) {
     unsafe { bpf_setsockopt(ctx.ops.cast(), IPPROTO_TCP, TCP_SAVE_SYN, (&mut on as *mut i32).cast(), 4) };
 }
 
-/// Parses the current segment's options (or the saved SYN's).
+/// The per-CPU scratch slot the options are copied into and parsed in (index 0 of a one-slot
+/// array: never absent).
 #[inline(always)]
-fn parse(ctx: &SockOpsContext, cfg: &AgentConfig, syn: bool) -> Parsed {
-    let Some(area) = TOA_SCRATCH.get_ptr_mut(0) else {
-        return Parsed::Absent;
-    };
+fn scratch() -> Option<&'static mut OptionArea> {
     // SAFETY: the per-CPU scratch slot is ours for the duration of this program.
-    let area = unsafe { &mut *area };
+    TOA_SCRATCH.get_ptr_mut(0).map(|area| unsafe { &mut *area })
+}
+
+/// Parses the current segment's options (or the saved SYN's) in `area`; with `Found` the client
+/// is in `area.last`. Not `find_toa`: see `scan_toa` for why no `Parsed` may cross the stack.
+#[inline(always)]
+fn parse(ctx: &SockOpsContext, area: &mut OptionArea, cfg: &AgentConfig, syn: bool) -> Outcome {
     let copied = if syn { copy_syn_options(ctx.ops, area) } else { copy_options(ctx.ops, area) };
     if !copied {
-        return Parsed::Absent;
+        return Outcome::Absent;
     }
-    find_toa(area, cfg)
+    scan_toa(area, cfg)
 }
 
 /// Whether the peer (the balancer) may speak for the client.
@@ -104,14 +109,14 @@ fn source_trusted(ctx: &SockOpsContext, cfg: &AgentConfig) -> bool {
 /// Stores the client in the socket's storage (created here: only sockets with a client
 /// address have any).
 #[inline(always)]
-fn remember(sk: *mut bpf_sock, client: ClientAddr) {
+fn remember(sk: *mut bpf_sock, client: &ClientAddr) {
     let flags = BPF_SK_STORAGE_GET_F_CREATE as u64;
     // SAFETY: a valid map and a non-null socket; a null value zero-fills a new entry.
     let state = unsafe { bpf_sk_storage_get(socks(), sk.cast(), core::ptr::null_mut(), flags) };
     // SAFETY: non-null storage stays valid while the socket lives.
     match unsafe { (state as *mut SockState).as_mut() } {
         Some(state) => {
-            state.client = client;
+            state.client = *client;
             state.state = STATE_FOUND;
         }
         None => count(Counter::StorageFailed),
@@ -129,25 +134,26 @@ fn set_search(ctx: &SockOpsContext, on: bool) {
 }
 
 fn on_established(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
-    let mut parsed = parse(ctx, cfg, false);
-    if !matches!(parsed, Parsed::Found(_)) && cfg.has(FLAG_READ_SYN) {
-        match parse(ctx, cfg, true) {
-            Parsed::Absent => {}
+    let Some(area) = scratch() else { return };
+    let mut parsed = parse(ctx, area, cfg, false);
+    if parsed != Outcome::Found && cfg.has(FLAG_READ_SYN) {
+        match parse(ctx, area, cfg, true) {
+            Outcome::Absent => {}
             on_syn => parsed = on_syn,
         }
     }
     let trusted = source_trusted(ctx, cfg);
-    if let Parsed::Found(client) = parsed {
+    if parsed == Outcome::Found {
         if !trusted {
             count(Counter::UntrustedOption);
             return;
         }
         count(Counter::SynRecvSockToa);
-        remember(sk, client);
+        remember(sk, &area.last);
         return;
     }
     count(Counter::SynRecvSockNoToa);
-    if parsed == Parsed::Malformed {
+    if parsed == Outcome::Malformed {
         count(Counter::OptionMalformed);
     }
     if !trusted {
@@ -161,14 +167,15 @@ fn on_established(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
 fn on_later_segment(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
     // SAFETY: segs_in is readable in every callback of a full socket.
     let segs_in = unsafe { (*ctx.ops).segs_in };
-    match parse(ctx, cfg, false) {
-        Parsed::Found(client) => {
+    let Some(area) = scratch() else { return };
+    match parse(ctx, area, cfg, false) {
+        Outcome::Found => {
             set_search(ctx, false);
             count(Counter::DataSegmentToa);
-            remember(sk, client);
+            remember(sk, &area.last);
         }
         parsed => {
-            if parsed == Parsed::Malformed {
+            if parsed == Outcome::Malformed {
                 count(Counter::OptionMalformed);
             }
             if segs_in >= SEARCH_SEGMENTS_IN {
