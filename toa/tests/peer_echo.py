@@ -46,7 +46,7 @@ def main():
         # Dual-stack when listening on [::], as Go and Java do by default.
         srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     srv.bind((host, port))
-    srv.listen(128)
+    srv.listen(4096)
     print("listening on", show(srv.getsockname()), flush=True)
     while True:
         conn, accepted = srv.accept()

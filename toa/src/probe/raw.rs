@@ -199,27 +199,16 @@ impl Wire {
                 // SAFETY: as above.
                 OwnedFd::from_raw_fd(check(libc::socket(family, libc::SOCK_RAW, libc::IPPROTO_RAW))?)
             },
-            // IPv6 raw sockets take the header from the kernel (IPV6_HDRINCL is 4.5+): bound to
-            // the balancer's address, which IPV6_TRANSPARENT allows although it is not ours.
-            IpAddr::V6(addr) => {
+            // IPv6 raw sockets take the header from the kernel (IPV6_HDRINCL is 4.5+); each
+            // segment names the balancer's address as its source (IPV6_PKTINFO in `send`),
+            // which IPV6_TRANSPARENT allows although this host does not own it.
+            IpAddr::V6(_) => {
                 // SAFETY: as above.
                 let fd =
                     unsafe { OwnedFd::from_raw_fd(check(libc::socket(family, libc::SOCK_RAW, libc::IPPROTO_TCP))?) };
                 setsockopt(&fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1 as libc::c_int)?;
                 // Never read: it would otherwise queue a copy of every TCP segment for this host.
                 setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, 0 as libc::c_int)?;
-                // SAFETY: zeroed sockaddr_in6 is valid; filled below.
-                let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-                sa.sin6_family = libc::AF_INET6 as u16;
-                sa.sin6_addr.s6_addr = addr.octets();
-                // SAFETY: bind with an address we own.
-                check(unsafe {
-                    libc::bind(
-                        fd.as_raw_fd(),
-                        (&sa as *const libc::sockaddr_in6).cast(),
-                        std::mem::size_of::<libc::sockaddr_in6>() as u32,
-                    )
-                })?;
                 fd
             }
         };
@@ -257,22 +246,36 @@ impl Wire {
                     )
                 }
             }
-            (_, SocketAddr::V6(to)) => {
+            (IpAddr::V6(from), SocketAddr::V6(to)) => {
                 // SAFETY: zeroed sockaddr_in6 is valid; filled below.
                 let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
                 sa.sin6_family = libc::AF_INET6 as u16;
                 sa.sin6_addr.s6_addr = to.ip().octets();
-                // The port of a raw socket's address must be 0 (it is the protocol).
-                // SAFETY: as above.
+                // The source address rides in an IPV6_PKTINFO control message.
+                // SAFETY: zeroed in6_pktinfo is valid; filled below.
+                let mut info: libc::in6_pktinfo = unsafe { std::mem::zeroed() };
+                info.ipi6_addr.s6_addr = from.octets();
+                const SPACE: usize = 64;
+                let mut control = [0u8; SPACE];
+                let mut iov = libc::iovec { iov_base: tcp.as_ptr() as *mut libc::c_void, iov_len: tcp.len() };
+                // SAFETY: zeroed msghdr is valid; every pointer in it points at locals that
+                // outlive the sendmsg call, and the cmsg macros stay inside `control`.
                 unsafe {
-                    libc::sendto(
-                        self.send.as_raw_fd(),
-                        tcp.as_ptr().cast(),
-                        tcp.len(),
-                        0,
-                        (&sa as *const libc::sockaddr_in6).cast(),
-                        std::mem::size_of::<libc::sockaddr_in6>() as u32,
-                    )
+                    let mut msg: libc::msghdr = std::mem::zeroed();
+                    msg.msg_name = (&mut sa as *mut libc::sockaddr_in6).cast();
+                    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as u32;
+                    msg.msg_iov = &mut iov;
+                    msg.msg_iovlen = 1;
+                    msg.msg_control = control.as_mut_ptr().cast();
+                    let len = libc::CMSG_SPACE(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
+                    assert!(len <= SPACE, "room for one in6_pktinfo");
+                    msg.msg_controllen = len as _;
+                    let cmsg = libc::CMSG_FIRSTHDR(&msg);
+                    (*cmsg).cmsg_level = libc::SOL_IPV6;
+                    (*cmsg).cmsg_type = libc::IPV6_PKTINFO;
+                    (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::in6_pktinfo>(), info);
+                    libc::sendmsg(self.send.as_raw_fd(), &msg, 0)
                 }
             }
             _ => unreachable!("families checked in run"),

@@ -222,6 +222,10 @@ impl Lab {
         if mode == Mode::Ebpf {
             fs::create_dir(&lab.cgroup).expect("create the test cgroup");
         }
+        // Room for a thousand connections at once in the listeners' queues (the default
+        // was 128 before 5.4): an overflowing queue drops handshakes, whatever the agent does.
+        in_netns(lab.netns_path(&lab.server_ns), || fs::write("/proc/sys/net/core/somaxconn", "4096"))
+            .expect("set somaxconn in the server namespace");
         // The server namespace reaches the balancer's addresses at the client's MAC.
         let link = run(Command::new("ip").args(["-n", &lab.client_ns, "-o", "link", "show", "eth0"]));
         let link = String::from_utf8_lossy(&link.stdout).into_owned();
