@@ -24,7 +24,7 @@ pub mod userspace;
 
 pub use agent::{Agent, LoadOptions, Loaded, Status};
 pub use error::Error;
-pub use link_info::cgroup_programs;
+pub use link_info::{cgroup_programs, program_name};
 pub use lookup::{client_addr, TOA_SO_GET_LOOKUP};
 pub use userspace::Userspace;
 

@@ -100,6 +100,36 @@ pub fn cgroup_programs(cgroup: &Path, attach_type: u32) -> io::Result<Vec<u32>> 
     Ok(ids[..(attr.prog_cnt as usize).min(ids.len())].to_vec())
 }
 
+/// The name of the loaded program with this id (`BPF_PROG_GET_FD_BY_ID`, then its
+/// `bpf_prog_info`: the same layout since 4.15).
+pub fn program_name(id: u32) -> io::Result<String> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    #[repr(C)]
+    struct GetFdById {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut GetFdById { id, next_id: 0, open_flags: 0 })?;
+    // SAFETY: the kernel just returned this new descriptor to us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // bpf_prog_info up to and including `name` (offset 64, 16 bytes).
+    let mut info = [0u8; 80];
+    let mut attr =
+        InfoByFd { bpf_fd: fd.as_raw_fd() as u32, info_len: info.len() as u32, info: info.as_mut_ptr() as u64 };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let name = &info[64..80];
+    let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    Ok(String::from_utf8_lossy(&name[..end]).into_owned())
+}
+
 /// A cgroup bpf_link made with `BPF_LINK_CREATE` directly: aya 0.14 cannot turn a
 /// `CgroupSockoptLink` into a pinnable `FdLink`.
 pub fn cgroup_link_create(

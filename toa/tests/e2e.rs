@@ -242,7 +242,8 @@ fn unload_restores_addresses_and_leaves_nothing(mode: Mode) {
         let status = lab.status_json();
         let ids: Vec<u64> = status["programs"].as_array().unwrap().iter().map(|p| p["id"].as_u64().unwrap()).collect();
         assert_eq!(ids.len(), 6);
-        assert!(cgroup_attachments(&lab.cgroup).contains("toa_sock_ops"));
+        let attached = cgroup_attachments(&lab.cgroup);
+        assert!(attached.contains("toa_sock_ops"), "{attached}");
 
         let out = lab.unload();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "toa unloaded\n");
@@ -281,7 +282,8 @@ fn load_twice_is_harmless(mode: Mode) {
     match mode {
         Mode::Ebpf => {
             assert!(said.starts_with("toa was already loaded; nothing changed"), "{said}");
-            assert_eq!(cgroup_attachments(&lab.cgroup).matches("toa_sock_ops").count(), 1);
+            let attached = cgroup_attachments(&lab.cgroup);
+            assert_eq!(attached.matches("toa_sock_ops").count(), 1, "{attached}");
         }
         Mode::Userspace => {
             // The same reader goes on (its PID is in the status compared above).

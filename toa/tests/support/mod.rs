@@ -661,12 +661,12 @@ pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// Whether the kernel still has the program with this id.
 pub fn program_exists(id: u64) -> bool {
-    aya::programs::loaded_programs().filter_map(Result::ok).any(|p| u64::from(p.id()) == id)
+    toa::program_name(id as u32).is_ok()
 }
 
-/// The names of the programs attached to a cgroup (its own attachments only), one per line as
-/// `HOOK NAME`. Asked of the kernel directly (BPF_PROG_QUERY), not of bpftool, whose newer
-/// releases fail on older kernels.
+/// The programs attached to a cgroup (its own attachments only), one per line as
+/// `HOOK NAME (id ID)`. Asked of the kernel directly (BPF_PROG_QUERY), not of bpftool, whose
+/// newer releases fail on older kernels.
 pub fn cgroup_attachments(cgroup: &Path) -> String {
     const HOOKS: [(u32, &str); 6] = [
         (3, "sock_ops"),
@@ -676,17 +676,13 @@ pub fn cgroup_attachments(cgroup: &Path) -> String {
         (32, "getsockname6"),
         (22, "getsockopt"),
     ];
-    let names: Vec<(u32, String)> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .map(|p| (p.id(), p.name_as_str().unwrap_or("?").to_owned()))
-        .collect();
     let mut text = String::new();
     for (attach_type, hook) in HOOKS {
-        for id in
-            toa::cgroup_programs(cgroup, attach_type).unwrap_or_else(|e| panic!("query {}: {e}", cgroup.display()))
-        {
-            let name = names.iter().find(|(i, _)| *i == id).map_or("?", |(_, n)| n.as_str());
-            text.push_str(&format!("{hook} {name}\n"));
+        let ids =
+            toa::cgroup_programs(cgroup, attach_type).unwrap_or_else(|e| panic!("query {}: {e}", cgroup.display()));
+        for id in ids {
+            let name = toa::program_name(id).unwrap_or_else(|e| format!("? ({e})"));
+            text.push_str(&format!("{hook} {name} (id {id})\n"));
         }
     }
     text
