@@ -15,6 +15,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod cpio;
+mod kernel_sources;
 mod kernels;
 mod systemd;
 
@@ -26,14 +27,14 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Arch {
+pub(crate) enum Arch {
     #[value(name = "x86_64")]
     X86_64,
     Aarch64,
 }
 
 impl Arch {
-    fn musl_target(self) -> &'static str {
+    pub(crate) fn musl_target(self) -> &'static str {
         match self {
             Arch::X86_64 => "x86_64-unknown-linux-musl",
             Arch::Aarch64 => "aarch64-unknown-linux-musl",
@@ -90,6 +91,9 @@ enum Task {
         /// Do not rewrite the table in README.md.
         #[arg(long)]
         no_readme: bool,
+        /// Boot only the kernels whose name contains one of these (repeatable; for development).
+        #[arg(long, value_name = "NAME")]
+        only: Vec<String>,
     },
 }
 
@@ -162,7 +166,7 @@ fn run_task(cli: Cli) -> Result<()> {
             if host_only {
                 return Ok(());
             }
-            kernels::run_matrix(&root, &[], true, true)?;
+            kernels::run_matrix(&root, &[], true, true, &[])?;
             fuzz(&root, 20)?;
             // Keeps the benchmark code from rotting; no thresholds.
             cargo(&["build", "--release", "--package", "toa", "--examples"])?;
@@ -177,10 +181,10 @@ fn run_task(cli: Cli) -> Result<()> {
             cargo(&["build", "--release", "--package", "toa", "--examples"])?;
             bench(quick)
         }
-        Task::Kernels { kernels, no_debian, no_readme } => {
+        Task::Kernels { kernels, no_debian, no_readme, only } => {
             require_root("cargo xtask kernels")?;
             setup()?;
-            kernels::run_matrix(&root, &kernels, !no_debian, !no_readme)
+            kernels::run_matrix(&root, &kernels, !no_debian, !no_readme, &only)
         }
     }
 }
@@ -206,18 +210,24 @@ fn build_libtoa() -> Result<()> {
     cargo(&["build", "--release", "--manifest-path", "libtoa/Cargo.toml", "--target-dir", "target"])
 }
 
+/// Adds a rustup target when it is missing.
+pub(crate) fn add_rust_target(target: &str) -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    if !installed.lines().any(|t| t.trim() == target) {
+        run(Command::new("rustup").args(["target", "add", target]))?;
+    }
+    Ok(())
+}
+
 /// libtoa.so for `arch` (glibc target; linked by rust-lld for arm64, see .cargo/config.toml).
-fn build_libtoa_for(arch: Arch) -> Result<()> {
+pub(crate) fn build_libtoa_for(arch: Arch) -> Result<()> {
     if arch == Arch::X86_64 {
         build_libtoa()?;
         println!("built target/release/libtoa.so");
         return Ok(());
     }
     let target = "aarch64-unknown-linux-gnu";
-    let installed = output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
-    if !installed.lines().any(|t| t.trim() == target) {
-        run(Command::new("rustup").args(["target", "add", target]))?;
-    }
+    add_rust_target(target)?;
     cargo(&[
         "build",
         "--release",
@@ -243,10 +253,7 @@ fn bench(quick: bool) -> Result<()> {
 /// A static binary for `arch`; rust-lld links the musl targets, so no cross toolchain is needed.
 fn build_static(root: &Path, arch: Arch) -> Result<()> {
     let target = arch.musl_target();
-    let installed = output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
-    if !installed.lines().any(|t| t.trim() == target) {
-        run(Command::new("rustup").args(["target", "add", target]))?;
-    }
+    add_rust_target(target)?;
     let linker_var = format!("CARGO_TARGET_{}_LINKER", target.to_uppercase().replace('-', "_"));
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -261,7 +268,7 @@ fn build_static(root: &Path, arch: Arch) -> Result<()> {
     Ok(())
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
 }
 

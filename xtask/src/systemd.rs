@@ -21,7 +21,8 @@ Wants=toa.service
 
 [Service]
 Type=oneshot
-ExecStart=/bin/sh -c 'sleep 3; echo TOA-CHECK-BEGIN; systemctl status toa --no-pager -l; echo TOA-METRICS; wget -qO- http://127.0.0.1:9431/metrics | grep -E "^toa_(loaded|build_info)"; systemctl reload toa; sleep 1; echo TOA-JOURNAL; journalctl -u toa --no-pager -o cat; echo TOA-CHECK-END; systemctl poweroff --force'
+# Waits for events, bounded only against a hang: /readyz answering, then the reload's journal line.
+ExecStart=/bin/sh -c 'for i in $(seq 1200); do wget -qO- http://127.0.0.1:9431/readyz >/dev/null 2>&1 && break; sleep 0.1; done; echo TOA-CHECK-BEGIN; systemctl status toa --no-pager -l; echo TOA-METRICS; wget -qO- http://127.0.0.1:9431/metrics | grep -E "^toa_(loaded|build_info)"; systemctl reload toa; for i in $(seq 1200); do journalctl -u toa --no-pager -o cat | grep -q "configuration reloaded" && break; sleep 0.1; done; echo TOA-JOURNAL; journalctl -u toa --no-pager -o cat; echo TOA-CHECK-END; systemctl poweroff --force'
 StandardOutput=tty
 StandardError=tty
 TTYPath=/dev/ttyS0
@@ -73,7 +74,7 @@ pub fn check(root: &Path, work: &Path, vmlinuz: &Path, toa: &Path) -> Result<()>
         bail!("packing {} with cpio failed", rootfs.display());
     }
     println!("xtask: booting Debian 12 with systemd under qemu ({})", vmlinuz.display());
-    let (log, _) = crate::kernels::qemu_boot(vmlinuz, &cpio, "systemd.show_status=0")?;
+    let (log, _) = crate::kernels::qemu_boot(crate::Arch::X86_64, vmlinuz, &cpio, "systemd.show_status=0")?;
     let _ = fs::remove_file(&cpio);
     fs::write(work.join("systemd.log"), &log)?;
     verdict(&log).with_context(|| format!("toa under systemd (log: {})", work.join("systemd.log").display()))
