@@ -664,6 +664,18 @@ pub fn program_exists(id: u64) -> bool {
     toa::program_name(id as u32).is_ok()
 }
 
+/// Whether `attached` (from `cgroup_attachments`) has the program `toa status` lists as `name`
+/// on `hook`. By id: a kernel without the tracing that aya's probe for program names uses
+/// (the shared test kernels) loads toa's programs without names.
+pub fn has_program(attached: &str, status: &serde_json::Value, hook: &str, name: &str) -> bool {
+    let id = status["programs"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .and_then(|p| p["id"].as_u64())
+        .unwrap_or_else(|| panic!("toa status lists no {name}: {status}"));
+    attached.lines().any(|l| l.starts_with(&format!("{hook} ")) && l.ends_with(&format!("(id {id})")))
+}
+
 /// The programs attached to a cgroup (its own attachments only), one per line as
 /// `HOOK NAME (id ID)`. Asked of the kernel directly (BPF_PROG_QUERY), not of bpftool, whose
 /// newer releases fail on older kernels.
