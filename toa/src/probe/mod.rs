@@ -3,7 +3,7 @@
 //! cgroup made for this process alone and everything is removed before returning. Where that
 //! program cannot load (before 5.10), `--from` makes the probe speak TCP itself (`raw`).
 
-mod raw;
+pub mod raw;
 
 use std::{
     io::{Read as _, Write as _},

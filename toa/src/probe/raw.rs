@@ -35,7 +35,7 @@ const RESEND_MAX: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_millis(20);
 
 /// Runs the probe's connections (as `super::run` does with the eBPF writer), from `from`.
-pub fn run(options: &ProbeOptions, from: IpAddr, mut on_reply: impl FnMut(&Exchange)) -> Result<(), Error> {
+pub(super) fn run(options: &ProbeOptions, from: IpAddr, mut on_reply: impl FnMut(&Exchange)) -> Result<(), Error> {
     let bad = |detail: String| Error::Probe { detail: format!("{}: {detail}", options.target) };
     if from.is_ipv4() != options.target.is_ipv4() {
         return Err(bad(format!("--from {from} and the backend must be of the same family")));
@@ -547,9 +547,10 @@ fn checksum(data: &[u8], mut sum: u32) -> u16 {
     !(sum as u16)
 }
 
-/// A TCP segment with its checksum (over the IPv4 or IPv6 pseudo-header).
+/// A TCP segment with its checksum (over the IPv4 or IPv6 pseudo-header). The tests' own
+/// hand-written client builds its segments with it too.
 #[allow(clippy::too_many_arguments)]
-fn tcp_segment(
+pub fn tcp_segment(
     from: IpAddr,
     to: SocketAddr,
     sport: u16,
@@ -596,7 +597,8 @@ fn tcp_segment(
     tcp
 }
 
-fn ipv4_packet(from: [u8; 4], to: [u8; 4], tcp: &[u8]) -> Vec<u8> {
+/// An IPv4 packet (no options, DF, TTL 64) around `tcp`, with its header checksum.
+pub fn ipv4_packet(from: [u8; 4], to: [u8; 4], tcp: &[u8]) -> Vec<u8> {
     let mut ip = vec![0x45, 0];
     ip.extend_from_slice(&((20 + tcp.len()) as u16).to_be_bytes());
     ip.extend_from_slice(&[0, 0, 0x40, 0, 64, IPPROTO_TCP, 0, 0]);

@@ -731,17 +731,8 @@ pub mod raw_tcp {
         }
     }
 
-    fn checksum(data: &[u8], mut sum: u32) -> u16 {
-        for chunk in data.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]));
-        }
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
-    }
-
-    /// One IPv4 + TCP segment from SPOOFED:sport to dst:dport.
+    /// One IPv4 + TCP segment from SPOOFED:sport to dst:dport, built as the probe's own TCP
+    /// builds its segments.
     #[allow(clippy::too_many_arguments)]
     fn segment(
         dst: Ipv4Addr,
@@ -754,35 +745,9 @@ pub mod raw_tcp {
         payload: &[u8],
     ) -> Vec<u8> {
         assert_eq!(options.len() % 4, 0, "the option area is whole 32-bit words");
-        let tcp_len = 20 + options.len() + payload.len();
-        let mut tcp = Vec::with_capacity(tcp_len);
-        tcp.extend_from_slice(&sport.to_be_bytes());
-        tcp.extend_from_slice(&dport.to_be_bytes());
-        tcp.extend_from_slice(&seq.to_be_bytes());
-        tcp.extend_from_slice(&ack.to_be_bytes());
-        tcp.push((((20 + options.len()) / 4) as u8) << 4);
-        tcp.push(flags);
-        tcp.extend_from_slice(&65535u16.to_be_bytes());
-        tcp.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
-        tcp.extend_from_slice(options);
-        tcp.extend_from_slice(payload);
-        let mut pseudo = Vec::new();
-        pseudo.extend_from_slice(&SPOOFED.octets());
-        pseudo.extend_from_slice(&dst.octets());
-        pseudo.extend_from_slice(&[0, libc::IPPROTO_TCP as u8]);
-        pseudo.extend_from_slice(&(tcp_len as u16).to_be_bytes());
-        pseudo.extend_from_slice(&tcp);
-        let sum = checksum(&pseudo, 0);
-        tcp[16..18].copy_from_slice(&sum.to_be_bytes());
-        let mut ip = vec![0x45, 0];
-        ip.extend_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
-        ip.extend_from_slice(&[0, 0, 0x40, 0, 64, libc::IPPROTO_TCP as u8, 0, 0]);
-        ip.extend_from_slice(&SPOOFED.octets());
-        ip.extend_from_slice(&dst.octets());
-        let sum = checksum(&ip, 0);
-        ip[10..12].copy_from_slice(&sum.to_be_bytes());
-        ip.extend_from_slice(&tcp);
-        ip
+        let to = std::net::SocketAddr::new(dst.into(), dport);
+        let tcp = toa::probe::raw::tcp_segment(SPOOFED.into(), to, sport, seq, ack, flags, options, payload);
+        toa::probe::raw::ipv4_packet(SPOOFED.octets(), dst.octets(), &tcp)
     }
 
     struct Seen {
