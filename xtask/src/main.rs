@@ -158,14 +158,34 @@ fn run_task(cli: Cli) -> Result<()> {
         Task::Test { host_only } => {
             require_root("cargo xtask test")?;
             setup()?;
-            // The end-to-end tests start examples/peer_echo as a server.
-            cargo(&["build", "--package", "toa", "--examples", "--bins"])?;
             // The userspace mode's tests preload it into their servers.
             build_libtoa()?;
-            cargo(&["test", "--package", "toa-common", "--package", "toa", "--", "--test-threads=2"])?;
             if host_only {
-                return Ok(());
+                // The end-to-end tests start examples/peer_echo as a server.
+                cargo(&["build", "--package", "toa", "--examples", "--bins"])?;
+                return cargo(&["test", "--package", "toa-common", "--package", "toa", "--", "--test-threads=2"]);
             }
+            // The unit tests, built as the matrix builds its static binaries (one build of the
+            // dependencies serves both); the end-to-end suites run in the matrix, on the host
+            // kernel too, in both modes.
+            add_rust_target(Arch::X86_64.musl_target())?;
+            cargo(&[
+                "test",
+                "--profile",
+                "matrix",
+                "--target",
+                Arch::X86_64.musl_target(),
+                "--package",
+                "toa-common",
+                "--package",
+                "toa",
+                "--lib",
+                "--bins",
+                "--test",
+                "deploy",
+                "--",
+                "--test-threads=2",
+            ])?;
             kernels::run_matrix(&root, &[], true, true, &[])?;
             fuzz(&root, 20)?;
             // Keeps the benchmark code from rotting; no thresholds.
