@@ -105,6 +105,10 @@ pub struct Status {
     pub userspace: Option<crate::userspace::UserspaceStatus>,
 }
 
+/// The suffix under which a relocation pins its new links before renaming them over the old
+/// (no dot: bpffs refuses names with dots).
+const REPLACING: &str = "_new";
+
 /// The agent, identified by its pin directory.
 pub struct Agent {
     pin_dir: PathBuf,
@@ -154,7 +158,7 @@ impl Agent {
         let started = Instant::now();
         fs::create_dir_all(&self.pin_dir)?;
         let result =
-            attach(&cgroup, &self.pin_dir, Some(&options.policy)).and_then(|(_ebpf, links)| self.pin_links(links));
+            attach(&cgroup, &self.pin_dir, Some(&options.policy)).and_then(|(_ebpf, links)| self.pin_links(links, ""));
         if let Err(e) = result {
             // The maps were pinned while loading; the unpinned links detach when dropped.
             let _ = self.remove_pins();
@@ -166,8 +170,9 @@ impl Agent {
     }
 
     /// Moves a loaded agent to another cgroup without losing what it knows: new programs are
-    /// loaded on the pinned maps and attached first, then the old links are unpinned (which
-    /// detaches them), then the new ones are pinned. At no point is nothing attached.
+    /// loaded on the pinned maps and attached first, then pinned beside the old links and
+    /// renamed over them (which detaches the old ones). At no point is nothing attached, and a
+    /// reader of the pins (`toa status`, the health check) never finds one missing.
     pub fn relocate(&self, cgroup: Option<&Path>) -> Result<Loaded, Error> {
         self.replace_links(cgroup, false)
     }
@@ -191,10 +196,10 @@ impl Agent {
         }
         let started = Instant::now();
         let (_ebpf, links) = attach(&cgroup, &self.pin_dir, None)?;
+        self.pin_links(links, REPLACING)?;
         for (file, _) in LINKS {
-            fs::remove_file(self.pin_dir.join(file))?;
+            fs::rename(self.pin_dir.join(format!("{file}{REPLACING}")), self.pin_dir.join(file))?;
         }
-        self.pin_links(links)?;
         Ok(Loaded { changed: true, status: self.status()?, load_time_ms: Some(ms(started.elapsed())) })
     }
 
@@ -205,9 +210,10 @@ impl Agent {
         write_policy(&self.pin_dir, policy)
     }
 
-    fn pin_links(&self, links: Vec<NamedLink>) -> Result<(), Error> {
+    /// Pins each link at its file name followed by `suffix`.
+    fn pin_links(&self, links: Vec<NamedLink>, suffix: &str) -> Result<(), Error> {
         for (file, link) in links {
-            let path = self.pin_dir.join(file);
+            let path = self.pin_dir.join(format!("{file}{suffix}"));
             let pinned = match link {
                 Attached::Aya(link) => link.pin(&path).map(drop).map_err(|e| chain(&e)),
                 Attached::Raw(fd) => link_info::pin(fd.as_fd(), &path).map_err(|e| e.to_string()),
@@ -247,8 +253,11 @@ impl Agent {
         if !self.pin_dir.exists() {
             return Ok(());
         }
-        // Links first, so the programs stop running before their maps go.
-        let files = LINKS.iter().map(|(f, _)| *f).chain(MAPS.iter().map(|(f, _)| *f));
+        // Links first, so the programs stop running before their maps go; then what an
+        // interrupted relocation may have left beside them.
+        let replacing = LINKS.iter().map(|(f, _)| format!("{f}{REPLACING}"));
+        let files =
+            LINKS.iter().map(|(f, _)| f.to_string()).chain(replacing).chain(MAPS.iter().map(|(f, _)| f.to_string()));
         for file in files {
             match fs::remove_file(self.pin_dir.join(file)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),

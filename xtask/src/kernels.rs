@@ -551,7 +551,8 @@ fn init_script(root: &Path, kernel: &Kernel, built: &Built) -> String {
         if built.arch == Arch::Aarch64 {
             // Static Rust servers cannot be preloaded (see `build`).
             skip.push_str(
-                " --skip ipv4_client_reaches_python_and_rust_servers --skip many_connections_each_get_their_own_client \
+                " --skip ipv4_client_reaches_python_and_rust_servers --skip ipv4_client_on_dual_stack_listener_is_v4_mapped \
+                 --skip ipv6_client_reaches_ipv6_listeners --skip many_connections_each_get_their_own_client \
                  --skip reconfiguring_keeps_open_connections",
             );
         }
