@@ -58,6 +58,9 @@ pub struct OptionArea {
     /// 1 once a malformed option was seen (same reason).
     pub malformed: u32,
     pub last: ClientAddr,
+    /// Not used by the parser: the eBPF program keeps the current segment's outcome here while it
+    /// parses the saved SYN (see `on_established` there).
+    pub kept: u32,
 }
 
 impl OptionArea {
@@ -77,6 +80,7 @@ impl OptionArea {
                 flags: 0,
                 _pad: [0; 5],
             },
+            kept: 0,
         }
     }
 
@@ -140,7 +144,7 @@ impl OptionArea {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<OptionArea>() == OPTION_BUF_LEN + 16 + 32);
+const _: () = assert!(core::mem::size_of::<OptionArea>() == OPTION_BUF_LEN + 16 + 32 + 4);
 
 /// The parser's state words kept in `OptionArea`.
 #[derive(Clone, Copy)]
