@@ -137,10 +137,17 @@ fn on_established(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
     let Some(area) = scratch() else { return };
     let mut parsed = parse(ctx, area, cfg, false);
     if parsed != Outcome::Found && cfg.has(FLAG_READ_SYN) {
-        match parse(ctx, area, cfg, true) {
-            Outcome::Absent => {}
-            on_syn => parsed = on_syn,
-        }
+        // The segment's outcome waits in map memory: read back, it is a value the verifier does
+        // not know, so Absent and Malformed reach the SYN's scan as one state, not two walks.
+        // SAFETY: plain fields of the scratch slot.
+        unsafe { core::ptr::write_volatile(&mut area.kept, parsed as u32) };
+        parsed = match parse(ctx, area, cfg, true) {
+            Outcome::Absent if unsafe { core::ptr::read_volatile(&area.kept) } == Outcome::Malformed as u32 => {
+                Outcome::Malformed
+            }
+            Outcome::Absent => Outcome::Absent,
+            on_syn => on_syn,
+        };
     }
     let trusted = source_trusted(ctx, cfg);
     if parsed == Outcome::Found {
