@@ -41,7 +41,8 @@ pub(super) fn run(options: &ProbeOptions, from: IpAddr, mut on_reply: impl FnMut
         return Err(bad(format!("--from {from} and the backend must be of the same family")));
     }
     let mut wire = Wire::open(from, options.target).map_err(|e| bad(format!("raw sockets: {e}")))?;
-    // Source ports: a block of this process's own, so that two probes do not share one.
+    // Source ports: consecutive from a base chosen by the process id, so that probes started one
+    // after another (a held connection, then more) use different ports.
     let base = 20_000 + (std::process::id() % 2_000) as u16 * 16;
     let announced = |i: u32, port: u16| {
         let mut client = options.client;
