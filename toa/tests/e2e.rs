@@ -335,14 +335,7 @@ fn bad_input_fails_clearly_and_attaches_nothing() {
     assert_eq!(cgroup_attachments(&lab.cgroup), "", "nothing attached");
 
     // Not root.
-    let mut cmd = lab.toa();
-    cmd.args(["load", "--cgroup"]).arg(&lab.cgroup);
-    // SAFETY: setuid between fork and exec, async-signal-safe.
-    unsafe {
-        use std::os::unix::process::CommandExt as _;
-        cmd.pre_exec(|| if libc::setuid(65534) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
-    }
-    let out = cmd.output().unwrap();
+    let out = lab.toa_as_nobody().args(["load", "--cgroup"]).arg(&lab.cgroup).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(

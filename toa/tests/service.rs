@@ -182,14 +182,7 @@ fn doctor_passes_here_and_names_what_fails() {
         assert!(text.lines().any(|l| l.starts_with("ok") && l.contains(check)), "{check}: {text}");
     }
     // Without privileges the same command fails and says why and what to do.
-    let mut cmd = lab.toa();
-    cmd.arg("doctor");
-    // SAFETY: setuid between fork and exec, async-signal-safe.
-    unsafe {
-        use std::os::unix::process::CommandExt as _;
-        cmd.pre_exec(|| if libc::setuid(65534) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
-    }
-    let out = cmd.output().unwrap();
+    let out = lab.toa_as_nobody().arg("doctor").output().unwrap();
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("FAIL  privileges      missing CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"), "{text}");

@@ -283,13 +283,7 @@ fn bad_input_fails_clearly_and_starts_nothing() {
     assert!(err.contains("is not a toa table of this version: remove it"), "{err}");
     std::fs::remove_file(&lab.table).unwrap();
     // Not root.
-    let mut cmd = lab.load_cmd(&[]);
-    // SAFETY: setuid between fork and exec, async-signal-safe.
-    unsafe {
-        use std::os::unix::process::CommandExt as _;
-        cmd.pre_exec(|| if libc::setuid(65534) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
-    }
-    let out = cmd.output().unwrap();
+    let out = lab.toa_as_nobody().args(["load", "--mode", "userspace"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must run as root"));
     assert!(!lab.table.exists());

@@ -243,6 +243,28 @@ impl Lab {
         cmd
     }
 
+    /// `toa` run as nobody (uid 65534), for the "not root" cases. It runs a copy of the binary in
+    /// the lab's directory under /run (removed with the lab): the checkout it was built in may
+    /// not be readable by others (a clone in a `mktemp -d` directory is 0700).
+    pub fn toa_as_nobody(&self) -> Command {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = self.table.parent().expect("the lab's directory");
+        fs::create_dir_all(dir).expect("create the lab's directory");
+        for d in [dir, dir.parent().expect("/run/toa-tests")] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).expect("open the lab's directory to all");
+        }
+        let copy = dir.join("toa-as-nobody");
+        fs::copy(toa_bin(), &copy).expect("copy toa for nobody");
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("make the copy executable");
+        let mut cmd = Command::new(copy);
+        cmd.env("TOA_PIN_DIR", &self.pin_dir).env("TOA_TABLE", &self.table);
+        // SAFETY: setuid between fork and exec, async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| if libc::setuid(65534) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+        }
+        cmd
+    }
+
     /// Loads the agent on this lab's cgroup.
     pub fn load(&self) -> Output {
         self.load_with(&[])
