@@ -84,9 +84,7 @@ pub fn kernel_has_writer() -> bool {
     if std::env::var_os("TOA_TEST_RAW_PROBE").is_some_and(|v| v == "1") {
         return false;
     }
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("read the kernel release");
-    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (5, 10)
+    toa::system::parse_release(&toa::system::kernel_release()).is_some_and(|v| v >= (5, 10))
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
