@@ -15,6 +15,10 @@ pub use config::AgentConfig;
 pub use counters::Counter;
 pub use parse::{find_toa, scan_toa, OptionArea, Outcome, Parsed, OPTION_AREA_MAX, OPTION_BUF_LEN, TOA_KIND};
 
+/// The `getsockopt(fd, IPPROTO_IP, …)` option number of the NAT64 lookup (the one the existing
+/// nginx/OpenResty patches use); `toa-client` asks it, the getsockopt hook answers it.
+pub const TOA_SO_GET_LOOKUP: i32 = 4096;
+
 /// `AF_INET`, as the kernel and the option parser use it.
 pub const AF_INET: u16 = 2;
 /// `AF_INET6`.

@@ -7,7 +7,7 @@
 //! as ::ffff:a.b.c.d, so one call serves every family.
 
 use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
-use toa_common::{Counter, CLIENT_HAS_PORT};
+use toa_common::{Counter, CLIENT_HAS_PORT, TOA_SO_GET_LOOKUP};
 
 use crate::{
     getpeername::ip6_words,
@@ -15,8 +15,6 @@ use crate::{
 };
 
 const SOL_IP: i32 = 0;
-/// The option number the existing patches use.
-pub const TOA_SO_GET_LOOKUP: i32 = 4096;
 const PEER_LEN: usize = 20;
 
 #[cgroup_sockopt(getsockopt)]

@@ -1,4 +1,4 @@
-//! A server that asks for the client address with the `toa` library (`toa::client_addr`), for
+//! A server that asks for the client address with `toa-client` (`toa_client::client_addr`), the crate applications link, for
 //! the cases `getpeername()` cannot carry (NAT64: an IPv6 client on an IPv4 socket). For each
 //! line it answers `client=ADDR peer=ADDR` (client `none` when there is none).
 //!
@@ -23,7 +23,7 @@ fn answer(stream: TcpStream) {
     let mut reader = BufReader::new(&stream);
     let mut line = String::new();
     while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
-        let client = match toa::client_addr(&stream) {
+        let client = match toa_client::client_addr(&stream) {
             Ok(Some(a)) => a.to_string(),
             Ok(None) => "none".to_owned(),
             Err(e) => format!("error:{e}"),

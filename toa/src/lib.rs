@@ -13,7 +13,6 @@ pub mod doctor;
 pub mod error;
 mod link_info;
 pub mod logging;
-mod lookup;
 pub mod metrics;
 pub mod policy;
 pub mod probe;
@@ -25,8 +24,16 @@ pub mod userspace;
 pub use agent::{Agent, LoadOptions, Loaded, Status};
 pub use error::Error;
 pub use link_info::{cgroup_programs, program_name};
-pub use lookup::{client_addr, TOA_SO_GET_LOOKUP};
 pub use userspace::Userspace;
 
 /// Default bpffs directory holding the agent's pinned links and maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/toa";
+
+#[cfg(test)]
+mod tests {
+    /// The number applications ask (`toa-client`) is the one the getsockopt hook answers.
+    #[test]
+    fn client_crate_asks_the_hooks_option() {
+        assert_eq!(toa_client::TOA_SO_GET_LOOKUP, toa_common::TOA_SO_GET_LOOKUP);
+    }
+}

@@ -163,7 +163,17 @@ fn run_task(cli: Cli) -> Result<()> {
             if host_only {
                 // The end-to-end tests start examples/peer_echo as a server.
                 cargo(&["build", "--package", "toa", "--examples", "--bins"])?;
-                return cargo(&["test", "--package", "toa-common", "--package", "toa", "--", "--test-threads=2"]);
+                return cargo(&[
+                    "test",
+                    "--package",
+                    "toa-client",
+                    "--package",
+                    "toa-common",
+                    "--package",
+                    "toa",
+                    "--",
+                    "--test-threads=2",
+                ]);
             }
             // The unit tests, built as the matrix builds its static binaries (one build of the
             // dependencies serves both); the end-to-end suites run in the matrix, on the host
@@ -175,6 +185,8 @@ fn run_task(cli: Cli) -> Result<()> {
                 "matrix",
                 "--target",
                 Arch::X86_64.musl_target(),
+                "--package",
+                "toa-client",
                 "--package",
                 "toa-common",
                 "--package",
