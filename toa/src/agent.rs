@@ -1,14 +1,18 @@
 //! The agent's pinned state: one type that loads and pins it, opens what is pinned, reports on
 //! it and removes it. Every CLI command is a thin layer over [`Agent`].
 //!
-//! Layout under the pin directory (default `/sys/fs/bpf/toa`): one `link_*` per cgroup
-//! attachment and the maps `socks`, `stats`, `config`, `trust`. The pinned links keep the
-//! programs attached after `toa load` exits; removing the pins detaches them. Rewriting `config`
-//! and `trust` reconfigures the running programs without detaching anything.
+//! Layout under the pin directory (default `/sys/fs/bpf/toa`), from the tables in [`crate::hooks`]:
+//! one `link_*` per cgroup attachment and the maps `socks`, `stats`, `config`, `trust`. The
+//! pinned links keep the programs attached after `toa load` exits; removing the pins detaches
+//! them. Rewriting `config` and `trust` reconfigures the running programs without detaching
+//! anything.
 
 use std::{
-    fs,
-    os::fd::AsFd as _,
+    fs, io,
+    os::{
+        fd::{AsFd as _, AsRawFd as _},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -24,29 +28,11 @@ use toa_common::{AgentConfig, Counter};
 use crate::{
     cgroup,
     error::{chain, Error},
+    hooks::{self, HookKind, HOOKS, MAPS},
     link_info,
     policy::{trust_key, trust_net, Policy},
     programs, system,
 };
-
-/// The pinned links, with the program each one attaches.
-pub(crate) const LINKS: [(&str, &str); 6] = [
-    ("link_sock_ops", programs::SOCK_OPS),
-    ("link_getpeername4", programs::GETPEERNAME4),
-    ("link_getpeername6", programs::GETPEERNAME6),
-    ("link_getsockname4", programs::GETSOCKNAME4),
-    ("link_getsockname6", programs::GETSOCKNAME6),
-    ("link_getsockopt", programs::GETSOCKOPT),
-];
-/// (pin file, map name in the object)
-const MAPS: [(&str, &str); 4] =
-    [("socks", "TOA_SOCKS"), ("stats", "TOA_STATS"), ("config", "TOA_CONFIG"), ("trust", "TOA_TRUST")];
-const MAP_STATS: &str = "stats";
-const MAP_CONFIG: &str = "config";
-const MAP_TRUST: &str = "trust";
-
-/// The `bpf_attach_type` of cgroup getsockopt programs.
-const BPF_CGROUP_GETSOCKOPT: u32 = 21;
 
 /// A link not pinned yet, with the pin file it goes to.
 pub(crate) type NamedLink = (&'static str, Attached);
@@ -124,7 +110,7 @@ impl Agent {
     }
 
     fn is_pinned(&self) -> bool {
-        LINKS.iter().all(|(file, _)| self.pin_dir.join(file).exists())
+        HOOKS.iter().all(|h| self.pin_dir.join(h.pin).exists())
     }
 
     /// Loads the programs, attaches them to the cgroup and pins everything. Idempotent: when the
@@ -137,6 +123,7 @@ impl Agent {
         let cgroup = cgroup::resolve(options.cgroup.as_deref())?;
         system::ensure_bpffs(&self.pin_dir)?;
         system::raise_memlock();
+        let _lock = PinLock::acquire(&self.pin_dir, true)?.expect("created");
 
         if self.is_pinned() {
             let status = self.status()?;
@@ -144,7 +131,7 @@ impl Agent {
                 // Same place: only the policy may change, in place, for new connections.
                 let changed = status.policy.as_ref() != Some(&options.policy.normalized());
                 if changed {
-                    self.apply_policy(&options.policy)?;
+                    write_policy(&self.pin_dir, &options.policy)?;
                 }
                 return Ok(Loaded { changed, status: self.status()?, load_time_ms: None });
             }
@@ -152,16 +139,16 @@ impl Agent {
                 return Err(Error::LoadedElsewhere { attached, requested: cgroup });
             }
         }
-        // Leftovers of an interrupted load or unload: start clean.
+        // Leftovers of an interrupted load or unload: start clean (the directory stays: it is
+        // what the lock is on).
         self.remove_pins()?;
 
         let started = Instant::now();
-        fs::create_dir_all(&self.pin_dir)?;
         let result =
             attach(&cgroup, &self.pin_dir, Some(&options.policy)).and_then(|(_ebpf, links)| self.pin_links(links, ""));
         if let Err(e) = result {
             // The maps were pinned while loading; the unpinned links detach when dropped.
-            let _ = self.remove_pins();
+            let _ = self.remove_pins().and_then(|()| self.remove_dir());
             return Err(e);
         }
         let elapsed = started.elapsed();
@@ -188,8 +175,10 @@ impl Agent {
         system::require_root("toa")?;
         system::raise_memlock();
         let cgroup = cgroup::resolve(cgroup)?;
+        let not_loaded = || Error::NotLoaded { pin_dir: self.pin_dir.clone() };
+        let _lock = PinLock::acquire(&self.pin_dir, false)?.ok_or_else(not_loaded)?;
         if !self.is_pinned() {
-            return Err(Error::NotLoaded { pin_dir: self.pin_dir.clone() });
+            return Err(not_loaded());
         }
         if !same_place && self.status()?.cgroup.as_deref() == Some(cgroup.as_path()) {
             return Ok(Loaded { changed: false, status: self.status()?, load_time_ms: None });
@@ -197,8 +186,8 @@ impl Agent {
         let started = Instant::now();
         let (_ebpf, links) = attach(&cgroup, &self.pin_dir, None)?;
         self.pin_links(links, REPLACING)?;
-        for (file, _) in LINKS {
-            fs::rename(self.pin_dir.join(format!("{file}{REPLACING}")), self.pin_dir.join(file))?;
+        for hook in HOOKS {
+            fs::rename(self.pin_dir.join(format!("{}{REPLACING}", hook.pin)), self.pin_dir.join(hook.pin))?;
         }
         Ok(Loaded { changed: true, status: self.status()?, load_time_ms: Some(ms(started.elapsed())) })
     }
@@ -207,6 +196,8 @@ impl Agent {
     /// address they have.
     pub fn apply_policy(&self, policy: &Policy) -> Result<(), Error> {
         policy.validate().map_err(|detail| Error::Policy { detail })?;
+        let _lock = PinLock::acquire(&self.pin_dir, false)?
+            .ok_or_else(|| Error::NotLoaded { pin_dir: self.pin_dir.clone() })?;
         write_policy(&self.pin_dir, policy)
     }
 
@@ -225,7 +216,7 @@ impl Agent {
 
     /// True while every link pin is there and still names a program (for health checks).
     pub fn is_attached(&self) -> bool {
-        LINKS.iter().all(|(file, _)| link_info::pinned_link(&self.pin_dir.join(file)).is_ok())
+        HOOKS.iter().all(|h| link_info::pinned_link(&self.pin_dir.join(h.pin)).is_ok())
     }
 
     /// Detaches everything by removing the pins, and returns once the kernel no longer runs the
@@ -233,11 +224,14 @@ impl Agent {
     /// nothing was loaded.
     pub fn unload(&self) -> Result<bool, Error> {
         system::require_root("toa unload")?;
-        if !self.pin_dir.exists() {
+        let Some(_lock) = PinLock::acquire(&self.pin_dir, false)? else {
             return Ok(false);
-        }
+        };
         let before = self.status().ok();
         self.remove_pins()?;
+        // Last, still under the lock: a command waiting for it then finds its directory gone and
+        // takes the lock of the next one.
+        self.remove_dir()?;
         if let Some(Status { cgroup: Some(cgroup), programs, .. }) = before {
             let ours: Vec<u32> = programs.iter().map(|p| p.id).collect();
             let deadline = Instant::now() + Duration::from_secs(2);
@@ -249,23 +243,30 @@ impl Agent {
         Ok(true)
     }
 
+    /// Removes every pin the agent makes; the directory stays (see [`PinLock`]).
     fn remove_pins(&self) -> Result<(), Error> {
         if !self.pin_dir.exists() {
             return Ok(());
         }
         // Links first, so the programs stop running before their maps go; then what an
         // interrupted relocation may have left beside them.
-        let replacing = LINKS.iter().map(|(f, _)| format!("{f}{REPLACING}"));
+        let replacing = HOOKS.iter().map(|h| format!("{}{REPLACING}", h.pin));
         let files =
-            LINKS.iter().map(|(f, _)| f.to_string()).chain(replacing).chain(MAPS.iter().map(|(f, _)| f.to_string()));
+            HOOKS.iter().map(|h| h.pin.to_owned()).chain(replacing).chain(MAPS.iter().map(|m| m.pin.to_owned()));
         for file in files {
             match fs::remove_file(self.pin_dir.join(file)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
                 _ => {}
             }
         }
-        fs::remove_dir(&self.pin_dir)?;
         Ok(())
+    }
+
+    fn remove_dir(&self) -> Result<(), Error> {
+        match fs::remove_dir(&self.pin_dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
     }
 
     /// What is loaded, read back from the kernel through the pins.
@@ -286,8 +287,8 @@ impl Agent {
             return Ok(status);
         }
         let infos: Vec<_> = aya::programs::loaded_programs().filter_map(Result::ok).collect();
-        for (file, name) in LINKS {
-            let path = self.pin_dir.join(file);
+        for hook in HOOKS {
+            let path = self.pin_dir.join(hook.pin);
             let facts = link_info::pinned_link(&path)
                 .map_err(|e| Error::Read { what: path.display().to_string(), detail: e.to_string() })?;
             if status.cgroup.is_none() {
@@ -295,7 +296,7 @@ impl Agent {
             }
             let info = infos.iter().find(|i| i.id() == facts.program_id);
             status.programs.push(ProgramStatus {
-                name: name.to_owned(),
+                name: hook.program.to_owned(),
                 id: facts.program_id,
                 verified_insns: info.and_then(|i| i.verified_instruction_count()),
             });
@@ -310,7 +311,7 @@ impl Agent {
 
     /// The counters, summed over CPUs, in [`Counter::ALL`] order.
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, Error> {
-        let path = self.pin_dir.join(MAP_STATS);
+        let path = self.pin_dir.join(hooks::STATS.pin);
         if !path.exists() {
             return Err(Error::NotLoaded { pin_dir: self.pin_dir.clone() });
         }
@@ -328,6 +329,46 @@ impl Agent {
     }
 }
 
+/// Held while a command changes the pinned state (load, policy, relocation, upgrade, unload), so
+/// that two of them never interleave: an exclusive `flock` on the pin directory itself (bpffs
+/// holds no regular files to lock). The directory is removed only at the end of a locked
+/// section, so a command that waited finds its lock on a removed directory and starts over on
+/// the one now at the path.
+struct PinLock {
+    _dir: fs::File,
+}
+
+impl PinLock {
+    /// Waits for the lock of `pin_dir`, creating the directory when `create`; `None` when it
+    /// does not exist and `create` is false.
+    fn acquire(pin_dir: &Path, create: bool) -> Result<Option<Self>, Error> {
+        loop {
+            if create {
+                fs::create_dir_all(pin_dir)?;
+            }
+            let dir = match fs::File::open(pin_dir) {
+                Ok(dir) => dir,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            // SAFETY: a descriptor we own; flock(2) has no other precondition.
+            while unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                let err = io::Error::last_os_error();
+                if err.kind() != io::ErrorKind::Interrupted {
+                    return Err(err.into());
+                }
+            }
+            let held = dir.metadata()?;
+            match fs::metadata(pin_dir) {
+                Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => return Ok(Some(Self { _dir: dir })),
+                // Removed (or replaced) while we waited.
+                _ => continue,
+            }
+        }
+    }
+}
+
 /// Loads the agent object on the maps pinned in `pin_dir` (created and pinned there if absent),
 /// writes `policy` (if given) before anything runs, and attaches its programs; the links are not
 /// pinned yet, so dropping them (on any error) detaches them.
@@ -335,8 +376,8 @@ pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> 
     programs::require_embedded()?;
     let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
     let mut loader = EbpfLoader::new();
-    for (file, name) in MAPS {
-        loader.map_pin_path(name, pin_dir.join(file));
+    for map in MAPS {
+        loader.map_pin_path(map.name, pin_dir.join(map.pin));
     }
     let mut ebpf = loader.load(programs::AGENT).map_err(|e| load_err(&e))?;
     if let Some(policy) = policy {
@@ -344,7 +385,8 @@ pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> 
     }
     let cgroup_dir = fs::File::open(cgroup)?;
     let mut links = Vec::new();
-    for (file, name) in LINKS {
+    for hook in HOOKS {
+        let name = hook.program;
         let attach_err =
             |e: &dyn std::error::Error| Error::Attach { program: name, cgroup: cgroup.to_owned(), detail: chain(e) };
         let program = ebpf
@@ -352,38 +394,39 @@ pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> 
             .ok_or_else(|| Error::Load { detail: format!("program {name} missing from the object") })?;
         // aya attaches through a bpf_link on ≥ 5.7 kernels: cgroup links always coexist with
         // other programs on the same hook (the kernel rejects the ALLOW_MULTI flag on links).
-        let link: FdLink = if name == programs::SOCK_OPS {
-            let program: &mut SockOps = program.try_into().map_err(|e| load_err(&e))?;
-            program.load().map_err(|e| load_err(&e))?;
-            let id = program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| attach_err(&e))?;
-            program.take_link(id).map_err(|e| attach_err(&e))?.try_into().map_err(|e| attach_err(&e))?
-        } else if name == programs::GETSOCKOPT {
-            let program: &mut CgroupSockopt = program.try_into().map_err(|e| load_err(&e))?;
-            program.load().map_err(|e| load_err(&e))?;
-            let prog_fd = program.fd().map_err(|e| load_err(&e))?;
-            let link = link_info::cgroup_link_create(prog_fd.as_fd(), cgroup_dir.as_fd(), BPF_CGROUP_GETSOCKOPT)
-                .map_err(|e| attach_err(&e))?;
-            links.push((file, Attached::Raw(link)));
-            continue;
-        } else {
-            let program: &mut CgroupSockAddr = program.try_into().map_err(|e| load_err(&e))?;
-            program.load().map_err(|e| load_err(&e))?;
-            let id = program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| attach_err(&e))?;
-            program.take_link(id).map_err(|e| attach_err(&e))?.try_into().map_err(|e| attach_err(&e))?
+        let link: FdLink = match hook.kind {
+            HookKind::SockOps => {
+                let program: &mut SockOps = program.try_into().map_err(|e| load_err(&e))?;
+                program.load().map_err(|e| load_err(&e))?;
+                let id = program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| attach_err(&e))?;
+                program.take_link(id).map_err(|e| attach_err(&e))?.try_into().map_err(|e| attach_err(&e))?
+            }
+            HookKind::Sockopt => {
+                let program: &mut CgroupSockopt = program.try_into().map_err(|e| load_err(&e))?;
+                program.load().map_err(|e| load_err(&e))?;
+                let prog_fd = program.fd().map_err(|e| load_err(&e))?;
+                let link = link_info::cgroup_link_create(prog_fd.as_fd(), cgroup_dir.as_fd(), hook.attach_type)
+                    .map_err(|e| attach_err(&e))?;
+                links.push((hook.pin, Attached::Raw(link)));
+                continue;
+            }
+            HookKind::SockAddr => {
+                let program: &mut CgroupSockAddr = program.try_into().map_err(|e| load_err(&e))?;
+                program.load().map_err(|e| load_err(&e))?;
+                let id = program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| attach_err(&e))?;
+                program.take_link(id).map_err(|e| attach_err(&e))?.try_into().map_err(|e| attach_err(&e))?
+            }
         };
-        links.push((file, Attached::Aya(link)));
+        links.push((hook.pin, Attached::Aya(link)));
     }
     Ok((ebpf, links))
 }
 
-/// The `bpf_attach_type`s of the agent's links.
-const ATTACH_TYPES: [u32; 6] =
-    [3 /* sock_ops */, 29, 30 /* getpeername4/6 */, 31, 32 /* getsockname4/6 */, BPF_CGROUP_GETSOCKOPT];
-
 /// Whether any of `ids` still runs on `cgroup`.
 fn still_attached(cgroup: &Path, ids: &[u32]) -> bool {
-    ATTACH_TYPES.iter().any(|t| {
-        link_info::cgroup_programs(cgroup, *t).is_ok_and(|attached| attached.iter().any(|id| ids.contains(id)))
+    HOOKS.iter().any(|h| {
+        link_info::cgroup_programs(cgroup, h.attach_type)
+            .is_ok_and(|attached| attached.iter().any(|id| ids.contains(id)))
     })
 }
 
@@ -393,12 +436,12 @@ fn map_err(path: &Path) -> impl Fn(&dyn std::error::Error) -> Error + '_ {
 
 /// Writes the config slot and makes the trust trie hold exactly the policy's networks.
 fn write_policy(pin_dir: &Path, policy: &Policy) -> Result<(), Error> {
-    let path = pin_dir.join(MAP_CONFIG);
+    let path = pin_dir.join(hooks::CONFIG.pin);
     let err = map_err(&path);
     let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
     let mut config = Array::<_, AgentConfig>::try_from(map).map_err(|e| err(&e))?;
 
-    let path = pin_dir.join(MAP_TRUST);
+    let path = pin_dir.join(hooks::TRUST.pin);
     let err = map_err(&path);
     let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
     let mut trust = LpmTrie::<_, [u8; 16], u8>::try_from(map).map_err(|e| err(&e))?;
@@ -417,12 +460,12 @@ fn write_policy(pin_dir: &Path, policy: &Policy) -> Result<(), Error> {
 }
 
 fn read_policy(pin_dir: &Path) -> Result<Policy, Error> {
-    let path = pin_dir.join(MAP_CONFIG);
+    let path = pin_dir.join(hooks::CONFIG.pin);
     let err = map_err(&path);
     let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
     let config = Array::<_, AgentConfig>::try_from(map).map_err(|e| err(&e))?;
     let cfg = config.get(&0, 0).map_err(|e| err(&e))?;
-    let path = pin_dir.join(MAP_TRUST);
+    let path = pin_dir.join(hooks::TRUST.pin);
     let err = map_err(&path);
     let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
     let trust = LpmTrie::<_, [u8; 16], u8>::try_from(map).map_err(|e| err(&e))?;

@@ -55,7 +55,7 @@ pub struct Conn {
 
 /// The connections of the current network namespace that have a client address.
 pub fn list(pin_dir: &Path) -> Result<Vec<Conn>, Error> {
-    let socks = pin_dir.join("socks");
+    let socks = pin_dir.join(crate::hooks::SOCKS.pin);
     if !socks.exists() {
         return Err(Error::NotLoaded { pin_dir: pin_dir.to_owned() });
     }

@@ -7,14 +7,7 @@ use std::{fs, path::Path};
 use aya::{programs::Program, EbpfLoader};
 use serde::Serialize;
 
-use crate::{
-    agent::{attach, LINKS},
-    cgroup,
-    error::chain,
-    link_info,
-    policy::Policy,
-    programs, system, Agent,
-};
+use crate::{agent::attach, cgroup, error::chain, hooks::HOOKS, link_info, policy::Policy, programs, system, Agent};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Check {
@@ -37,9 +30,6 @@ const CAP_NET_RAW: u32 = 13;
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_BPF: u32 = 39;
-const BPF_CGROUP_SOCK_OPS: u32 = 3;
-const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
-const BPF_CGROUP_INET6_GETPEERNAME: u32 = 30;
 
 /// Runs every check; `toa load` would work when all pass.
 pub fn run(pin_dir: &Path) -> Vec<Check> {
@@ -153,7 +143,8 @@ fn programs_load() -> Check {
     let result = (|| -> Result<String, String> {
         let mut ebpf = EbpfLoader::new().load(programs::AGENT).map_err(|e| chain(&e))?;
         let mut counts = Vec::new();
-        for (_, name) in LINKS {
+        for hook in HOOKS {
+            let name = hook.program;
             let program = ebpf.program_mut(name).ok_or(format!("{name} missing"))?;
             let info = match program {
                 Program::SockOps(p) => p.load().and_then(|()| p.info()),
@@ -211,20 +202,17 @@ fn neighbours(mount: &Path) -> Check {
         .map(|p| (p.id(), p.name_as_str().unwrap_or("?").to_owned()))
         .collect();
     let mut others = Vec::new();
-    for (attach, hook) in [
-        (BPF_CGROUP_SOCK_OPS, "sock_ops"),
-        (BPF_CGROUP_INET4_GETPEERNAME, "getpeername4"),
-        (BPF_CGROUP_INET6_GETPEERNAME, "getpeername6"),
-    ] {
-        for id in link_info::cgroup_programs(mount, attach).unwrap_or_default() {
+    for hook in HOOKS {
+        let hook_label = hook.label;
+        for id in link_info::cgroup_programs(mount, hook.attach_type).unwrap_or_default() {
             let name = names.iter().find(|(i, _)| *i == id).map(|(_, n)| n.as_str()).unwrap_or("?");
             if !name.starts_with("toa_") {
-                others.push(format!("{hook}: {name} (id {id})"));
+                others.push(format!("{hook_label}: {name} (id {id})"));
             }
         }
     }
     if others.is_empty() {
-        pass("other programs", "no other program on sock_ops or getpeername at the cgroup root")
+        pass("other programs", "no other program on toa's hooks at the cgroup root")
     } else {
         // Not a failure: cgroup links run side by side. Worth knowing when debugging.
         pass("other programs", format!("also attached at the root, running next to toa: {}", others.join("; ")))

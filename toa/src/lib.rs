@@ -11,6 +11,7 @@ pub mod config;
 pub mod conns;
 pub mod doctor;
 pub mod error;
+pub mod hooks;
 mod link_info;
 pub mod logging;
 pub mod metrics;

@@ -284,7 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(netns) = netns {
                 enter_netns(&netns)?;
             }
-            let ebpf_loaded = pin_dir.join("socks").exists();
+            let ebpf_loaded = pin_dir.join(toa::hooks::SOCKS.pin).exists();
             let conns = if !ebpf_loaded && userspace.path().exists() {
                 toa::conns::list_userspace(userspace.path())?
             } else {

@@ -13,13 +13,7 @@ pub fn hash() -> String {
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
-/// Program names, as the kernel shows them (at most 15 characters).
-pub const SOCK_OPS: &str = "toa_sock_ops";
-pub const GETPEERNAME4: &str = "toa_getpeer4";
-pub const GETPEERNAME6: &str = "toa_getpeer6";
-pub const GETSOCKNAME4: &str = "toa_getsock4";
-pub const GETSOCKNAME6: &str = "toa_getsock6";
-pub const GETSOCKOPT: &str = "toa_getsockopt";
+/// The test writer's program (the agent's are in `hooks::HOOKS`).
 pub const PROBE_WRITER: &str = "toa_probe";
 
 /// Fails when this binary was built without its programs (`AYA_BUILD_SKIP=1`, for host-only

@@ -311,6 +311,52 @@ fn status_names_the_cgroup_and_programs() {
     assert_eq!(status["policy"]["kinds"], serde_json::json!([254]));
 }
 
+/// Loads and unloads started together take turns (the pin directory's lock): one load attaches,
+/// the others find it loaded, one program sits on each hook, and one unload removes everything.
+#[test]
+fn concurrent_loads_and_unloads_take_turns() {
+    let mut lab = Lab::new();
+    let run_together = |cmds: Vec<std::process::Command>| -> Vec<String> {
+        let children: Vec<_> = cmds
+            .into_iter()
+            .map(|mut c| c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap())
+            .collect();
+        children
+            .into_iter()
+            .map(|c| {
+                let out = c.wait_with_output().unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+                text
+            })
+            .collect()
+    };
+    let said = run_together((0..4).map(|_| lab.load_cmd(&[])).collect());
+    let loaded = said.iter().filter(|s| s.starts_with("toa loaded in ")).count();
+    let already = said.iter().filter(|s| s.starts_with("toa was already loaded; nothing changed")).count();
+    assert_eq!((loaded, already), (1, 3), "{said:?}");
+    let attached = cgroup_attachments(&lab.cgroup);
+    for hook in toa::hooks::HOOKS {
+        let on_hook = attached.lines().filter(|l| l.starts_with(&format!("{} ", hook.label))).count();
+        assert_eq!(on_hook, 1, "{}: {attached}", hook.label);
+    }
+    lab.python_server(SERVER_V4, 8080);
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    assert_eq!(out, answer(CLIENT, CLIENT));
+
+    let unload = || {
+        let mut cmd = lab.toa();
+        cmd.arg("unload");
+        cmd
+    };
+    let said = run_together(vec![unload(), unload()]);
+    let mut said: Vec<&str> = said.iter().map(|s| s.trim_end()).collect();
+    said.sort();
+    assert_eq!(said, ["toa unloaded", "toa was not loaded; nothing to do"]);
+    assert!(!lab.pin_dir.exists());
+    assert_eq!(cgroup_attachments(&lab.cgroup), "", "nothing attached");
+}
+
 #[test]
 fn bad_input_fails_clearly_and_attaches_nothing() {
     let lab = Lab::new();

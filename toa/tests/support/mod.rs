@@ -700,17 +700,9 @@ pub fn has_program(attached: &str, status: &serde_json::Value, hook: &str, name:
 /// `HOOK NAME (id ID)`. Asked of the kernel directly (BPF_PROG_QUERY), not of bpftool, whose
 /// newer releases fail on older kernels.
 pub fn cgroup_attachments(cgroup: &Path) -> String {
-    const HOOKS: [(u32, &str); 6] = [
-        (3, "sock_ops"),
-        (29, "getpeername4"),
-        (30, "getpeername6"),
-        (31, "getsockname4"),
-        (32, "getsockname6"),
-        (22, "getsockopt"),
-    ];
     let mut text = String::new();
-    for (attach_type, hook) in HOOKS {
-        let ids = match toa::cgroup_programs(cgroup, attach_type) {
+    for hook in toa::hooks::HOOKS {
+        let ids = match toa::cgroup_programs(cgroup, hook.attach_type) {
             Ok(ids) => ids,
             // A hook this kernel does not have (getpeername came in 5.8): nothing on it.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Vec::new(),
@@ -718,7 +710,7 @@ pub fn cgroup_attachments(cgroup: &Path) -> String {
         };
         for id in ids {
             let name = toa::program_name(id).unwrap_or_else(|e| format!("? ({e})"));
-            text.push_str(&format!("{hook} {name} (id {id})\n"));
+            text.push_str(&format!("{} {name} (id {id})\n", hook.label));
         }
     }
     text

@@ -1,0 +1,159 @@
+//! The agent's kernel hooks and pinned maps, in one table each. Loading, status, doctor, unload
+//! and the tests derive every name and attach type from here; a unit test checks the tables
+//! against the embedded object, so a program or map renamed on the eBPF side fails the build's
+//! tests instead of a load in production.
+
+/// How a program is loaded and attached (the aya program type it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookKind {
+    /// `BPF_PROG_TYPE_SOCK_OPS`.
+    SockOps,
+    /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`.
+    SockAddr,
+    /// `BPF_PROG_TYPE_CGROUP_SOCKOPT` (aya 0.14 cannot attach it as a link: see `agent::attach`).
+    Sockopt,
+}
+
+/// One program of the agent and the cgroup link that attaches it.
+#[derive(Clone, Copy, Debug)]
+pub struct Hook {
+    /// The link's pin file under the pin directory.
+    pub pin: &'static str,
+    /// The program's name in the object, as the kernel shows it (at most 15 characters).
+    pub program: &'static str,
+    /// The `bpf_attach_type` of its cgroup link.
+    pub attach_type: u32,
+    pub kind: HookKind,
+    /// The hook, as operators read it (`toa doctor`, test output).
+    pub label: &'static str,
+}
+
+/// Every program of the agent, in attach order (sock_ops first: it fills what the others read).
+pub const HOOKS: [Hook; 6] = [
+    Hook { pin: "link_sock_ops", program: "toa_sock_ops", attach_type: 3, kind: HookKind::SockOps, label: "sock_ops" },
+    Hook {
+        pin: "link_getpeername4",
+        program: "toa_getpeer4",
+        attach_type: 29,
+        kind: HookKind::SockAddr,
+        label: "getpeername4",
+    },
+    Hook {
+        pin: "link_getpeername6",
+        program: "toa_getpeer6",
+        attach_type: 30,
+        kind: HookKind::SockAddr,
+        label: "getpeername6",
+    },
+    Hook {
+        pin: "link_getsockname4",
+        program: "toa_getsock4",
+        attach_type: 31,
+        kind: HookKind::SockAddr,
+        label: "getsockname4",
+    },
+    Hook {
+        pin: "link_getsockname6",
+        program: "toa_getsock6",
+        attach_type: 32,
+        kind: HookKind::SockAddr,
+        label: "getsockname6",
+    },
+    Hook {
+        pin: "link_getsockopt",
+        program: "toa_getsockopt",
+        attach_type: 21,
+        kind: HookKind::Sockopt,
+        label: "getsockopt",
+    },
+];
+
+/// One map of the agent that is pinned (kept across loads, relocations and upgrades).
+#[derive(Clone, Copy, Debug)]
+pub struct PinnedMap {
+    /// The pin file under the pin directory.
+    pub pin: &'static str,
+    /// The map's name in the object.
+    pub name: &'static str,
+}
+
+/// Client address per socket (socket storage).
+pub const SOCKS: PinnedMap = PinnedMap { pin: "socks", name: "TOA_SOCKS" };
+/// The counters (per-CPU array, `Counter::ALL` order).
+pub const STATS: PinnedMap = PinnedMap { pin: "stats", name: "TOA_STATS" };
+/// The policy's `AgentConfig` (one slot).
+pub const CONFIG: PinnedMap = PinnedMap { pin: "config", name: "TOA_CONFIG" };
+/// The trust list (LPM trie).
+pub const TRUST: PinnedMap = PinnedMap { pin: "trust", name: "TOA_TRUST" };
+
+/// Every pinned map.
+pub const MAPS: [PinnedMap; 4] = [SOCKS, STATS, CONFIG, TRUST];
+
+/// Maps of the object that are deliberately not pinned: per-run scratch memory, recreated by
+/// every load.
+pub const UNPINNED_MAPS: [&str; 1] = ["TOA_SCRATCH"];
+
+/// The hook with this program name.
+pub fn by_program(program: &str) -> Option<&'static Hook> {
+    HOOKS.iter().find(|h| h.program == program)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use aya_obj::{generated::bpf_attach_type, Object, ProgramSection};
+
+    use super::*;
+    use crate::programs;
+
+    fn agent() -> Object {
+        Object::parse(programs::AGENT).expect("the embedded agent object parses")
+    }
+
+    /// The tables name exactly the programs and maps the embedded object has.
+    #[test]
+    fn tables_match_the_embedded_object() {
+        let object = agent();
+        let in_object: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
+        let in_table: BTreeSet<&str> = HOOKS.iter().map(|h| h.program).collect();
+        assert_eq!(in_object, in_table, "programs in the object vs in HOOKS");
+        for hook in HOOKS {
+            assert!(hook.program.len() <= 15, "{}: the kernel keeps 15 characters of a name", hook.program);
+            let section = &object.programs[hook.program].section;
+            let kind = match section {
+                ProgramSection::SockOps => HookKind::SockOps,
+                ProgramSection::CgroupSockAddr { .. } => HookKind::SockAddr,
+                ProgramSection::CgroupSockopt { .. } => HookKind::Sockopt,
+                other => panic!("{}: unexpected section {other:?}", hook.program),
+            };
+            assert_eq!(kind, hook.kind, "{}", hook.program);
+        }
+
+        let in_object: BTreeSet<&str> = object.maps.keys().map(String::as_str).collect();
+        let in_table: BTreeSet<&str> = MAPS.iter().map(|m| m.name).chain(UNPINNED_MAPS).collect();
+        // The object also has sections for data (.rodata, .bss) when the compiler emits them.
+        let named: BTreeSet<&str> = in_object.iter().copied().filter(|n| !n.starts_with('.')).collect();
+        assert_eq!(named, in_table, "maps in the object vs MAPS + UNPINNED_MAPS");
+    }
+
+    /// Each attach type is the one of its section's hook, so status, doctor and unload query the
+    /// hook the link is on.
+    #[test]
+    fn attach_types_are_the_sections_hooks() {
+        let object = agent();
+        for hook in HOOKS {
+            let expected = match &object.programs[hook.program].section {
+                ProgramSection::SockOps => 3,
+                ProgramSection::CgroupSockAddr { attach_type } => bpf_attach_type::from(*attach_type) as u32,
+                ProgramSection::CgroupSockopt { attach_type } => bpf_attach_type::from(*attach_type) as u32,
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(hook.attach_type, expected, "{}", hook.program);
+        }
+        let pins: BTreeSet<&str> = HOOKS.iter().map(|h| h.pin).chain(MAPS.iter().map(|m| m.pin)).collect();
+        assert_eq!(pins.len(), HOOKS.len() + MAPS.len(), "pin names are unique");
+        // bpffs refuses names with dots.
+        assert!(pins.iter().all(|p| !p.contains('.')));
+    }
+}
