@@ -27,7 +27,7 @@ use std::{
 
 use serde_json::{json, Value};
 use support::Lab;
-use toa::{cgroup::TempCgroup, policy::Policy, probe, Agent, LoadOptions};
+use toa::{cgroup::TempCgroup, policy::Policy, probe, Agent};
 
 struct Settings {
     quick: bool,
@@ -115,13 +115,7 @@ impl<'a> Bench<'a> {
 
     fn set_agent(&self, loaded: bool) {
         if loaded {
-            self.agent
-                .load(&LoadOptions {
-                    cgroup: Some(self.cgroup.clone()),
-                    pin_dir: self.lab.pin_dir.clone(),
-                    policy: Policy::default(),
-                })
-                .expect("load the agent");
+            self.agent.load(Some(&self.cgroup), &Policy::default()).expect("load the agent");
         } else {
             self.agent.unload().expect("unload the agent");
         }

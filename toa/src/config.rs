@@ -9,8 +9,11 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::{
+    backend::{
+        userspace::{Tuning, UserspaceArgs, DEFAULT_TABLE},
+        LoadRequest, Mode, Places,
+    },
     policy::{Dialect, Pick, Policy, PortRange},
-    userspace::{Mode, Tuning, UserspaceArgs, DEFAULT_TABLE},
     Error, DEFAULT_PIN_DIR,
 };
 
@@ -166,6 +169,16 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Where each mode keeps its state.
+    pub fn places(&self) -> Places {
+        Places { pin_dir: self.pin_dir.clone(), table: self.table.clone() }
+    }
+
+    /// What the backend is asked to load.
+    pub fn request(&self) -> LoadRequest {
+        LoadRequest { cgroup: self.cgroup.clone(), policy: self.policy.clone(), tuning: self.tuning }
+    }
+
     pub fn merge(file: &ConfigFile, flags: &Overrides) -> Self {
         let u = &flags.userspace;
         let tuning = UserspaceArgs {

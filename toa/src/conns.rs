@@ -22,7 +22,7 @@ use toa_common::{
     SockState, AF_INET, AF_INET6, STATE_FOUND,
 };
 
-use crate::{error::chain, userspace::TableFile, Error};
+use crate::{backend::userspace::TableFile, error::chain, Error};
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;

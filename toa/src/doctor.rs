@@ -7,7 +7,10 @@ use std::{fs, path::Path};
 use aya::{programs::Program, EbpfLoader};
 use serde::Serialize;
 
-use crate::{agent::attach, cgroup, error::chain, hooks::HOOKS, link_info, policy::Policy, programs, system, Agent};
+use crate::{
+    backend, backend::ebpf::attach, cgroup, error::chain, hooks::HOOKS, link_info, policy::Policy, programs, system,
+    Agent,
+};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Check {
@@ -35,7 +38,7 @@ const CAP_BPF: u32 = 39;
 pub fn run(pin_dir: &Path) -> Vec<Check> {
     // The checks of the mode `toa load` picks here: the eBPF ones cannot pass below 5.10 (no
     // CAP_BPF before 5.8, no cgroup v2 before 4.5), and the userspace mode needs none of them.
-    let userspace = crate::userspace::Mode::Auto.resolve() == crate::userspace::Mode::Userspace;
+    let userspace = backend::detect().is_userspace();
     let mut checks = vec![kernel(), privileges(userspace)];
     let privileged = checks[1].ok;
     if userspace {
@@ -78,7 +81,7 @@ pub fn run(pin_dir: &Path) -> Vec<Check> {
 fn kernel() -> Check {
     let release = system::kernel_release();
     match system::parse_release(&release) {
-        Some(v) if v >= (5, 10) => pass("kernel", format!("{release} (5.10 or newer)")),
+        Some(v) if v >= backend::EBPF_MIN_KERNEL => pass("kernel", format!("{release} (5.10 or newer)")),
         Some(_) => {
             pass("kernel", format!("{release} is older than 5.10: toa load runs the userspace mode (eBPF needs 5.10)"))
         }
@@ -88,7 +91,7 @@ fn kernel() -> Check {
 
 /// Below 5.10: whether the userspace mode's capture socket (AF_PACKET + classic BPF) opens.
 fn capture() -> Check {
-    match crate::userspace::capture::Capture::open(&[]) {
+    match backend::userspace::capture::Capture::open(&[]) {
         Ok(_) => pass("capture", "AF_PACKET socket with its classic BPF filter opens: toa load --mode userspace works"),
         Err(e) => fail("capture", format!("AF_PACKET capture socket: {e}"), "run as root (CAP_NET_RAW is needed)"),
     }

@@ -73,6 +73,12 @@ pub enum Error {
     #[error("reading {what} failed: {detail}")]
     Read { what: String, detail: String },
 
+    #[error(
+        "--cgroup applies to the eBPF mode only: in userspace mode the processes started with \
+         LD_PRELOAD=libtoa.so get client addresses; drop --cgroup"
+    )]
+    CgroupInUserspace,
+
     #[error("userspace mode: {detail}")]
     Userspace { detail: String },
 

@@ -10,7 +10,7 @@ pub enum HookKind {
     SockOps,
     /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`.
     SockAddr,
-    /// `BPF_PROG_TYPE_CGROUP_SOCKOPT` (aya 0.14 cannot attach it as a link: see `agent::attach`).
+    /// `BPF_PROG_TYPE_CGROUP_SOCKOPT` (aya 0.14 cannot attach it as a link: see `backend::ebpf::attach`).
     Sockopt,
 }
 

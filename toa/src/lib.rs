@@ -5,7 +5,7 @@
 //! `accept()` return it. [`Agent`] owns the pinned state (load, open, unload, status, stats);
 //! [`probe`] plays the load balancer for tests and for operators checking a backend.
 
-pub mod agent;
+pub mod backend;
 pub mod cgroup;
 pub mod config;
 pub mod conns;
@@ -20,12 +20,10 @@ pub mod probe;
 pub mod programs;
 pub mod service;
 pub mod system;
-pub mod userspace;
 
-pub use agent::{Agent, LoadOptions, Loaded, Status};
+pub use backend::{ebpf::Agent, userspace::Userspace, Backend, LoadRequest, Loaded, Mode, Places, Serving, Status};
 pub use error::Error;
 pub use link_info::{cgroup_programs, program_name};
-pub use userspace::Userspace;
 
 /// Default bpffs directory holding the agent's pinned links and maps.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/toa";

@@ -4,12 +4,11 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use toa::{
+    backend::userspace::{UserspaceArgs, DEFAULT_TABLE},
     config::{ConfigFile, LogFormat, Overrides, PolicyArgs},
     logging,
     probe::{self, ProbeOptions, Segment},
-    programs, service,
-    userspace::{Mode, UserspaceArgs, DEFAULT_TABLE},
-    Agent, LoadOptions, Status, Userspace, DEFAULT_PIN_DIR,
+    programs, service, Backend, LoadRequest, Mode, Places, Status, DEFAULT_PIN_DIR,
 };
 
 #[derive(Parser)]
@@ -160,9 +159,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let pin_dir = cli.pin_dir.clone().unwrap_or_else(|| DEFAULT_PIN_DIR.into());
-    let agent = Agent::new(&pin_dir);
-    let userspace = Userspace::new(cli.table.clone().unwrap_or_else(|| DEFAULT_TABLE.into()));
+    let places = Places {
+        pin_dir: cli.pin_dir.clone().unwrap_or_else(|| DEFAULT_PIN_DIR.into()),
+        table: cli.table.clone().unwrap_or_else(|| DEFAULT_TABLE.into()),
+    };
     if !matches!(cli.command, Command::Run { .. }) {
         logging::init(LogFormat::Text);
     }
@@ -182,47 +182,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             service::run(config, flags)?;
         }
         Command::Load { mode, cgroup, json, policy, userspace: args } => {
-            let policy = policy.over(&ConfigFile::default());
-            if mode.resolve() == Mode::Userspace {
-                if cgroup.is_some() {
-                    anyhow::bail!(
-                        "--cgroup applies to the eBPF mode only: in userspace mode the processes started \
-                         with LD_PRELOAD=libtoa.so get client addresses; drop --cgroup"
-                    );
-                }
-                let loaded = userspace.load(&policy, &args.tuning())?;
-                let status = full_status(&agent, &userspace)?;
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&status)?);
-                } else {
-                    match loaded.start_time_ms {
-                        Some(t) => println!("toa loaded in userspace mode in {t:.0} ms"),
-                        None => {
-                            println!("toa was already loaded in userspace mode; policy updated for new connections")
-                        }
-                    }
-                    print_status(&status);
-                }
-                return Ok(());
-            }
-            let loaded = agent.load(&LoadOptions { cgroup, pin_dir: pin_dir.clone(), policy })?;
+            let request = LoadRequest { cgroup, policy: policy.over(&ConfigFile::default()), tuning: args.tuning() };
+            let loaded = Backend::new(mode, &places).load(&request)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&loaded)?);
             } else {
+                let userspace = if loaded.status.userspace.is_some() { " in userspace mode" } else { "" };
                 match (loaded.changed, loaded.load_time_ms) {
-                    (true, Some(t)) => println!("toa loaded in {t} ms"),
-                    (true, None) => {
-                        println!("toa was already loaded; policy updated for new connections")
-                    }
+                    (true, Some(t)) if userspace.is_empty() => println!("toa loaded in {t} ms"),
+                    (true, Some(t)) => println!("toa loaded{userspace} in {t:.0} ms"),
+                    (true, None) => println!("toa was already loaded{userspace}; policy updated for new connections"),
                     (false, _) => println!("toa was already loaded; nothing changed"),
                 }
                 print_status(&loaded.status);
             }
         }
         Command::Unload => {
-            let ebpf = agent.unload()?;
-            let user = userspace.unload()?;
-            match (ebpf, user) {
+            let [ebpf, user] = Backend::both(&places);
+            match (ebpf.unload()?, user.unload()?) {
                 (false, false) => println!("toa was not loaded; nothing to do"),
                 (true, _) => println!("toa unloaded"),
                 (false, true) => println!("toa unloaded (userspace mode)"),
@@ -233,7 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
                 signal_hook::flag::register(signal, std::sync::Arc::clone(&stop))?;
             }
-            userspace.run_reader(&stop, || {
+            toa::Userspace::new(&places.table).run_reader(&stop, || {
                 // `toa load` stops listening once the table is live: nothing more goes to its pipe.
                 if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
                     // SAFETY: replaces our own stderr descriptor.
@@ -242,7 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
         }
         Command::Status { json } => {
-            let status = full_status(&agent, &userspace)?;
+            let status = Backend::live_or_default(&places).status()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -250,11 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Stats { json } => {
-            let stats = if agent.status()?.loaded || !userspace.path().exists() {
-                agent.stats()?
-            } else {
-                userspace.stats()?
-            };
+            let stats = Backend::live_or_default(&places).stats()?;
             if json {
                 let map: serde_json::Map<_, _> = stats.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect();
                 println!("{}", serde_json::to_string_pretty(&map)?);
@@ -265,7 +238,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Doctor { json } => {
-            let checks = toa::doctor::run(&pin_dir);
+            let checks = toa::doctor::run(&places.pin_dir);
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
@@ -284,12 +257,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(netns) = netns {
                 enter_netns(&netns)?;
             }
-            let ebpf_loaded = pin_dir.join(toa::hooks::SOCKS.pin).exists();
-            let conns = if !ebpf_loaded && userspace.path().exists() {
-                toa::conns::list_userspace(userspace.path())?
-            } else {
-                toa::conns::list(&pin_dir)?
-            };
+            let conns = Backend::live_or_default(&places).conns()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&conns)?);
             } else {
@@ -334,21 +302,6 @@ fn enter_netns(path: &std::path::Path) -> anyhow::Result<()> {
         anyhow::bail!("--netns {}: {} (is it a network namespace?)", path.display(), std::io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// The eBPF agent's status, or the userspace reader's when that is what is loaded.
-fn full_status(agent: &Agent, userspace: &Userspace) -> anyhow::Result<Status> {
-    let mut status = agent.status()?;
-    if !status.loaded {
-        if let Some((user, policy)) = userspace.status()? {
-            status.loaded = user.running;
-            status.mode = Some(Mode::Userspace);
-            status.spoofable = policy.trust.is_empty();
-            status.policy = Some(policy);
-            status.userspace = Some(user);
-        }
-    }
-    Ok(status)
 }
 
 fn print_status(status: &Status) {

@@ -1,6 +1,5 @@
-//! Prometheus metrics: the agent's counters, read from the pinned map at each scrape.
-
-use std::path::PathBuf;
+//! Prometheus metrics: the agent's counters, read from the pinned map (or the userspace table)
+//! at each scrape.
 
 use prometheus_client::{
     collector::Collector,
@@ -9,43 +8,17 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{programs, system, Agent, Userspace};
-
-/// Where the counters live.
-#[derive(Clone, Debug)]
-pub enum Source {
-    /// The eBPF agent's pin directory.
-    Ebpf(PathBuf),
-    /// The userspace mode's table.
-    Userspace(PathBuf),
-}
-
-impl Source {
-    /// Whether the agent is serving (programs attached, or the reader alive).
-    pub fn is_up(&self) -> bool {
-        match self {
-            Source::Ebpf(pins) => Agent::new(pins).is_attached(),
-            Source::Userspace(table) => Userspace::new(table).is_running(),
-        }
-    }
-
-    fn stats(&self) -> Result<Vec<(&'static str, u64)>, crate::Error> {
-        match self {
-            Source::Ebpf(pins) => Agent::new(pins).stats(),
-            Source::Userspace(table) => Userspace::new(table).stats(),
-        }
-    }
-}
+use crate::{programs, system, Backend};
 
 /// Reads the counters at each scrape, so it reports whatever agent is loaded there.
 #[derive(Debug)]
 struct AgentCollector {
-    source: Source,
+    backend: Backend,
 }
 
 impl Collector for AgentCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let loaded = ConstGauge::new(i64::from(self.source.is_up()));
+        let loaded = ConstGauge::new(i64::from(self.backend.is_up()));
         loaded.encode(encoder.encode_descriptor(
             "loaded",
             "1 while the programs are attached (userspace mode: while the capture reader runs)",
@@ -53,14 +26,14 @@ impl Collector for AgentCollector {
             loaded.metric_type(),
         )?)?;
         // No agent, no counters: an absent series is clearer than a series of zeros.
-        if let Ok(stats) = self.source.stats() {
+        if let Ok(stats) = self.backend.stats() {
             for (name, value) in stats {
                 let counter = ConstCounter::new(value);
                 let help = toa_common::Counter::ALL
                     .iter()
                     .find(|c| c.name() == name)
                     .map(|c| c.help())
-                    .unwrap_or_else(|| crate::userspace::table_counter_help(name));
+                    .unwrap_or_else(|| crate::backend::userspace::table_counter_help(name));
                 counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
             }
         }
@@ -69,7 +42,7 @@ impl Collector for AgentCollector {
 }
 
 /// The registry `toa run` serves.
-pub fn registry(source: Source) -> Registry {
+pub fn registry(backend: Backend) -> Registry {
     let mut registry = Registry::with_prefix("toa");
     registry.register(
         "build",
@@ -80,7 +53,7 @@ pub fn registry(source: Source) -> Registry {
             ("programs".to_owned(), programs::hash()),
         ]),
     );
-    registry.register_collector(Box::new(AgentCollector { source }));
+    registry.register_collector(Box::new(AgentCollector { backend }));
     registry
 }
 

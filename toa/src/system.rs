@@ -38,7 +38,7 @@ pub fn parse_release(release: &str) -> Option<(u32, u32)> {
 pub fn require_kernel() -> Result<(), Error> {
     let release = kernel_release();
     match parse_release(&release) {
-        Some(version) if version >= (5, 10) => Ok(()),
+        Some(version) if version >= crate::backend::EBPF_MIN_KERNEL => Ok(()),
         Some(_) => Err(Error::KernelTooOld { release }),
         // Unparsable release: let the kernel decide when the programs load.
         None => Ok(()),

@@ -1308,7 +1308,7 @@ fn check_config_example(path: &Path) -> Checked {
             if c.keep_loaded != Some(false) {
                 errors.push(format!("keep_loaded shown as {:?}, the default is false", c.keep_loaded));
             }
-            let tuning = toa::userspace::UserspaceArgs::default().tuning();
+            let tuning = toa::backend::userspace::UserspaceArgs::default().tuning();
             let shown = (c.table_entries, c.accept_wait_us, c.entry_ttl, c.search_secs);
             let defaults = (
                 Some(tuning.table_entries),
@@ -1319,7 +1319,7 @@ fn check_config_example(path: &Path) -> Checked {
             if shown != defaults {
                 errors.push(format!("userspace settings shown as {shown:?}, the defaults are {defaults:?}"));
             }
-            if c.table.as_deref() != Some(Path::new(toa::userspace::DEFAULT_TABLE))
+            if c.table.as_deref() != Some(Path::new(toa::backend::userspace::DEFAULT_TABLE))
                 || c.mode != Some(Default::default())
             {
                 errors.push(format!("table/mode shown as {:?}/{:?}, not the defaults", c.table, c.mode));

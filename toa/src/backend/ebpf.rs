@@ -25,7 +25,9 @@ use aya::{
 use serde::Serialize;
 use toa_common::{AgentConfig, Counter};
 
+use super::{Loaded, Status};
 use crate::{
+    backend::Mode,
     cgroup,
     error::{chain, Error},
     hooks::{self, HookKind, HOOKS, MAPS},
@@ -43,25 +45,6 @@ pub(crate) enum Attached {
     Raw(std::os::fd::OwnedFd),
 }
 
-/// What `toa load` is asked to do.
-#[derive(Clone, Debug)]
-pub struct LoadOptions {
-    /// cgroup v2 directory to attach to; `None` for the root of the hierarchy (every process).
-    pub cgroup: Option<PathBuf>,
-    pub pin_dir: PathBuf,
-    pub policy: Policy,
-}
-
-/// How a load went.
-#[derive(Clone, Debug, Serialize)]
-pub struct Loaded {
-    /// False when the agent was already loaded there and nothing changed.
-    pub changed: bool,
-    pub status: Status,
-    /// Time spent loading (verifying) and attaching, when this call did it.
-    pub load_time_ms: Option<f64>,
-}
-
 /// One attached program.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct ProgramStatus {
@@ -71,31 +54,12 @@ pub struct ProgramStatus {
     pub verified_insns: Option<u32>,
 }
 
-/// What `toa status` reports.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct Status {
-    pub loaded: bool,
-    pub pin_dir: PathBuf,
-    /// The cgroup the programs are attached to.
-    pub cgroup: Option<PathBuf>,
-    pub programs: Vec<ProgramStatus>,
-    /// What the running programs honour, read back from their maps.
-    pub policy: Option<Policy>,
-    /// True when no trust list is set: any client that reaches the host can claim any address.
-    pub spoofable: bool,
-    pub kernel: String,
-    pub version: String,
-    /// `ebpf` or `userspace` when loaded.
-    pub mode: Option<crate::userspace::Mode>,
-    /// The userspace mode's reader and table.
-    pub userspace: Option<crate::userspace::UserspaceStatus>,
-}
-
 /// The suffix under which a relocation pins its new links before renaming them over the old
 /// (no dot: bpffs refuses names with dots).
 const REPLACING: &str = "_new";
 
 /// The agent, identified by its pin directory.
+#[derive(Clone, Debug)]
 pub struct Agent {
     pin_dir: PathBuf,
 }
@@ -105,33 +69,30 @@ impl Agent {
         Self { pin_dir: pin_dir.into() }
     }
 
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
-    }
-
-    fn is_pinned(&self) -> bool {
+    /// Whether every link pin is there (what `Backend::live` asks).
+    pub fn has_pins(&self) -> bool {
         HOOKS.iter().all(|h| self.pin_dir.join(h.pin).exists())
     }
 
     /// Loads the programs, attaches them to the cgroup and pins everything. Idempotent: when the
     /// agent is already attached to the same cgroup nothing changes. On any error nothing stays
     /// attached or pinned.
-    pub fn load(&self, options: &LoadOptions) -> Result<Loaded, Error> {
+    pub fn load(&self, cgroup: Option<&Path>, policy: &Policy) -> Result<Loaded, Error> {
         system::require_root("toa load")?;
         system::require_kernel()?;
-        options.policy.validate().map_err(|detail| Error::Policy { detail })?;
-        let cgroup = cgroup::resolve(options.cgroup.as_deref())?;
+        policy.validate().map_err(|detail| Error::Policy { detail })?;
+        let cgroup = cgroup::resolve(cgroup)?;
         system::ensure_bpffs(&self.pin_dir)?;
         system::raise_memlock();
         let _lock = PinLock::acquire(&self.pin_dir, true)?.expect("created");
 
-        if self.is_pinned() {
+        if self.has_pins() {
             let status = self.status()?;
             if status.cgroup.as_deref() == Some(cgroup.as_path()) {
                 // Same place: only the policy may change, in place, for new connections.
-                let changed = status.policy.as_ref() != Some(&options.policy.normalized());
+                let changed = status.policy.as_ref() != Some(&policy.normalized());
                 if changed {
-                    write_policy(&self.pin_dir, &options.policy)?;
+                    write_policy(&self.pin_dir, policy)?;
                 }
                 return Ok(Loaded { changed, status: self.status()?, load_time_ms: None });
             }
@@ -144,8 +105,7 @@ impl Agent {
         self.remove_pins()?;
 
         let started = Instant::now();
-        let result =
-            attach(&cgroup, &self.pin_dir, Some(&options.policy)).and_then(|(_ebpf, links)| self.pin_links(links, ""));
+        let result = attach(&cgroup, &self.pin_dir, Some(policy)).and_then(|(_ebpf, links)| self.pin_links(links, ""));
         if let Err(e) = result {
             // The maps were pinned while loading; the unpinned links detach when dropped.
             let _ = self.remove_pins().and_then(|()| self.remove_dir());
@@ -177,7 +137,7 @@ impl Agent {
         let cgroup = cgroup::resolve(cgroup)?;
         let not_loaded = || Error::NotLoaded { pin_dir: self.pin_dir.clone() };
         let _lock = PinLock::acquire(&self.pin_dir, false)?.ok_or_else(not_loaded)?;
-        if !self.is_pinned() {
+        if !self.has_pins() {
             return Err(not_loaded());
         }
         if !same_place && self.status()?.cgroup.as_deref() == Some(cgroup.as_path()) {
@@ -271,19 +231,8 @@ impl Agent {
 
     /// What is loaded, read back from the kernel through the pins.
     pub fn status(&self) -> Result<Status, Error> {
-        let mut status = Status {
-            loaded: false,
-            pin_dir: self.pin_dir.clone(),
-            cgroup: None,
-            programs: Vec::new(),
-            policy: None,
-            spoofable: false,
-            kernel: system::kernel_release(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            mode: None,
-            userspace: None,
-        };
-        if !self.is_pinned() {
+        let mut status = Status::empty(&self.pin_dir);
+        if !self.has_pins() {
             return Ok(status);
         }
         let infos: Vec<_> = aya::programs::loaded_programs().filter_map(Result::ok).collect();
@@ -305,7 +254,7 @@ impl Agent {
         status.spoofable = policy.trust.is_empty();
         status.policy = Some(policy);
         status.loaded = true;
-        status.mode = Some(crate::userspace::Mode::Ebpf);
+        status.mode = Some(Mode::Ebpf);
         Ok(status)
     }
 

@@ -27,6 +27,7 @@ use toa_common::{
     Counter,
 };
 
+use super::{Loaded, Mode, Status};
 use crate::{
     policy::{trust_key, trust_net, Policy},
     system, Error,
@@ -34,32 +35,6 @@ use crate::{
 
 /// Where the table lives unless `--table`/`TOA_TABLE` says otherwise (libtoa.so's default too).
 pub const DEFAULT_TABLE: &str = "/run/toa/table";
-
-/// How `toa load` gets client addresses to applications.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// eBPF on Linux ≥ 5.10, userspace below.
-    #[default]
-    Auto,
-    /// sock_ops + cgroup getpeername programs: every process, nothing to preload.
-    Ebpf,
-    /// A capture reader and libtoa.so preloaded into applications (any kernel).
-    Userspace,
-}
-
-impl Mode {
-    /// The mechanism `Auto` stands for on this kernel.
-    pub fn resolve(self) -> Mode {
-        match self {
-            Mode::Auto => match system::parse_release(&system::kernel_release()) {
-                Some(v) if v < (5, 10) => Mode::Userspace,
-                _ => Mode::Ebpf,
-            },
-            m => m,
-        }
-    }
-}
 
 /// The userspace mode's settings (flags of `toa load` and `toa run`).
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -105,6 +80,13 @@ impl Tuning {
             return bad("search_secs", "at least 1");
         }
         Ok(())
+    }
+}
+
+impl Default for Tuning {
+    /// The flags' defaults.
+    fn default() -> Self {
+        UserspaceArgs::default().tuning()
     }
 }
 
@@ -295,18 +277,9 @@ impl TableFile {
 }
 
 /// The userspace mode's state, identified by its table's path.
+#[derive(Clone, Debug)]
 pub struct Userspace {
     path: PathBuf,
-}
-
-/// What a userspace `toa load` did.
-#[derive(Debug)]
-pub struct UserspaceLoaded {
-    /// False when a reader was already running (its policy was updated).
-    pub started: bool,
-    pub status: UserspaceStatus,
-    pub policy: Policy,
-    pub start_time_ms: Option<f64>,
 }
 
 impl Userspace {
@@ -318,9 +291,15 @@ impl Userspace {
         &self.path
     }
 
+    /// Whether a table is there (what `Backend::live` asks): a live reader's, or one left by a
+    /// reader that died.
+    pub fn has_table(&self) -> bool {
+        self.path.exists()
+    }
+
     /// Starts the reader as a process of its own (or reconfigures the running one). On error
     /// nothing is left running.
-    pub fn load(&self, policy: &Policy, tuning: &Tuning) -> Result<UserspaceLoaded, Error> {
+    pub fn load(&self, policy: &Policy, tuning: &Tuning) -> Result<Loaded, Error> {
         system::require_root("toa load --mode userspace")?;
         let started = Instant::now();
         let t = match self.prepare(policy, tuning)? {
@@ -357,11 +336,10 @@ impl Userspace {
             let _ = fs::remove_file(&self.path);
             return Err(Error::Userspace { detail });
         }
-        Ok(UserspaceLoaded {
-            started: true,
-            status: self.describe(&t),
-            policy: t.policy(),
-            start_time_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+        Ok(Loaded {
+            changed: true,
+            status: self.status_of(&t),
+            load_time_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
         })
     }
 
@@ -372,14 +350,15 @@ impl Userspace {
         policy: &Policy,
         tuning: &Tuning,
         stop: std::sync::Arc<AtomicBool>,
-    ) -> Result<std::thread::JoinHandle<Result<(), Error>>, Error> {
+    ) -> Result<(Loaded, std::thread::JoinHandle<Result<(), Error>>), Error> {
         system::require_root("toa run --mode userspace")?;
+        let started = Instant::now();
         let t = match self.prepare(policy, tuning)? {
             Prepared::Fresh(t) => t,
             Prepared::Reconfigured(loaded) => {
                 // Another reader (from `toa load`) serves this table: this service takes over.
                 tracing::warn!(
-                    pid = loaded.status.reader_pid,
+                    pid = loaded.status.userspace.as_ref().map(|u| u.reader_pid),
                     "stopping the reader started by toa load; toa run takes over"
                 );
                 self.unload()?;
@@ -402,7 +381,12 @@ impl Userspace {
             let _ = fs::remove_file(&self.path);
             return Err(Error::Userspace { detail: why });
         }
-        Ok(handle)
+        let loaded = Loaded {
+            changed: true,
+            status: self.status_of(&t),
+            load_time_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
+        };
+        Ok((loaded, handle))
     }
 
     /// Reconfigures a live reader, or creates a fresh table for a new one.
@@ -427,12 +411,7 @@ impl Userspace {
                     }
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                let loaded = UserspaceLoaded {
-                    started: false,
-                    status: self.describe(&t),
-                    policy: t.policy(),
-                    start_time_ms: None,
-                };
+                let loaded = Loaded { changed: true, status: self.status_of(&t), load_time_ms: None };
                 return Ok(Prepared::Reconfigured(Box::new(loaded)));
             }
             // A table left by a reader that died: start afresh.
@@ -457,9 +436,27 @@ impl Userspace {
         }
     }
 
-    /// The status and policy, if a table is there.
-    pub fn status(&self) -> Result<Option<(UserspaceStatus, Policy)>, Error> {
-        Ok(TableFile::open(&self.path, false)?.map(|t| (self.describe(&t), t.policy())))
+    /// What `toa status` says: loaded while a live reader serves the table. A table left by a
+    /// reader that died is reported (not loaded) so that the operator is told to unload.
+    pub fn status(&self) -> Result<Status, Error> {
+        Ok(match TableFile::open(&self.path, false)? {
+            Some(t) => self.status_of(&t),
+            None => Status::empty(Path::new("")),
+        })
+    }
+
+    /// The table's status (the caller fills in the pin directory it does not know).
+    fn status_of(&self, t: &TableFile) -> Status {
+        let user = self.describe(t);
+        let policy = t.policy();
+        Status {
+            loaded: user.running,
+            mode: Some(Mode::Userspace),
+            spoofable: policy.trust.is_empty(),
+            policy: Some(policy),
+            userspace: Some(user),
+            ..Status::empty(Path::new(""))
+        }
     }
 
     /// Gives a live reader a new policy and tuning (`toa run`'s SIGHUP).
@@ -602,7 +599,7 @@ impl Userspace {
 
 enum Prepared {
     /// A live reader took the new policy.
-    Reconfigured(Box<UserspaceLoaded>),
+    Reconfigured(Box<Loaded>),
     /// A new table, waiting for its reader.
     Fresh(TableFile),
 }
