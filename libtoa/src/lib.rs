@@ -21,11 +21,10 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use toa_common::{
     config::v4_mapped,
-    table::{Entry, Key, Table, ENTRY_HAS_PORT},
+    table::{Entry, Key, Table, DEFAULT_TABLE_C, ENTRY_HAS_PORT},
     AF_INET, AF_INET6,
 };
 
-const DEFAULT_TABLE: &[u8] = b"/run/toa/table\0";
 const PATH_MAX: usize = 256;
 
 /// The table's path, NUL-terminated (set by `init` before `main`).
@@ -80,7 +79,7 @@ pub extern "C" fn toa_libtoa_counter(index: u32) -> u64 {
 static INIT: unsafe extern "C" fn(i32, *const *const u8, *const *const u8) = init;
 
 unsafe extern "C" fn init(_argc: i32, _argv: *const *const u8, envp: *const *const u8) {
-    let mut path = DEFAULT_TABLE;
+    let mut path = DEFAULT_TABLE_C;
     let mut env = envp;
     // SAFETY: envp is the NULL-terminated array of NUL-terminated strings the loader passes.
     unsafe {
@@ -270,7 +269,8 @@ fn packet_queue(ino: u64) -> Option<u64> {
     let base = buf.as_mut_ptr() as *mut u8;
     let mut len = 0;
     while len < 8192 {
-        let n = sys::read_raw(fd as i32, base.wrapping_add(len), 8192 - len);
+        // SAFETY: `base + len .. base + 8192` lies inside `buf`.
+        let n = unsafe { sys::read_raw(fd as i32, base.wrapping_add(len), 8192 - len) };
         if n <= 0 {
             break;
         }

@@ -77,7 +77,7 @@ pub unsafe fn getsockname(fd: i32, addr: *mut u8, len: *mut u32) -> Ret {
     unsafe { syscall6(nr::GETSOCKNAME, [fd as usize, addr as usize, len as usize, 0, 0, 0]) }
 }
 
-const IPPROTO_TCP: usize = 6;
+const IPPROTO_TCP: usize = toa_common::IPPROTO_TCP as usize;
 const TCP_INFO: usize = 11;
 
 pub unsafe fn tcp_info(fd: i32, buf: *mut u8, len: *mut u32) -> Ret {
@@ -98,8 +98,11 @@ pub fn open_read(path: &[u8]) -> Ret {
 }
 
 /// Reads up to `len` bytes to `buf` (which may be uninitialized); the count, or a negative errno.
-pub fn read_raw(fd: i32, buf: *mut u8, len: usize) -> Ret {
-    // SAFETY: the kernel writes at most `len` bytes at `buf`, which the caller owns.
+///
+/// # Safety
+/// `buf` must be valid for writes of `len` bytes.
+pub unsafe fn read_raw(fd: i32, buf: *mut u8, len: usize) -> Ret {
+    // SAFETY: the kernel writes at most `len` bytes at `buf`, which the caller vouches for.
     unsafe { syscall6(nr::READ, [fd as usize, buf as usize, len, 0, 0, 0]) }
 }
 

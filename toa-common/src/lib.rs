@@ -19,6 +19,9 @@ pub use parse::{find_toa, scan_toa, OptionArea, Outcome, Parsed, OPTION_AREA_MAX
 /// nginx/OpenResty patches use); `toa-client` asks it, the getsockopt hook answers it.
 pub const TOA_SO_GET_LOOKUP: i32 = 4096;
 
+/// `IPPROTO_TCP`.
+pub const IPPROTO_TCP: u8 = 6;
+
 /// `AF_INET`, as the kernel and the option parser use it.
 pub const AF_INET: u16 = 2;
 /// `AF_INET6`.

@@ -24,6 +24,18 @@ use crate::{
     counters::COUNTERS,
 };
 
+/// Where the table lives unless `TOA_TABLE` (and the agent's `--table`) says otherwise,
+/// NUL-terminated for `libtoa.so`, which opens it without an allocator.
+pub const DEFAULT_TABLE_C: &[u8] = b"/run/toa/table\0";
+/// [`DEFAULT_TABLE_C`] without its NUL.
+pub const DEFAULT_TABLE: &str = match DEFAULT_TABLE_C.split_last() {
+    Some((0, path)) => match core::str::from_utf8(path) {
+        Ok(path) => path,
+        Err(_) => panic!("DEFAULT_TABLE_C is UTF-8"),
+    },
+    _ => panic!("DEFAULT_TABLE_C ends with a NUL"),
+};
+
 /// "TOATABL1", little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TOATABL1");
 /// Bumped on any change of the layout.
@@ -397,15 +409,6 @@ impl<'a> Table<'a> {
         Stored::Evicted
     }
 
-    /// Writer only: forgets `key`.
-    pub fn remove(&self, key: &Key) {
-        for s in self.bucket(key) {
-            if s.read().is_some_and(|e| e.key == *key) {
-                s.clear();
-            }
-        }
-    }
-
     /// Writer only: clears entries past their time at `now`; returns (entries with a client
     /// left, pending entries that expired without one).
     pub fn sweep(&self, now: u32) -> (u64, u64) {
@@ -578,7 +581,7 @@ mod tests {
     }
 
     #[test]
-    fn store_lookup_replace_remove() {
+    fn store_lookup_replace() {
         let (_m, t) = table(4);
         assert_eq!(t.lookup(&key(1)), None);
         assert_eq!(t.store(&found(1, 10)), Stored::Stored);
@@ -588,8 +591,6 @@ mod tests {
         e.addr = [7; 16];
         t.store(&e);
         assert_eq!(t.lookup(&key(1)), Some(e), "the same key is replaced, not duplicated");
-        t.remove(&key(1));
-        assert_eq!(t.lookup(&key(1)), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use toa_common::{Counter, SockState, AF_INET, AF_INET6, CLIENT_HAS_PORT, STATE_F
 use crate::maps::{count, socks};
 
 const SOCK_STREAM: u32 = 1;
-const IPPROTO_TCP: u32 = 6;
+const IPPROTO_TCP: u32 = toa_common::IPPROTO_TCP as u32;
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn toa_getpeer4(ctx: SockAddrContext) -> i32 {

@@ -25,31 +25,53 @@ pub fn toa_getsockopt(ctx: SockoptContext) -> i32 {
     1
 }
 
+/// Answers the lookup in place of the kernel's ENOPROTOOPT when the socket has a client.
+///
+/// # Safety
+/// `opt` is the context the kernel passed to a cgroup getsockopt program.
 #[inline(always)]
 unsafe fn answer(opt: *mut bpf_sockopt) {
-    if (*opt).level != SOL_IP || (*opt).optname != TOA_SO_GET_LOOKUP {
+    // SAFETY: level, optname, sk, optval and optval_end are readable in every getsockopt call.
+    let (level, optname, sk, start, end) = unsafe {
+        (
+            (*opt).level,
+            (*opt).optname,
+            (*opt).__bindgen_anon_1.sk,
+            (*opt).__bindgen_anon_2.optval as usize,
+            (*opt).__bindgen_anon_3.optval_end as usize,
+        )
+    };
+    if level != SOL_IP || optname != TOA_SO_GET_LOOKUP {
         return;
     }
-    let sk = (*opt).__bindgen_anon_1.sk;
-    let (start, end) = ((*opt).__bindgen_anon_2.optval as usize, (*opt).__bindgen_anon_3.optval_end as usize);
     if sk.is_null() || start + PEER_LEN > end {
         return;
     }
-    let state = aya_ebpf::helpers::generated::bpf_sk_storage_get(socks(), sk.cast(), core::ptr::null_mut(), 0);
-    let Some(state) = (state as *const toa_common::SockState).as_ref() else { return };
+    // SAFETY: a non-null socket and our storage map; no creation (flags 0).
+    let state =
+        unsafe { aya_ebpf::helpers::generated::bpf_sk_storage_get(socks(), sk.cast(), core::ptr::null_mut(), 0) };
+    // SAFETY: the helper returns null or a pointer to this socket's SockState.
+    let Some(state) = (unsafe { (state as *const toa_common::SockState).as_ref() }) else { return };
     if state.state != toa_common::STATE_FOUND {
         return;
     }
     let client = &state.client;
     let words = ip6_words(client.family, &client.addr);
     let out = start as *mut u32;
-    for (i, w) in words.iter().enumerate() {
-        *out.add(i) = *w;
-    }
     let port = if client.flags & CLIENT_HAS_PORT != 0 { client.port } else { [0, 0] };
-    *(start as *mut [u8; 4]).add(4) = [port[0], port[1], 0, 0];
+    // SAFETY: `start + PEER_LEN <= end` was checked above: the 16 address bytes and the 4 of the
+    // port (with padding) are inside the caller's buffer.
+    unsafe {
+        for (i, w) in words.iter().enumerate() {
+            *out.add(i) = *w;
+        }
+        *(start as *mut [u8; 4]).add(4) = [port[0], port[1], 0, 0];
+    }
     // Two 4-byte stores: the context refuses the 8-byte one the compiler would merge them into.
-    core::ptr::write_volatile(core::ptr::addr_of_mut!((*opt).optlen), PEER_LEN as i32);
-    core::ptr::write_volatile(core::ptr::addr_of_mut!((*opt).retval), 0);
+    // SAFETY: optlen and retval are writable fields of the getsockopt context.
+    unsafe {
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*opt).optlen), PEER_LEN as i32);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*opt).retval), 0);
+    }
     count(Counter::Nat64Lookup);
 }

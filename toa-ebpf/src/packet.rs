@@ -54,7 +54,7 @@ pub fn copy_options(ops: *const bpf_sock_ops, area: &mut OptionArea) -> bool {
     true
 }
 
-const IPPROTO_TCP: i32 = 6;
+const IPPROTO_TCP: i32 = toa_common::IPPROTO_TCP as i32;
 const TCP_BPF_SYN: i32 = 1005;
 /// A TCP header with options is at most 60 bytes.
 const TCP_HEADER_MAX: usize = 60;

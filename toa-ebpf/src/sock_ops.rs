@@ -26,7 +26,7 @@ use toa_ebpf::packet::{copy_options, copy_syn_options};
 
 use crate::maps::{config, count, mapped, socks, trusted, TOA_SCRATCH};
 
-const IPPROTO_TCP: i32 = 6;
+const IPPROTO_TCP: i32 = toa_common::IPPROTO_TCP as i32;
 const TCP_SAVE_SYN: i32 = 27;
 
 #[sock_ops]

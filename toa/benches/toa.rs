@@ -712,18 +712,7 @@ impl Drop for ExternalServer {
 /// Raises the open-file limit as far as allowed; returns it (held connections need two
 /// descriptors each, the client's and the server's, both in this process).
 fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit read and write the struct we own.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        let want = libc::rlimit { rlim_cur: 65_536, rlim_max: 65_536.max(lim.rlim_max) };
-        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-    }
-    lim.rlim_cur
+    toa::system::raise_nofile(65_536)
 }
 
 /// Bytes held by the kernel's general-purpose kmalloc caches (where socket storage lives).

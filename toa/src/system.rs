@@ -45,6 +45,29 @@ pub fn require_kernel() -> Result<(), Error> {
     }
 }
 
+/// Raises the soft limit of open files to `want` (as root also the hard one, when it is lower);
+/// returns the soft limit in effect. Thousands of sockets at once need it (`toa probe
+/// --parallel`, the tests, the benchmark).
+pub fn raise_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < want {
+            let raised = libc::rlimit { rlim_cur: want, rlim_max: lim.rlim_max.max(want) };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                // Not allowed to raise the hard limit: up to it.
+                let capped = libc::rlimit { rlim_cur: lim.rlim_max.min(want), rlim_max: lim.rlim_max };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &capped);
+            }
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
 /// Before 5.11 BPF maps and programs are charged to RLIMIT_MEMLOCK (often 64 KiB); from 5.11 on
 /// to the memory cgroup. Lifting the limit is harmless on newer kernels; failing to lift it is
 /// not fatal (a service manager may have lifted it already).

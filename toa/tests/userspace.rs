@@ -14,13 +14,7 @@ use support::*;
 
 /// Lets this process and its children (probe, servers) hold thousands of sockets.
 fn raise_nofile() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: get/setrlimit on a struct we own.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max.min(65536);
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
+    toa::system::raise_nofile(65536);
 }
 
 /// `(announced, reply)` per connection of a `--parallel` probe, in the order it printed them.

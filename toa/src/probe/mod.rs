@@ -250,15 +250,8 @@ fn run_parallel(
         return Err(bad("--parallel announces IPv4 clients on the ACK or data segment, without --raw-option".into()));
     }
     cfg.on |= PROBE_PORT_FROM_SOURCE;
-    // Thousands of sockets at once: lift the soft limit of open files to the hard one.
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: get/setrlimit on a struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    // Thousands of sockets at once (one descriptor each, plus a few of our own).
+    crate::system::raise_nofile(u64::from(options.count) + 64);
     let cgroup = TempCgroup::enter(&format!("toa-probe-{}", std::process::id()))?;
     let _writer = Writer::attach(cgroup.path(), cfg)?;
     let mut streams = Vec::with_capacity(options.count as usize);

@@ -192,7 +192,7 @@ impl Wire {
         };
         // Open before the first SYN leaves, so that no answer is missed; room for a thousand.
         let _ = setsockopt(&recv, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20 as libc::c_int);
-        let tick = libc::timeval { tv_sec: 0, tv_usec: TICK.as_micros() as libc::suseconds_t };
+        let tick = libc::timeval { tv_sec: 0, tv_usec: TICK.as_micros() as _ };
         setsockopt(&recv, libc::SOL_SOCKET, libc::SO_RCVTIMEO, tick)?;
         let send = match from {
             // IPPROTO_RAW: we write the IPv4 header, the spoofed source included.

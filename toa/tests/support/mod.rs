@@ -117,11 +117,7 @@ pub fn cgroup2_mount() -> PathBuf {
 
 /// The cgroup v2 mount point, if there is one (there is none before Linux 4.5).
 pub fn cgroup2_mount_if_any() -> Option<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts").expect("read /proc/mounts");
-    mounts.lines().find_map(|l| {
-        let f: Vec<_> = l.split_whitespace().collect();
-        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-    })
+    toa::cgroup::v2_mount().ok()
 }
 
 /// How the lab's agent runs: the eBPF programs, or the userspace mode (capture reader + the

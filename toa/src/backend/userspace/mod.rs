@@ -34,7 +34,7 @@ use crate::{
 };
 
 /// Where the table lives unless `--table`/`TOA_TABLE` says otherwise (libtoa.so's default too).
-pub const DEFAULT_TABLE: &str = "/run/toa/table";
+pub use toa_common::table::DEFAULT_TABLE;
 
 /// The userspace mode's settings (flags of `toa load` and `toa run`).
 #[derive(Clone, Debug, Default, clap::Args)]
