@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::{
     backend::{
-        userspace::{Tuning, UserspaceArgs, DEFAULT_TABLE},
+        userspace::{Tuning, TuningOverrides, DEFAULT_TABLE},
         LoadRequest, Mode, Places,
     },
     policy::{Dialect, Pick, Policy, PortRange},
@@ -22,7 +22,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/toa/toa.toml";
 /// Loopback only by default: metrics say which clients connect, which is nobody else's business.
 pub const DEFAULT_METRICS: &str = "127.0.0.1:9431";
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -64,38 +64,24 @@ pub struct ConfigFile {
     pub search_secs: Option<u32>,
 }
 
-/// The policy flags of `toa load` and `toa run`.
-#[derive(Clone, Debug, Default, clap::Args)]
-pub struct PolicyArgs {
-    /// Read the classic layouts (length 8: port + IPv4, 20: port + IPv6) under option kind N;
-    /// repeatable [default: 254].
-    #[arg(long = "kind", value_name = "N")]
+/// The policy as given on the command line (flags of `toa load` and `toa run`); each key given
+/// wins over the config file's.
+#[derive(Clone, Debug, Default)]
+pub struct PolicyOverrides {
+    /// Option kinds read with the classic layouts.
     pub kinds: Vec<u8>,
-    /// Also read a layout that differs from the classic one; repeatable.
-    #[arg(long = "dialect", value_enum)]
     pub dialects: Vec<Dialect>,
-    /// Also read the options of the SYN (older DPVS/LVS); costs memory per connection.
-    #[arg(long)]
     pub syn: bool,
-    /// Make getsockname() return the virtual IP where the option carries it (ByteDance).
-    #[arg(long)]
     pub rewrite_sockname: bool,
-    /// Several options in one segment: which valid one wins [default: first].
-    #[arg(long, value_enum)]
     pub pick: Option<Pick>,
-    /// Honour options only from these sources (the balancer's backend-facing range);
-    /// repeatable. Without it, any client that reaches the host can claim any address.
-    #[arg(long = "trust", value_name = "CIDR")]
+    /// Sources whose options are honoured (empty: any).
     pub trust: Vec<IpNet>,
-    /// Honour options only on this local port; repeatable.
-    #[arg(long = "port", value_name = "PORT")]
+    /// Local ports whose connections are served (both lists empty: all).
     pub ports: Vec<u16>,
-    /// Honour options only on these local ports; repeatable.
-    #[arg(long = "port-range", value_name = "FIRST-LAST")]
     pub port_ranges: Vec<PortRange>,
 }
 
-impl PolicyArgs {
+impl PolicyOverrides {
     /// The policy these flags describe, on top of `file` (flags win key by key).
     pub fn over(&self, file: &ConfigFile) -> Policy {
         let mut ports: Vec<PortRange> = self.ports.iter().map(|p| PortRange(*p, *p)).collect();
@@ -144,13 +130,13 @@ impl ConfigFile {
 pub struct Overrides {
     pub mode: Option<Mode>,
     pub table: Option<PathBuf>,
-    pub userspace: UserspaceArgs,
+    pub tuning: TuningOverrides,
     pub cgroup: Option<PathBuf>,
     pub pin_dir: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
     pub keep_loaded: bool,
     pub log_format: Option<LogFormat>,
-    pub policy: PolicyArgs,
+    pub policy: PolicyOverrides,
 }
 
 /// What `toa run` does, once file and flags are merged.
@@ -180,8 +166,8 @@ impl Settings {
     }
 
     pub fn merge(file: &ConfigFile, flags: &Overrides) -> Self {
-        let u = &flags.userspace;
-        let tuning = UserspaceArgs {
+        let u = &flags.tuning;
+        let tuning = TuningOverrides {
             table_entries: u.table_entries.or(file.table_entries),
             accept_wait_us: u.accept_wait_us.or(file.accept_wait_us),
             entry_ttl: u.entry_ttl.or(file.entry_ttl),
@@ -234,12 +220,12 @@ mod tests {
             "kind = [254, 200]\ndialect = [\"bytedance\"]\ntrust = [\"100.125.0.0/16\"]\nport = [80, \"8000-8100\"]\npick = \"last\"\n",
         )
         .unwrap();
-        let p = PolicyArgs::default().over(&file);
+        let p = PolicyOverrides::default().over(&file);
         assert_eq!(p.kinds, vec![254, 200]);
         assert_eq!(p.dialects, vec![Dialect::Bytedance]);
         assert_eq!(p.ports, vec![PortRange(80, 80), PortRange(8000, 8100)]);
         assert_eq!(p.pick, Pick::Last);
-        let flags = PolicyArgs { trust: vec!["10.0.0.0/8".parse().unwrap()], ..Default::default() };
+        let flags = PolicyOverrides { trust: vec!["10.0.0.0/8".parse().unwrap()], ..Default::default() };
         assert_eq!(flags.over(&file).trust, vec!["10.0.0.0/8".parse::<IpNet>().unwrap()]);
         assert!(ConfigFile::parse("port = [\"90-80\"]").is_err());
     }

@@ -14,7 +14,7 @@ use toa_common::{
 };
 
 /// A wire format that differs from the classic `port + address` layout.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Dialect {
     /// ByteDance: kind 254, length 16: client port + IPv4, 2 pad, VIP port + IPv4.
@@ -24,7 +24,7 @@ pub enum Dialect {
 }
 
 /// Several options in one segment (cascaded proxies): which one wins.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Pick {
     /// The first valid one, as the classic modules do.

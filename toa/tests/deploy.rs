@@ -1308,7 +1308,7 @@ fn check_config_example(path: &Path) -> Checked {
             if c.keep_loaded != Some(false) {
                 errors.push(format!("keep_loaded shown as {:?}, the default is false", c.keep_loaded));
             }
-            let tuning = toa::backend::userspace::UserspaceArgs::default().tuning();
+            let tuning = toa::backend::userspace::Tuning::default();
             let shown = (c.table_entries, c.accept_wait_us, c.entry_ttl, c.search_secs);
             let defaults = (
                 Some(tuning.table_entries),

@@ -231,7 +231,7 @@ impl Agent {
 
     /// What is loaded, read back from the kernel through the pins.
     pub fn status(&self) -> Result<Status, Error> {
-        let mut status = Status::empty(&self.pin_dir);
+        let mut status = Status::not_loaded(&self.pin_dir);
         if !self.has_pins() {
             return Ok(status);
         }

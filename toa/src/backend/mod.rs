@@ -31,7 +31,7 @@ use crate::{conns::Conn, policy::Policy, system, Error};
 pub const EBPF_MIN_KERNEL: (u32, u32) = (5, 10);
 
 /// How `toa load` gets client addresses to applications.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// eBPF on Linux ≥ 5.10, userspace below.
@@ -119,7 +119,7 @@ pub struct Status {
 
 impl Status {
     /// Nothing loaded (yet): the kernel and this binary's version.
-    pub(crate) fn empty(pin_dir: &Path) -> Self {
+    pub fn not_loaded(pin_dir: &Path) -> Self {
         Status {
             loaded: false,
             pin_dir: pin_dir.to_owned(),

@@ -31,7 +31,7 @@ use crate::{
 };
 
 /// Which outgoing segment carries the options.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Segment {
     /// The ACK that completes the handshake (what most balancers do).
     Ack,

@@ -36,21 +36,17 @@ use crate::{
 /// Where the table lives unless `--table`/`TOA_TABLE` says otherwise (libtoa.so's default too).
 pub use toa_common::table::DEFAULT_TABLE;
 
-/// The userspace mode's settings (flags of `toa load` and `toa run`).
-#[derive(Clone, Debug, Default, clap::Args)]
-pub struct UserspaceArgs {
-    /// Entries the shared table holds; it never grows (64 bytes each) [default: 65536].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(8..=16_777_216))]
+/// The userspace mode's settings as given (flags of `toa load` and `toa run`, or the config
+/// file's keys); what is not given takes its default in [`TuningOverrides::tuning`].
+#[derive(Clone, Debug, Default)]
+pub struct TuningOverrides {
+    /// Entries the shared table holds; it never grows (64 bytes each).
     pub table_entries: Option<u32>,
-    /// At most this many microseconds accept()/getpeername() wait for the reader to catch up
-    /// with a new connection (it usually takes tens) [default: 5000].
-    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    /// At most this many microseconds accept()/getpeername() wait for the reader.
     pub accept_wait_us: Option<u32>,
-    /// Seconds a client address stays in the table for getpeername() [default: 300].
-    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Seconds a client address stays in the table for getpeername().
     pub entry_ttl: Option<u32>,
-    /// Seconds to look for an option on the segments after the handshake [default: 10].
-    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Seconds to look for an option on the segments after the handshake.
     pub search_secs: Option<u32>,
 }
 
@@ -86,11 +82,11 @@ impl Tuning {
 impl Default for Tuning {
     /// The flags' defaults.
     fn default() -> Self {
-        UserspaceArgs::default().tuning()
+        TuningOverrides::default().tuning()
     }
 }
 
-impl UserspaceArgs {
+impl TuningOverrides {
     pub fn tuning(&self) -> Tuning {
         Tuning {
             table_entries: self.table_entries.unwrap_or(65536),
@@ -441,7 +437,7 @@ impl Userspace {
     pub fn status(&self) -> Result<Status, Error> {
         Ok(match TableFile::open(&self.path, false)? {
             Some(t) => self.status_of(&t),
-            None => Status::empty(Path::new("")),
+            None => Status::not_loaded(Path::new("")),
         })
     }
 
@@ -455,7 +451,7 @@ impl Userspace {
             spoofable: policy.trust.is_empty(),
             policy: Some(policy),
             userspace: Some(user),
-            ..Status::empty(Path::new(""))
+            ..Status::not_loaded(Path::new(""))
         }
     }
 
