@@ -103,6 +103,21 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
     if parent != default {
         return Err(Error::NotBpffs { path: pin_dir.to_owned() });
     }
+    // Two toa commands starting together on a host without bpffs would each mount an instance,
+    // one over the other, and then pin (and lock) in different ones. The one that locks the
+    // directory first mounts; the others, woken, find bpffs there (by path) and mount nothing.
+    // The lock is on the directory under the mount point, opened before the mount.
+    let under = fs::File::open(default).map_err(|source| Error::Bpffs { path: default.to_owned(), source })?;
+    // SAFETY: a descriptor we own; flock(2) has no other precondition.
+    while unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&under), libc::LOCK_EX) } != 0 {
+        let source = io::Error::last_os_error();
+        if source.kind() != io::ErrorKind::Interrupted {
+            return Err(Error::Bpffs { path: default.to_owned(), source });
+        }
+    }
+    if is_bpffs(parent) {
+        return Ok(());
+    }
     let target = CString::new("/sys/fs/bpf").expect("no NUL in a literal");
     let fstype = CString::new("bpf").expect("no NUL in a literal");
     // SAFETY: valid C strings; mount(2) has no other preconditions.

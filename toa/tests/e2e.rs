@@ -357,6 +357,41 @@ fn concurrent_loads_and_unloads_take_turns() {
     assert_eq!(cgroup_attachments(&lab.cgroup), "", "nothing attached");
 }
 
+/// On a host where nothing is mounted at /sys/fs/bpf, toa commands started together mount one
+/// bpffs, not one each: stacked instances would each hold their own pins and locks (what the
+/// guests, which mount no bpffs, showed). Run in a private mount namespace whose /sys/fs/bpf is
+/// a fresh tmpfs, so the host's bpffs is never touched.
+#[test]
+fn concurrent_loads_mount_one_bpffs() {
+    let lab = Lab::new();
+    assert_eq!(lab.pin_dir.parent(), Some(std::path::Path::new("/sys/fs/bpf")));
+    let script = r#"
+        bpffs() { grep -c '^[^ ]* /sys/fs/bpf bpf ' /proc/self/mounts; }
+        before=$(bpffs)
+        mount -t tmpfs toa-test /sys/fs/bpf || exit 9
+        for i in 1 2 3 4; do "$0" load --cgroup "$1" > "$2.$i" 2>&1 & done
+        wait
+        echo $(( $(bpffs) - before ))
+        "$0" unload > /dev/null
+    "#;
+    let dir = lab.table.parent().expect("the lab's directory");
+    std::fs::create_dir_all(dir).unwrap();
+    let prefix = dir.join("load");
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.env("TOA_PIN_DIR", &lab.pin_dir)
+        .env("TOA_TABLE", &lab.table)
+        .args(["-m", "--propagation", "private", "sh", "-c", script, toa_bin()])
+        .arg(&lab.cgroup)
+        .arg(&prefix);
+    let out = run(&mut cmd);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "bpffs instances the loads mounted");
+    let said: Vec<String> =
+        (1..=4).map(|i| std::fs::read_to_string(format!("{}.{i}", prefix.display())).unwrap()).collect();
+    let loaded = said.iter().filter(|s| s.starts_with("toa loaded in ")).count();
+    let already = said.iter().filter(|s| s.starts_with("toa was already loaded; nothing changed")).count();
+    assert_eq!((loaded, already), (1, 3), "{said:?}");
+}
+
 #[test]
 fn bad_input_fails_clearly_and_attaches_nothing() {
     let lab = Lab::new();
