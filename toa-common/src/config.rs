@@ -60,6 +60,14 @@ impl AgentConfig {
         self.flags & flag != 0
     }
 
+    /// Whether options from a source may be honoured: always without a trust list, else only
+    /// when `listed()` (the source is in it: the LPM trie in the kernel, the table's list in the
+    /// userspace mode). The one trust rule of both modes; `listed` runs only when it matters.
+    #[inline(always)]
+    pub fn trusts(&self, listed: impl FnOnce() -> bool) -> bool {
+        !self.has(FLAG_TRUST_REQUIRED) || listed()
+    }
+
     /// Whether options arriving on local port `port` are honoured.
     #[inline(always)]
     pub fn port_allowed(&self, port: u16) -> bool {

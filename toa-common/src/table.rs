@@ -19,10 +19,7 @@ use core::{
     sync::atomic::{fence, AtomicU32, AtomicU64, Ordering},
 };
 
-use crate::{
-    config::{AgentConfig, FLAG_TRUST_REQUIRED},
-    counters::COUNTERS,
-};
+use crate::{config::AgentConfig, counters::COUNTERS};
 
 /// Where the table lives unless `TOA_TABLE` (and the agent's `--table`) says otherwise,
 /// NUL-terminated for `libtoa.so`, which opens it without an allocator.
@@ -528,8 +525,7 @@ impl Table<'_> {
     /// header: no copy of the trust list on the caller's stack.
     pub fn in_scope(&self, local_port: u16, remote: &[u8; 16]) -> bool {
         self.read_policy(|cfg, trust| {
-            cfg.port_allowed(local_port)
-                && (!cfg.has(FLAG_TRUST_REQUIRED) || (0..trust.len).any(|i| trust.get(i).contains(remote)))
+            cfg.port_allowed(local_port) && cfg.trusts(|| (0..trust.len).any(|i| trust.get(i).contains(remote)))
         })
     }
 }
@@ -677,7 +673,7 @@ mod tests {
         let v4 = |a, b, c, d| crate::config::v4_mapped([a, b, c, d]);
         assert!(t.in_scope(80, &v4(198, 18, 0, 2)), "classic: everything");
         let mut cfg = AgentConfig::classic();
-        cfg.flags = FLAG_TRUST_REQUIRED | crate::config::FLAG_PORTS;
+        cfg.flags = crate::config::FLAG_TRUST_REQUIRED | crate::config::FLAG_PORTS;
         cfg.ports[0] = [80, 80];
         cfg.port_ranges = 1;
         unsafe { t.write_config(&cfg, &[TrustEntry { prefix_len: 128, addr: v4(198, 18, 0, 2) }]) };

@@ -18,9 +18,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use toa_common::{
-    config::{FLAG_READ_SYN, FLAG_TRUST_REQUIRED},
-    scan_toa, AgentConfig, ClientAddr, Counter, OptionArea, Outcome, SockState, AF_INET, SEARCH_SEGMENTS_IN,
-    STATE_FOUND,
+    config::FLAG_READ_SYN, scan_toa, AgentConfig, ClientAddr, Counter, OptionArea, Outcome, SockState, AF_INET,
+    SEARCH_SEGMENTS_IN, STATE_FOUND,
 };
 use toa_ebpf::packet::{copy_options, copy_syn_options};
 
@@ -89,10 +88,13 @@ fn parse(ctx: &SockOpsContext, area: &mut OptionArea, cfg: &AgentConfig, syn: bo
 /// Whether the peer (the balancer) may speak for the client.
 #[inline(always)]
 fn source_trusted(ctx: &SockOpsContext, cfg: &AgentConfig) -> bool {
-    if !cfg.has(FLAG_TRUST_REQUIRED) {
-        return true;
-    }
-    let addr = if ctx.family() == AF_INET as u32 {
+    cfg.trusts(|| trusted(peer_address(ctx)))
+}
+
+/// The peer's address, IPv4 mapped into IPv6 (the trust trie's key).
+#[inline(always)]
+fn peer_address(ctx: &SockOpsContext) -> [u8; 16] {
+    if ctx.family() == AF_INET as u32 {
         mapped(ctx.remote_ip4())
     } else {
         // One constant-offset load per word: the verifier refuses loads through a moved ctx
@@ -102,8 +104,7 @@ fn source_trusted(ctx: &SockOpsContext, cfg: &AgentConfig) -> bool {
             |i: usize| unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ctx.ops).remote_ip6[i])) }.to_ne_bytes();
         let (a, b, c, d) = (w(0), w(1), w(2), w(3));
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]]
-    };
-    trusted(addr)
+    }
 }
 
 /// Stores the client in the socket's storage (created here: only sockets with a client

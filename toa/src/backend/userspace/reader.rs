@@ -2,7 +2,7 @@
 //! sock_ops program, with the connection's 4-tuple as the key instead of the socket.
 
 use toa_common::{
-    config::{v4_mapped, FLAG_READ_SYN, FLAG_TRUST_REQUIRED},
+    config::{v4_mapped, FLAG_READ_SYN},
     find_toa,
     table::{trusted, Entry, Key, Table, TrustEntry, ENTRY_HAS_PORT, FOUND, FOUND_ON_SYN, PENDING},
     AgentConfig, ClientAddr, Counter, OptionArea, Parsed, CLIENT_HAS_PORT,
@@ -71,7 +71,7 @@ pub struct Policy {
 
 impl Policy {
     fn trusted(&self, source: &[u8; 16]) -> bool {
-        !self.config.has(FLAG_TRUST_REQUIRED) || trusted(&self.trust[..self.trust_len], source)
+        self.config.trusts(|| trusted(&self.trust[..self.trust_len], source))
     }
 }
 
@@ -210,7 +210,7 @@ mod tests {
     #[test]
     fn untrusted_malformed_and_out_of_scope() {
         with_table(|t, pol| {
-            pol.config.flags |= FLAG_TRUST_REQUIRED;
+            pol.config.flags |= toa_common::config::FLAG_TRUST_REQUIRED;
             pol.trust[0] = TrustEntry { prefix_len: 128, addr: v4_mapped([198, 18, 0, 9]) };
             pol.trust_len = 1;
             handle(t, pol, &segment(&v4(TCP_SYN, &[], 0)).unwrap(), 1);
