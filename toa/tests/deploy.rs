@@ -13,22 +13,17 @@ use std::{
 use serde::Deserialize as _;
 use serde_yaml::Value as Yaml;
 
-/// Every series the agent exports (`toa run`'s /metrics).
-const METRICS: &[&str] = &[
-    "toa_syn_recv_sock_toa_total",
-    "toa_syn_recv_sock_no_toa_total",
-    "toa_getname_toa_ok_total",
-    "toa_getname_toa_mismatch_total",
-    "toa_getname_toa_bypass_total",
-    "toa_getname_toa_empty_total",
-    "toa_data_segment_toa_total",
-    "toa_search_gave_up_total",
-    "toa_option_malformed_total",
-    "toa_storage_failed_total",
-    "toa_untrusted_option_total",
-    "toa_loaded",
-    "toa_build_info",
-];
+/// Every series the agent exports (`toa run`'s /metrics), from the counter lists themselves:
+/// a counter added there is known here.
+fn metrics() -> Vec<String> {
+    let counters = toa_common::Counter::ALL.iter().map(|c| c.name());
+    let table = toa::backend::userspace::TABLE_COUNTERS.iter().map(|(name, _, _)| *name);
+    counters
+        .chain(table)
+        .map(|name| format!("toa_{name}_total"))
+        .chain(["toa_loaded".to_owned(), "toa_build_info".to_owned()])
+        .collect()
+}
 
 /// What the agent uses, and nothing more (systemd spells them CAP_*, Kubernetes without).
 const CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH"];
@@ -894,7 +889,7 @@ fn check_dashboard(path: &Path) -> Checked {
                 Ok(selectors) if selectors.is_empty() => err(format!("panel {title:?}: no metric in {expr:?}")),
                 Ok(selectors) => {
                     for (metric, matchers) in selectors {
-                        if !METRICS.contains(&metric.as_str()) {
+                        if !metrics().contains(&metric) {
                             err(format!("panel {title:?}: unknown metric {metric}"));
                         }
                         if !matchers.contains("instance=~\"$instance\"") {

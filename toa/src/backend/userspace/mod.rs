@@ -478,12 +478,7 @@ impl Userspace {
         })?;
         let table = t.table();
         let mut out: Vec<_> = Counter::ALL.iter().map(|c| (c.name(), table.counter(*c as usize))).collect();
-        out.extend([
-            ("table_packets", table.counter(TABLE_PACKETS)),
-            ("table_entries", table.counter(TABLE_ENTRIES)),
-            ("table_evicted", table.counter(TABLE_EVICTED)),
-            ("capture_drops", table.counter(TABLE_DROPS)),
-        ]);
+        out.extend(TABLE_COUNTERS.iter().map(|(name, slot, _)| (*name, table.counter(*slot))));
         Ok(out)
     }
 
@@ -620,15 +615,18 @@ fn wait_live(
     }
 }
 
-/// Help text of the userspace mode's own counters (metrics).
+/// The userspace mode's own counters, reported after `Counter::ALL`: (name, the table's slot,
+/// help text). `toa stats`, the metrics and the tests all read this list.
+pub const TABLE_COUNTERS: [(&str, usize, &str); 4] = [
+    ("table_packets", TABLE_PACKETS, "segments the capture filter passed to the reader"),
+    ("table_entries", TABLE_ENTRIES, "table entries holding a client address"),
+    ("table_evicted", TABLE_EVICTED, "entries given up early because their bucket was full (raise --table-entries)"),
+    ("capture_drops", TABLE_DROPS, "segments the kernel dropped because the reader fell behind"),
+];
+
+/// Help text of one of [`TABLE_COUNTERS`] (empty for another name).
 pub fn table_counter_help(name: &str) -> &'static str {
-    match name {
-        "table_packets" => "segments the capture filter passed to the reader",
-        "table_entries" => "table entries holding a client address",
-        "table_evicted" => "entries given up early because their bucket was full (raise --table-entries)",
-        "capture_drops" => "segments the kernel dropped because the reader fell behind",
-        _ => "",
-    }
+    TABLE_COUNTERS.iter().find(|(n, _, _)| *n == name).map_or("", |(_, _, help)| help)
 }
 
 /// The port ranges the capture filter lets through (empty: all).
