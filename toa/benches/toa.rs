@@ -264,7 +264,9 @@ impl<'a> Bench<'a> {
             reader(true, args);
             let r = self.rate(s, 8096, false);
             if options_seen {
-                let stats = toa::Userspace::new(&table).stats().expect("userspace stats");
+                let stats = toa::Userspace::new(&toa::Places { pin_dir: PathBuf::new(), table: table.clone() })
+                    .stats()
+                    .expect("userspace stats");
                 assert!(stats.iter().any(|(n, v)| *n == "syn_recv_sock_toa" && *v > 0), "{stats:?}");
             }
             reader(false, &[]);

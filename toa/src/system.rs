@@ -4,7 +4,7 @@ use std::{
     ffi::CString,
     fs,
     io::{self, Write as _},
-    os::unix::ffi::OsStrExt as _,
+    os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
     path::Path,
 };
 
@@ -108,13 +108,7 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
     // directory first mounts; the others, woken, find bpffs there (by path) and mount nothing.
     // The lock is on the directory under the mount point, opened before the mount.
     let under = fs::File::open(default).map_err(|source| Error::Bpffs { path: default.to_owned(), source })?;
-    // SAFETY: a descriptor we own; flock(2) has no other precondition.
-    while unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&under), libc::LOCK_EX) } != 0 {
-        let source = io::Error::last_os_error();
-        if source.kind() != io::ErrorKind::Interrupted {
-            return Err(Error::Bpffs { path: default.to_owned(), source });
-        }
-    }
+    lock_exclusive(&under).map_err(|source| Error::Bpffs { path: default.to_owned(), source })?;
     if is_bpffs(parent) {
         return Ok(());
     }
@@ -134,6 +128,25 @@ pub fn kernel_log(line: &str) {
     if let Ok(mut kmsg) = fs::OpenOptions::new().write(true).open("/dev/kmsg") {
         let _ = writeln!(kmsg, "<6>{line}");
     }
+}
+
+/// Waits for an exclusive `flock(2)` on `file`, again when a signal interrupts the wait. The lock
+/// is held until [`unlock`] or until the descriptor closes.
+pub fn lock_exclusive(file: &fs::File) -> io::Result<()> {
+    // SAFETY: a descriptor we own; flock(2) has no other precondition.
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// Releases a lock taken with [`lock_exclusive`].
+pub fn unlock(file: &fs::File) {
+    // SAFETY: as above; unlocking cannot fail on a valid descriptor.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
 }
 
 #[cfg(test)]

@@ -9,10 +9,7 @@
 
 use std::{
     fs, io,
-    os::{
-        fd::{AsFd as _, AsRawFd as _},
-        unix::fs::MetadataExt as _,
-    },
+    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -301,13 +298,7 @@ impl PinLock {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e.into()),
             };
-            // SAFETY: a descriptor we own; flock(2) has no other precondition.
-            while unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() != io::ErrorKind::Interrupted {
-                    return Err(err.into());
-                }
-            }
+            system::lock_exclusive(&dir)?;
             let held = dir.metadata()?;
             match fs::metadata(pin_dir) {
                 Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => return Ok(Some(Self { _dir: dir })),

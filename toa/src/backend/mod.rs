@@ -152,7 +152,7 @@ impl Backend {
     /// The backend of `mode` (`Auto` resolved by [`detect`]).
     pub fn new(mode: Mode, places: &Places) -> Self {
         let active = match mode.resolve() {
-            Mode::Userspace => Active::Userspace(Userspace::new(&places.table)),
+            Mode::Userspace => Active::Userspace(Userspace::new(places)),
             _ => Active::Ebpf(Agent::new(&places.pin_dir)),
         };
         Backend { places: places.clone(), active }
@@ -164,7 +164,7 @@ impl Backend {
         if Agent::new(&places.pin_dir).has_pins() {
             return Some(Self::new(Mode::Ebpf, places));
         }
-        Userspace::new(&places.table).has_table().then(|| Self::new(Mode::Userspace, places))
+        Userspace::new(places).has_table().then(|| Self::new(Mode::Userspace, places))
     }
 
     /// The backend that answers status, stats and conns: the live one, else the one this kernel
@@ -178,13 +178,6 @@ impl Backend {
         [Self::new(Mode::Ebpf, places), Self::new(Mode::Userspace, places)]
     }
 
-    pub fn mode(&self) -> Mode {
-        match self.active {
-            Active::Ebpf(_) => Mode::Ebpf,
-            Active::Userspace(_) => Mode::Userspace,
-        }
-    }
-
     /// Loads (eBPF: attaches and pins; userspace: starts the reader as a process of its own),
     /// or applies the policy to what is loaded. On error nothing is left attached or running.
     pub fn load(&self, request: &LoadRequest) -> Result<Loaded, Error> {
@@ -194,9 +187,7 @@ impl Backend {
                 if request.cgroup.is_some() {
                     return Err(Error::CgroupInUserspace);
                 }
-                let mut loaded = userspace.load(&request.policy, &request.tuning)?;
-                loaded.status.pin_dir.clone_from(&self.places.pin_dir);
-                Ok(loaded)
+                userspace.load(&request.policy, &request.tuning)
             }
         }
     }
@@ -212,11 +203,7 @@ impl Backend {
     pub fn status(&self) -> Result<Status, Error> {
         match &self.active {
             Active::Ebpf(agent) => agent.status(),
-            Active::Userspace(userspace) => {
-                let mut status = userspace.status()?;
-                status.pin_dir.clone_from(&self.places.pin_dir);
-                Ok(status)
-            }
+            Active::Userspace(userspace) => userspace.status(),
         }
     }
 
@@ -277,9 +264,8 @@ impl Backend {
                     tracing::warn!("keep_loaded has no effect in userspace mode: the capture reader is this process");
                 }
                 let stop = Arc::new(AtomicBool::new(false));
-                let (mut loaded, thread) =
+                let (loaded, thread) =
                     userspace.start_in_process(&request.policy, &request.tuning, Arc::clone(&stop))?;
-                loaded.status.pin_dir.clone_from(&self.places.pin_dir);
                 Ok(Serving { loaded, upgraded: false, reader: Some((stop, thread)) })
             }
         }

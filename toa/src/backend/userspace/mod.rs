@@ -27,7 +27,7 @@ use toa_common::{
     Counter,
 };
 
-use super::{Loaded, Mode, Status};
+use super::{Loaded, Mode, Places, Status};
 use crate::{
     policy::{trust_key, trust_net, Policy},
     system, Error,
@@ -242,12 +242,10 @@ impl TableFile {
         if trust.len() > TRUST_MAX {
             return Err(Error::Policy { detail: format!("at most {TRUST_MAX} --trust entries") });
         }
-        // SAFETY: flock on our descriptor.
-        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_EX) };
+        system::lock_exclusive(&self.file)?;
         // SAFETY: the mapping is writable (callers open it so).
         unsafe { self.table().write_config(&policy.to_config(), &trust) };
-        // SAFETY: as above.
-        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        system::unlock(&self.file);
         Ok(())
     }
 
@@ -276,11 +274,13 @@ impl TableFile {
 #[derive(Clone, Debug)]
 pub struct Userspace {
     path: PathBuf,
+    /// Reported in its status, so that both modes' `Status` name the same places.
+    pin_dir: PathBuf,
 }
 
 impl Userspace {
-    pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+    pub fn new(places: &Places) -> Self {
+        Self { path: places.table.clone(), pin_dir: places.pin_dir.clone() }
     }
 
     pub fn path(&self) -> &Path {
@@ -366,8 +366,8 @@ impl Userspace {
                 }
             }
         };
-        let path = self.path.clone();
-        let handle = std::thread::spawn(move || Userspace::new(path).run_reader(&stop, || {}));
+        let this = self.clone();
+        let handle = std::thread::spawn(move || this.run_reader(&stop, || {}));
         let failure = wait_live(&t, || Ok(handle.is_finished().then(|| "the capture reader stopped".to_owned())))?;
         if let Some(detail) = failure {
             let why = match handle.join() {
@@ -437,11 +437,11 @@ impl Userspace {
     pub fn status(&self) -> Result<Status, Error> {
         Ok(match TableFile::open(&self.path, false)? {
             Some(t) => self.status_of(&t),
-            None => Status::not_loaded(Path::new("")),
+            None => Status::not_loaded(&self.pin_dir),
         })
     }
 
-    /// The table's status (the caller fills in the pin directory it does not know).
+    /// The table's status.
     fn status_of(&self, t: &TableFile) -> Status {
         let user = self.describe(t);
         let policy = t.policy();
@@ -451,7 +451,7 @@ impl Userspace {
             spoofable: policy.trust.is_empty(),
             policy: Some(policy),
             userspace: Some(user),
-            ..Status::not_loaded(Path::new(""))
+            ..Status::not_loaded(&self.pin_dir)
         }
     }
 
