@@ -1,7 +1,9 @@
-//! Counters kept by the eBPF programs in a per-CPU array; userspace sums the CPUs.
+//! The agent's counters, in both modes: the eBPF programs keep the first [`COUNTERS`] in a
+//! per-CPU array (userspace sums the CPUs); the userspace mode keeps all of them in its table's
+//! header, the last four being its own.
 
-/// Index of each counter in the `TOA_STATS` map. The first six keep the names and meaning of
-/// the classic module's `/proc/net/toa_stats`.
+/// Index of each counter in the `TOA_STATS` map and in the table header. The first six keep the
+/// names and meaning of the classic module's `/proc/net/toa_stats`.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -29,14 +31,34 @@ pub enum Counter {
     UntrustedOption,
     /// The NAT64 getsockopt (`TOA_SO_GET_LOOKUP`) answered with a client address.
     Nat64Lookup,
+    // The userspace mode's own, after the ones both modes keep.
+    /// Segments the capture filter passed to the reader.
+    TablePackets,
+    /// Entries given up while still in use because their bucket was full.
+    TableEvicted,
+    /// Entries holding a client address, as of the reader's last sweep (a gauge).
+    TableEntries,
+    /// Segments the capture socket dropped because the reader fell behind.
+    CaptureDrops,
 }
 
-/// Number of counters (size of the `TOA_STATS` map).
+/// Counters both modes keep (the size of the eBPF mode's `TOA_STATS` map).
 pub const COUNTERS: u32 = 12;
+/// Every counter, the userspace mode's own included (the table header's slots).
+pub const ALL_COUNTERS: usize = 16;
+
+/// How a metrics exporter should present a counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Only grows (until the agent restarts).
+    Counter,
+    /// A level that goes up and down.
+    Gauge,
+}
 
 impl Counter {
-    /// Every counter, in map order.
-    pub const ALL: [Counter; COUNTERS as usize] = [
+    /// Every counter, in slot order: the ones both modes keep, then the userspace mode's own.
+    pub const ALL: [Counter; ALL_COUNTERS] = [
         Counter::SynRecvSockToa,
         Counter::SynRecvSockNoToa,
         Counter::GetnameToaOk,
@@ -49,7 +71,23 @@ impl Counter {
         Counter::StorageFailed,
         Counter::UntrustedOption,
         Counter::Nat64Lookup,
+        Counter::TablePackets,
+        Counter::TableEvicted,
+        Counter::TableEntries,
+        Counter::CaptureDrops,
     ];
+
+    /// The counters the eBPF mode keeps (in its `TOA_STATS` map).
+    pub fn ebpf() -> &'static [Counter] {
+        &Self::ALL[..COUNTERS as usize]
+    }
+
+    pub const fn kind(self) -> Kind {
+        match self {
+            Counter::TableEntries => Kind::Gauge,
+            _ => Kind::Counter,
+        }
+    }
 
     /// One line on what the counter counts (metrics help text).
     pub const fn help(self) -> &'static str {
@@ -66,6 +104,10 @@ impl Counter {
             Counter::StorageFailed => "socket storage allocation failures (real address kept)",
             Counter::UntrustedOption => "valid options from sources outside the trust list (ignored)",
             Counter::Nat64Lookup => "getsockopt(TOA_SO_GET_LOOKUP) answers with a client address",
+            Counter::TablePackets => "segments the capture filter passed to the reader",
+            Counter::TableEvicted => "entries given up early because their bucket was full (raise --table-entries)",
+            Counter::TableEntries => "table entries holding a client address",
+            Counter::CaptureDrops => "segments the kernel dropped because the reader fell behind",
         }
     }
 
@@ -84,6 +126,10 @@ impl Counter {
             Counter::StorageFailed => "storage_failed",
             Counter::UntrustedOption => "untrusted_option",
             Counter::Nat64Lookup => "nat64_lookup",
+            Counter::TablePackets => "table_packets",
+            Counter::TableEvicted => "table_evicted",
+            Counter::TableEntries => "table_entries",
+            Counter::CaptureDrops => "capture_drops",
         }
     }
 }
@@ -93,9 +139,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn all_is_in_map_order() {
+    fn all_is_in_slot_order() {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
+        }
+        assert!(Counter::ebpf().iter().all(|c| (*c as u32) < COUNTERS));
+    }
+
+    #[test]
+    fn names_are_unique() {
+        for (i, a) in Counter::ALL.iter().enumerate() {
+            assert!(Counter::ALL[i + 1..].iter().all(|b| a.name() != b.name()), "{}", a.name());
         }
     }
 }

@@ -19,7 +19,10 @@ use core::{
     sync::atomic::{fence, AtomicU32, AtomicU64, Ordering},
 };
 
-use crate::{config::AgentConfig, counters::COUNTERS};
+use crate::{
+    config::AgentConfig,
+    counters::{Counter, ALL_COUNTERS},
+};
 
 /// Where the table lives unless `TOA_TABLE` (and the agent's `--table`) says otherwise,
 /// NUL-terminated for `libtoa.so`, which opens it without an allocator.
@@ -63,16 +66,6 @@ pub const FOUND_ON_SYN: u8 = 3;
 
 /// The entry's client carries a port.
 pub const ENTRY_HAS_PORT: u8 = 1;
-
-/// Counters of the table itself, after the agent's [`crate::Counter`]s in `Header::counters`.
-pub const TABLE_PACKETS: usize = COUNTERS as usize;
-/// Slots given up while still in use because their bucket was full.
-pub const TABLE_EVICTED: usize = COUNTERS as usize + 1;
-/// Entries holding a client address, as of the last sweep.
-pub const TABLE_ENTRIES: usize = COUNTERS as usize + 2;
-/// Packets the capture socket dropped (the reader fell behind).
-pub const TABLE_DROPS: usize = COUNTERS as usize + 3;
-pub const HEADER_COUNTERS: usize = COUNTERS as usize + 4;
 
 /// One trust-list entry: IPv6 prefix (IPv4 as `::ffff:a.b.c.d/96+n`).
 #[repr(C)]
@@ -121,8 +114,8 @@ pub struct Header {
     pub trust_len: AtomicU32,
     pub config: UnsafeCell<AgentConfig>,
     pub trust: UnsafeCell<[TrustEntry; TRUST_MAX]>,
-    /// The agent's counters ([`crate::Counter`] order), then `TABLE_*`.
-    pub counters: [AtomicU64; HEADER_COUNTERS],
+    /// Every [`Counter`], in slot order (the userspace mode's own last).
+    pub counters: [AtomicU64; ALL_COUNTERS],
 }
 
 const _: () = assert!(core::mem::size_of::<Header>() <= HEADER_SIZE);
@@ -402,7 +395,7 @@ impl<'a> Table<'a> {
         let oldest =
             bucket.iter().min_by_key(|s| (s.read().is_some_and(|e| e.has_client()), s.stamp())).expect("WAYS > 0");
         oldest.write(entry);
-        self.count(TABLE_EVICTED, 1);
+        self.count(Counter::TableEvicted, 1);
         Stored::Evicted
     }
 
@@ -429,7 +422,7 @@ impl<'a> Table<'a> {
                 gave_up += 1;
             }
         }
-        self.header.counters[TABLE_ENTRIES].store(live, Ordering::Relaxed);
+        self.header.counters[Counter::TableEntries as usize].store(live, Ordering::Relaxed);
         (live, gave_up)
     }
 
@@ -440,18 +433,15 @@ impl<'a> Table<'a> {
                 s.clear();
             }
         }
-        self.header.counters[TABLE_ENTRIES].store(0, Ordering::Relaxed);
+        self.header.counters[Counter::TableEntries as usize].store(0, Ordering::Relaxed);
     }
 
-    /// Adds to counter `i` (a [`crate::Counter`] or a `TABLE_*` index).
-    pub fn count(&self, i: usize, n: u64) {
-        if let Some(c) = self.header.counters.get(i) {
-            c.fetch_add(n, Ordering::Relaxed);
-        }
+    pub fn count(&self, counter: Counter, n: u64) {
+        self.header.counters[counter as usize].fetch_add(n, Ordering::Relaxed);
     }
 
-    pub fn counter(&self, i: usize) -> u64 {
-        self.header.counters.get(i).map_or(0, |c| c.load(Ordering::Relaxed))
+    pub fn counter(&self, counter: Counter) -> u64 {
+        self.header.counters[counter as usize].load(Ordering::Relaxed)
     }
 
     /// Reads the policy consistently: `(config, trust entries written into `trust`)`.
@@ -598,7 +588,7 @@ mod tests {
         assert_eq!(t.store(&found(1000, 200)), Stored::Evicted);
         assert_eq!(t.lookup(&key(0)), None, "the oldest went");
         assert!(t.lookup(&key(1)).is_some() && t.lookup(&key(1000)).is_some());
-        assert_eq!(t.counter(TABLE_EVICTED), 1);
+        assert_eq!(t.counter(Counter::TableEvicted), 1);
     }
 
     #[test]
@@ -630,7 +620,7 @@ mod tests {
         assert_eq!(t.sweep(159), (1, 0));
         assert_eq!(t.sweep(160), (0, 0));
         assert_eq!(t.lookup(&key(1)), None);
-        assert_eq!(t.counter(TABLE_ENTRIES), 0);
+        assert_eq!(t.counter(Counter::TableEntries), 0);
     }
 
     #[test]

@@ -267,7 +267,7 @@ impl<'a> Bench<'a> {
                 let stats = toa::Userspace::new(&toa::Places { pin_dir: PathBuf::new(), table: table.clone() })
                     .stats()
                     .expect("userspace stats");
-                assert!(stats.iter().any(|(n, v)| *n == "syn_recv_sock_toa" && *v > 0), "{stats:?}");
+                assert!(stats.iter().any(|(c, v)| *c == toa_common::Counter::SynRecvSockToa && *v > 0), "{stats:?}");
             }
             reader(false, &[]);
             r

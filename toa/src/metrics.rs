@@ -8,6 +8,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use toa_common::counters::Kind;
+
 use crate::{programs, system, Backend};
 
 /// Reads the counters at each scrape, so it reports whatever agent is loaded there.
@@ -27,14 +29,18 @@ impl Collector for AgentCollector {
         )?)?;
         // No agent, no counters: an absent series is clearer than a series of zeros.
         if let Ok(stats) = self.backend.stats() {
-            for (name, value) in stats {
-                let counter = ConstCounter::new(value);
-                let help = toa_common::Counter::ALL
-                    .iter()
-                    .find(|c| c.name() == name)
-                    .map(|c| c.help())
-                    .unwrap_or_else(|| crate::backend::userspace::table_counter_help(name));
-                counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+            for (counter, value) in stats {
+                let (name, help) = (counter.name(), counter.help());
+                match counter.kind() {
+                    Kind::Counter => {
+                        let metric = ConstCounter::new(value);
+                        metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+                    }
+                    Kind::Gauge => {
+                        let metric = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+                        metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)?;
+                    }
+                }
             }
         }
         Ok(())

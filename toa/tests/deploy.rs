@@ -13,14 +13,16 @@ use std::{
 use serde::Deserialize as _;
 use serde_yaml::Value as Yaml;
 
-/// Every series the agent exports (`toa run`'s /metrics), from the counter lists themselves:
-/// a counter added there is known here.
+/// Every series the agent exports (`toa run`'s /metrics), from the counter enum itself: a
+/// counter added there is known here.
 fn metrics() -> Vec<String> {
-    let counters = toa_common::Counter::ALL.iter().map(|c| c.name());
-    let table = toa::backend::userspace::TABLE_COUNTERS.iter().map(|(name, _, _)| *name);
-    counters
-        .chain(table)
-        .map(|name| format!("toa_{name}_total"))
+    use toa_common::counters::Kind;
+    toa_common::Counter::ALL
+        .iter()
+        .map(|c| match c.kind() {
+            Kind::Counter => format!("toa_{}_total", c.name()),
+            Kind::Gauge => format!("toa_{}", c.name()),
+        })
         .chain(["toa_loaded".to_owned(), "toa_build_info".to_owned()])
         .collect()
 }

@@ -347,6 +347,8 @@ fn run_as_a_service_in_userspace_mode() {
     assert_eq!(metric("toa_loaded"), Some(1), "{body}");
     assert_eq!(metric("toa_syn_recv_sock_toa_total"), Some(3), "{body}");
     assert!(metric("toa_table_packets_total").unwrap() >= 6, "{body}");
+    // A level, not a count: the table's live entries are a gauge.
+    assert!(body.contains("# TYPE toa_table_entries gauge\n"), "{body}");
 
     // SIGHUP: only the balancer's range is trusted now.
     std::fs::write(&config, "mode = \"userspace\"\ntrust = [\"100.125.0.0/16\"]\n").unwrap();

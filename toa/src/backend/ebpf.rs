@@ -255,8 +255,8 @@ impl Agent {
         Ok(status)
     }
 
-    /// The counters, summed over CPUs, in [`Counter::ALL`] order.
-    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, Error> {
+    /// The counters this mode keeps ([`Counter::ebpf`]), summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<(Counter, u64)>, Error> {
         let path = self.pin_dir.join(hooks::STATS.pin);
         if !path.exists() {
             return Err(Error::NotLoaded { pin_dir: self.pin_dir.clone() });
@@ -265,11 +265,11 @@ impl Agent {
         let data = MapData::from_pin(&path).map_err(|e| read_err(&e))?;
         let map = Map::from_map_data(data).map_err(|e| read_err(&e))?;
         let array = PerCpuArray::<_, u64>::try_from(map).map_err(|e| read_err(&e))?;
-        Counter::ALL
+        Counter::ebpf()
             .iter()
             .map(|c| {
                 let per_cpu = array.get(&(*c as u32), 0).map_err(|e| read_err(&e))?;
-                Ok((c.name(), per_cpu.iter().sum()))
+                Ok((*c, per_cpu.iter().sum()))
             })
             .collect()
     }

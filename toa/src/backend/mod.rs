@@ -19,6 +19,7 @@ use std::{
 };
 
 use serde::Serialize;
+use toa_common::Counter;
 
 use self::{
     ebpf::{Agent, ProgramStatus},
@@ -207,8 +208,8 @@ impl Backend {
         }
     }
 
-    /// The counters, in `Counter::ALL` order (then the userspace mode's own).
-    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, Error> {
+    /// The counters the mode keeps, in `Counter::ALL` order.
+    pub fn stats(&self) -> Result<Vec<(Counter, u64)>, Error> {
         match &self.active {
             Active::Ebpf(agent) => agent.stats(),
             Active::Userspace(userspace) => userspace.stats(),

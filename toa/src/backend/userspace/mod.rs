@@ -20,10 +20,7 @@ use std::{
 
 use serde::Serialize;
 use toa_common::{
-    table::{
-        buckets_for, table_size, Table, TrustEntry, RUNNING, STOPPED, TABLE_DROPS, TABLE_ENTRIES, TABLE_EVICTED,
-        TABLE_PACKETS, TRUST_MAX,
-    },
+    table::{buckets_for, table_size, Table, TrustEntry, RUNNING, STOPPED, TRUST_MAX},
     Counter,
 };
 
@@ -426,7 +423,7 @@ impl Userspace {
             table: self.path.clone(),
             reader_pid: table.header.reader_pid.load(Ordering::Relaxed),
             running: t.live(),
-            entries: table.counter(TABLE_ENTRIES),
+            entries: table.counter(Counter::TableEntries),
             capacity: tuning.table_entries as u64,
             tuning,
         }
@@ -471,15 +468,13 @@ impl Userspace {
         matches!(TableFile::open(&self.path, false), Ok(Some(t)) if t.live())
     }
 
-    /// The counters, with the eBPF mode's names, then the table's own.
-    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, Error> {
+    /// Every counter (the table's own too), in `Counter::ALL` order.
+    pub fn stats(&self) -> Result<Vec<(Counter, u64)>, Error> {
         let t = TableFile::open(&self.path, false)?.ok_or_else(|| Error::Userspace {
             detail: format!("no table at {}: toa is not loaded in userspace mode", self.path.display()),
         })?;
         let table = t.table();
-        let mut out: Vec<_> = Counter::ALL.iter().map(|c| (c.name(), table.counter(*c as usize))).collect();
-        out.extend(TABLE_COUNTERS.iter().map(|(name, slot, _)| (*name, table.counter(*slot))));
-        Ok(out)
+        Ok(Counter::ALL.iter().map(|c| (*c, table.counter(*c))).collect())
     }
 
     /// Stops the reader and removes the table; false when there was none.
@@ -543,8 +538,8 @@ impl Userspace {
                 last_second = now;
                 table.header.heartbeat.store(now, Ordering::Release);
                 let (_, gave_up) = table.sweep(now as u32);
-                table.count(Counter::SynRecvSockNoToa as usize, gave_up);
-                table.count(TABLE_DROPS, capture.drops());
+                table.count(Counter::SynRecvSockNoToa, gave_up);
+                table.count(Counter::CaptureDrops, capture.drops());
                 if !self.owns(t.ino) {
                     // Removed or replaced (`toa unload` found us dead, or a new table): stop.
                     break;
@@ -567,7 +562,7 @@ impl Userspace {
             // again and all it said is stored (libtoa.so reads this with the queue length).
             table.header.reader_busy.store(1, Ordering::SeqCst);
             while let Some(pkt) = capture.recv(&mut buf)? {
-                table.count(TABLE_PACKETS, 1);
+                table.count(Counter::TablePackets, 1);
                 if let Some(seg) = reader::segment(pkt) {
                     reader::handle(&table, &policy, &seg, now as u32);
                 }
@@ -613,20 +608,6 @@ fn wait_live(
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-}
-
-/// The userspace mode's own counters, reported after `Counter::ALL`: (name, the table's slot,
-/// help text). `toa stats`, the metrics and the tests all read this list.
-pub const TABLE_COUNTERS: [(&str, usize, &str); 4] = [
-    ("table_packets", TABLE_PACKETS, "segments the capture filter passed to the reader"),
-    ("table_entries", TABLE_ENTRIES, "table entries holding a client address"),
-    ("table_evicted", TABLE_EVICTED, "entries given up early because their bucket was full (raise --table-entries)"),
-    ("capture_drops", TABLE_DROPS, "segments the kernel dropped because the reader fell behind"),
-];
-
-/// Help text of one of [`TABLE_COUNTERS`] (empty for another name).
-pub fn table_counter_help(name: &str) -> &'static str {
-    TABLE_COUNTERS.iter().find(|(n, _, _)| *n == name).map_or("", |(_, _, help)| help)
 }
 
 /// The port ranges the capture filter lets through (empty: all).

@@ -99,11 +99,11 @@ pub fn handle(table: &Table<'_>, policy: &Policy, seg: &Segment<'_>, now: u32) {
         let pending = Entry { key: seg.key, state: PENDING, stamp: now, ..Entry::default() };
         match parsed {
             Parsed::Found(client) => {
-                table.count(Counter::SynRecvSockToa as usize, 1);
+                table.count(Counter::SynRecvSockToa, 1);
                 table.store(&entry(seg.key, FOUND_ON_SYN, &client, now));
             }
             Parsed::Malformed => {
-                table.count(Counter::OptionMalformed as usize, 1);
+                table.count(Counter::OptionMalformed, 1);
                 table.store(&pending);
             }
             Parsed::Absent => {
@@ -115,7 +115,7 @@ pub fn handle(table: &Table<'_>, policy: &Policy, seg: &Segment<'_>, now: u32) {
     match parse() {
         Parsed::Found(client) => {
             if !trusted {
-                table.count(Counter::UntrustedOption as usize, 1);
+                table.count(Counter::UntrustedOption, 1);
                 return;
             }
             let known = table.lookup(&seg.key).map(|e| e.state);
@@ -125,11 +125,11 @@ pub fn handle(table: &Table<'_>, policy: &Policy, seg: &Segment<'_>, now: u32) {
             }
             if known != Some(FOUND_ON_SYN) {
                 let counter = if seg.payload == 0 { Counter::SynRecvSockToa } else { Counter::DataSegmentToa };
-                table.count(counter as usize, 1);
+                table.count(counter, 1);
             }
             table.store(&entry(seg.key, FOUND, &client, now));
         }
-        Parsed::Malformed => table.count(Counter::OptionMalformed as usize, 1),
+        Parsed::Malformed => table.count(Counter::OptionMalformed, 1),
         Parsed::Absent => {}
     }
 }
@@ -197,7 +197,7 @@ mod tests {
             handle(t, pol, &segment(&v4(TCP_ACK, &TOA, 0)).unwrap(), 10);
             let e = t.lookup(&key()).unwrap();
             assert_eq!((e.state, e.port, &e.addr[..4]), (FOUND, [0x10, 0x92], &[203, 0, 113, 7][..]));
-            assert_eq!(t.counter(Counter::SynRecvSockToa as usize), 1);
+            assert_eq!(t.counter(Counter::SynRecvSockToa), 1);
             // A later option does not replace the first.
             handle(t, pol, &segment(&v4(TCP_ACK, &[254, 8, 0, 1, 1, 1, 1, 1], 10)).unwrap(), 11);
             assert_eq!(t.lookup(&key()).unwrap().port, [0x10, 0x92]);
@@ -217,12 +217,12 @@ mod tests {
             assert_eq!(t.lookup(&key()), None, "no pending entry for an untrusted source");
             handle(t, pol, &segment(&v4(TCP_ACK, &TOA, 0)).unwrap(), 1);
             assert_eq!(t.lookup(&key()), None);
-            assert_eq!(t.counter(Counter::UntrustedOption as usize), 1);
+            assert_eq!(t.counter(Counter::UntrustedOption), 1);
             pol.trust_len = 0;
             pol.config.flags = 0;
             handle(t, pol, &segment(&v4(TCP_ACK, &[254, 6, 1, 2, 3, 4], 0)).unwrap(), 1);
             assert_eq!(t.lookup(&key()), None);
-            assert_eq!(t.counter(Counter::OptionMalformed as usize), 1);
+            assert_eq!(t.counter(Counter::OptionMalformed), 1);
             pol.config.flags = toa_common::config::FLAG_PORTS;
             handle(t, pol, &segment(&v4(TCP_ACK, &TOA, 0)).unwrap(), 1);
             assert_eq!(t.lookup(&key()), None, "port 80 is not in the (empty) port list");
@@ -234,7 +234,7 @@ mod tests {
         with_table(|t, pol| {
             handle(t, pol, &segment(&v4(TCP_ACK, &TOA, 20)).unwrap(), 1);
             assert_eq!(t.lookup(&key()).unwrap().state, FOUND);
-            assert_eq!(t.counter(Counter::DataSegmentToa as usize), 1);
+            assert_eq!(t.counter(Counter::DataSegmentToa), 1);
         });
     }
 }
