@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod counters;
+pub mod decide;
 pub mod parse;
 pub mod probe;
 #[cfg(not(target_arch = "bpf"))]
@@ -13,6 +14,7 @@ pub mod table;
 
 pub use config::AgentConfig;
 pub use counters::Counter;
+pub use decide::{decide, Verdict};
 pub use parse::{find_toa, scan_toa, OptionArea, Outcome, Parsed, OPTION_AREA_MAX, OPTION_BUF_LEN, TOA_KIND};
 
 /// The `getsockopt(fd, IPPROTO_IP, …)` option number of the NAT64 lookup (the one the existing

@@ -18,8 +18,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use toa_common::{
-    config::FLAG_READ_SYN, scan_toa, AgentConfig, ClientAddr, Counter, OptionArea, Outcome, SockState, AF_INET,
-    SEARCH_SEGMENTS_IN, STATE_FOUND,
+    config::FLAG_READ_SYN, decide, scan_toa, AgentConfig, ClientAddr, Counter, OptionArea, Outcome, SockState, Verdict,
+    AF_INET, SEARCH_SEGMENTS_IN, STATE_FOUND,
 };
 use toa_ebpf::packet::{copy_options, copy_syn_options};
 
@@ -150,46 +150,52 @@ fn on_established(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
             on_syn => on_syn,
         };
     }
-    let trusted = source_trusted(ctx, cfg);
-    if parsed == Outcome::Found {
-        if !trusted {
+    let verdict = decide(parsed, source_trusted(ctx, cfg), false);
+    match verdict {
+        Verdict::Remember => {
+            count(Counter::SynRecvSockToa);
+            remember(sk, &area.last);
+            return;
+        }
+        Verdict::Untrusted => {
             count(Counter::UntrustedOption);
             return;
         }
-        count(Counter::SynRecvSockToa);
-        remember(sk, &area.last);
-        return;
+        Verdict::KeepLooking | Verdict::GiveUp => {}
     }
+    // One tail for both verdicts without a client: each copy would be verified once per state
+    // the parse left.
     count(Counter::SynRecvSockNoToa);
     if parsed == Outcome::Malformed {
         count(Counter::OptionMalformed);
     }
-    if !trusted {
-        // Nothing from this source will be honoured: do not look further.
-        return;
+    // Some balancers put the option on the first data segment: look at the next ones (GiveUp:
+    // nothing from this source will be honoured).
+    if verdict == Verdict::KeepLooking {
+        set_search(ctx, true);
     }
-    // Look at the next segments: some balancers put the option on the first data segment.
-    set_search(ctx, true);
 }
 
 fn on_later_segment(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
     // SAFETY: segs_in is readable in every callback of a full socket.
     let segs_in = unsafe { (*ctx.ops).segs_in };
     let Some(area) = scratch() else { return };
-    match parse(ctx, area, cfg, false) {
-        Outcome::Found => {
+    let parsed = parse(ctx, area, cfg, false);
+    if parsed == Outcome::Malformed {
+        count(Counter::OptionMalformed);
+    }
+    // Only a trusted source's connections are searched (on_established), so the trust list is
+    // not asked again on every segment.
+    match decide(parsed, true, segs_in >= SEARCH_SEGMENTS_IN) {
+        Verdict::Remember => {
             set_search(ctx, false);
             count(Counter::DataSegmentToa);
             remember(sk, &area.last);
         }
-        parsed => {
-            if parsed == Outcome::Malformed {
-                count(Counter::OptionMalformed);
-            }
-            if segs_in >= SEARCH_SEGMENTS_IN {
-                count(Counter::SearchGaveUp);
-                set_search(ctx, false);
-            }
+        Verdict::GiveUp => {
+            count(Counter::SearchGaveUp);
+            set_search(ctx, false);
         }
+        Verdict::KeepLooking | Verdict::Untrusted => {}
     }
 }

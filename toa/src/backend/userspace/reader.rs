@@ -3,9 +3,9 @@
 
 use toa_common::{
     config::{v4_mapped, FLAG_READ_SYN},
-    find_toa,
+    decide, find_toa,
     table::{trusted, Entry, Key, Table, TrustEntry, ENTRY_HAS_PORT, FOUND, FOUND_ON_SYN, PENDING},
-    AgentConfig, ClientAddr, Counter, OptionArea, Parsed, CLIENT_HAS_PORT,
+    AgentConfig, ClientAddr, Counter, OptionArea, Parsed, Verdict, CLIENT_HAS_PORT,
 };
 
 const TCP_SYN: u8 = 0x02;
@@ -80,44 +80,36 @@ fn entry(key: Key, state: u8, client: &ClientAddr, now: u32) -> Entry {
     Entry { key, state, family: client.family as u8, flags, port: client.port, addr: client.addr, stamp: now }
 }
 
-/// Updates the table from one captured segment at `now` (monotonic seconds).
+/// Updates the table from one captured segment at `now` (monotonic seconds). What the option
+/// means is [`decide`]'s (the eBPF mode's rule); the search window ends by age, when the table's
+/// sweep drops a pending entry, so the window is never over here.
 pub fn handle(table: &Table<'_>, policy: &Policy, seg: &Segment<'_>, now: u32) {
     let cfg = &policy.config;
     if !cfg.port_allowed(seg.key.local_port) || seg.flags & TCP_RST != 0 {
         return;
     }
-    let parse = || find_toa(&mut OptionArea::from_slice(seg.options), cfg);
-    let trusted = policy.trusted(&seg.key.remote);
-    if seg.flags & TCP_SYN != 0 {
-        if seg.flags & TCP_ACK != 0 || !trusted {
-            // A SYN-ACK answers one of our own connects; an untrusted source gets no entry, so
-            // its connections never wait in accept().
-            return;
-        }
-        // A new connection on this 4-tuple: whatever was known of an older one is gone.
-        let parsed = if cfg.has(FLAG_READ_SYN) { parse() } else { Parsed::Absent };
-        let pending = Entry { key: seg.key, state: PENDING, stamp: now, ..Entry::default() };
-        match parsed {
-            Parsed::Found(client) => {
-                table.count(Counter::SynRecvSockToa, 1);
-                table.store(&entry(seg.key, FOUND_ON_SYN, &client, now));
-            }
-            Parsed::Malformed => {
-                table.count(Counter::OptionMalformed, 1);
-                table.store(&pending);
-            }
-            Parsed::Absent => {
-                table.store(&pending);
-            }
-        }
+    if seg.flags & TCP_SYN != 0 && seg.flags & TCP_ACK != 0 {
+        // A SYN-ACK answers one of our own connects.
         return;
     }
-    match parse() {
-        Parsed::Found(client) => {
-            if !trusted {
-                table.count(Counter::UntrustedOption, 1);
-                return;
-            }
+    let trusted = policy.trusted(&seg.key.remote);
+    let syn = seg.flags & TCP_SYN != 0;
+    // A SYN's options are read with FLAG_READ_SYN only.
+    let parsed = if !syn || cfg.has(FLAG_READ_SYN) {
+        find_toa(&mut OptionArea::from_slice(seg.options), cfg)
+    } else {
+        Parsed::Absent
+    };
+    if parsed == Parsed::Malformed {
+        table.count(Counter::OptionMalformed, 1);
+    }
+    match (decide(parsed.outcome(), trusted, false), parsed) {
+        (Verdict::Remember, Parsed::Found(client)) if syn => {
+            // A new connection on this 4-tuple: whatever was known of an older one is gone.
+            table.count(Counter::SynRecvSockToa, 1);
+            table.store(&entry(seg.key, FOUND_ON_SYN, &client, now));
+        }
+        (Verdict::Remember, Parsed::Found(client)) => {
             let known = table.lookup(&seg.key).map(|e| e.state);
             if known == Some(FOUND) {
                 // The first segment's option stands, as in the eBPF mode (which stops looking).
@@ -129,8 +121,15 @@ pub fn handle(table: &Table<'_>, policy: &Policy, seg: &Segment<'_>, now: u32) {
             }
             table.store(&entry(seg.key, FOUND, &client, now));
         }
-        Parsed::Malformed => table.count(Counter::OptionMalformed, 1),
-        Parsed::Absent => {}
+        (Verdict::Untrusted, _) => table.count(Counter::UntrustedOption, 1),
+        (Verdict::KeepLooking, _) if syn => {
+            // In scope, no client yet: accept() may wait for the option of a later segment. A new
+            // connection on this 4-tuple: whatever was known of an older one is gone.
+            table.store(&Entry { key: seg.key, state: PENDING, stamp: now, ..Entry::default() });
+        }
+        // GiveUp on a SYN: an untrusted source gets no entry, so its connections never wait in
+        // accept(). Later segments without a client change nothing.
+        _ => {}
     }
 }
 
@@ -226,6 +225,32 @@ mod tests {
             pol.config.flags = toa_common::config::FLAG_PORTS;
             handle(t, pol, &segment(&v4(TCP_ACK, &TOA, 0)).unwrap(), 1);
             assert_eq!(t.lookup(&key()), None, "port 80 is not in the (empty) port list");
+        });
+    }
+
+    #[test]
+    fn option_on_the_syn() {
+        with_table(|t, pol| {
+            pol.config.flags |= FLAG_READ_SYN;
+            handle(t, pol, &segment(&v4(TCP_SYN, &TOA, 0)).unwrap(), 1);
+            assert_eq!(t.lookup(&key()).unwrap().state, FOUND_ON_SYN);
+            assert_eq!(t.counter(Counter::SynRecvSockToa), 1);
+            // The handshake ACK without an option keeps it, and is not counted again.
+            handle(t, pol, &segment(&v4(TCP_ACK, &[], 0)).unwrap(), 1);
+            assert_eq!(t.lookup(&key()).unwrap().port, [0x10, 0x92]);
+            assert_eq!(t.counter(Counter::SynRecvSockToa), 1);
+
+            // From an untrusted source: counted as the eBPF mode counts it, and no entry.
+            t.clear_all();
+            pol.config.flags |= toa_common::config::FLAG_TRUST_REQUIRED;
+            handle(t, pol, &segment(&v4(TCP_SYN, &TOA, 0)).unwrap(), 2);
+            assert_eq!(t.lookup(&key()), None);
+            assert_eq!(t.counter(Counter::UntrustedOption), 1);
+
+            // Without FLAG_READ_SYN the SYN's options are not read.
+            pol.config.flags = toa_common::config::FLAG_TRUST_REQUIRED;
+            handle(t, pol, &segment(&v4(TCP_SYN, &TOA, 0)).unwrap(), 3);
+            assert_eq!(t.counter(Counter::UntrustedOption), 1);
         });
     }
 
