@@ -9,9 +9,6 @@
 //! `--quick` (or TOA_BENCH_QUICK=1) runs every measurement briefly: the CI smoke run, no
 //! thresholds. Results: a table on stdout, `target/bench/results.json`, `target/bench/*.svg`.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{
     fs,
     io::{BufRead as _, BufReader, Read as _, Write as _},
@@ -26,8 +23,8 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use support::Lab;
 use toa::{cgroup::TempCgroup, policy::Policy, probe, Agent};
+use toa_lab::{self as support, Lab};
 
 struct Settings {
     quick: bool,

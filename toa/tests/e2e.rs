@@ -1,8 +1,7 @@
 //! End to end: the real agent in the kernel, real servers that know nothing of TOA, and
 //! `toa probe` playing the load balancer from another network namespace. Run as root.
 
-#[macro_use]
-mod support;
+use toa_lab as support;
 
 use support::*;
 
@@ -380,7 +379,8 @@ fn concurrent_loads_mount_one_bpffs() {
     let mut cmd = std::process::Command::new("unshare");
     cmd.env("TOA_PIN_DIR", &lab.pin_dir)
         .env("TOA_TABLE", &lab.table)
-        .args(["-m", "--propagation", "private", "sh", "-c", script, toa_bin()])
+        .args(["-m", "--propagation", "private", "sh", "-c", script])
+        .arg(toa_bin())
         .arg(&lab.cgroup)
         .arg(&prefix);
     let out = run(&mut cmd);

@@ -1,8 +1,7 @@
 //! What the agent honours, end to end: option kinds and dialects, the trust list, port scope,
 //! pick first/last, the SYN, NAT64, and reconfiguration of a loaded agent. Run as root.
 
-#[macro_use]
-mod support;
+use toa_lab as support;
 
 use support::*;
 

@@ -1,6 +1,6 @@
 //! `toa run`, `toa conns`, `toa doctor` and `toa --version`, end to end, as root.
 
-mod support;
+use toa_lab as support;
 
 use std::process::Command;
 

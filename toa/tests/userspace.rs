@@ -2,8 +2,7 @@
 //! nginx, a thousand connections at once, the bounded wait, the table's bounds and expiry, bad
 //! input, and what libtoa.so asks of the C library. Run as root.
 
-#[macro_use]
-mod support;
+use toa_lab as support;
 
 use std::{
     path::{Path, PathBuf},

@@ -1,4 +1,5 @@
-//! What the end-to-end tests share, by concern: the lab (`lab`: two network namespaces joined
+//! What the end-to-end tests and the benchmarks share (a crate of its own, a dev-dependency of
+//! `toa`), by concern: the lab (`lab`: two network namespaces joined
 //! by a veth pair, a cgroup for the servers, a pin directory for the agent, and the servers
 //! themselves; created per test and removed by `Drop`, also when the test fails), network
 //! namespaces (`netns`), cgroups and what is attached to them (`cgroup`), `toa run` as a child
@@ -7,18 +8,17 @@
 //! small helpers every test uses.
 //!
 //! Server namespace: 198.18.0.1/24 and fd00::1/64; client namespace: .2 and fd00::2.
-#![allow(dead_code)]
 
 /// Runs each named case `fn case(mode: Mode)` once per mode, as `ebpf::case` and
 /// `userspace::case`.
-#[allow(unused_macros)]
+#[macro_export]
 macro_rules! in_both_modes {
     ($($case:ident),* $(,)?) => {
         mod ebpf {
-            $(#[test] fn $case() { super::$case(super::Mode::Ebpf) })*
+            $(#[test] fn $case() { super::$case($crate::Mode::Ebpf) })*
         }
         mod userspace {
-            $(#[test] fn $case() { super::$case(super::Mode::Userspace) })*
+            $(#[test] fn $case() { super::$case($crate::Mode::Userspace) })*
         }
     };
 }

@@ -21,8 +21,14 @@ pub fn kernel_has_writer() -> bool {
     toa::system::parse_release(&toa::system::kernel_release()).is_some_and(|v| v >= (5, 10))
 }
 
-pub fn toa_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_toa")
+/// The `toa` binary cargo built beside the test (or benchmark) binary that runs: the path of
+/// `CARGO_BIN_EXE_toa`, which cargo gives only the test crates themselves
+/// (target/<profile>/deps/e2e-… → target/<profile>/toa; the kernel matrix keeps that layout).
+pub fn toa_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let path = exe.parent().and_then(Path::parent).expect("target dir").join("toa");
+    assert!(path.exists(), "{} missing: build it first (`cargo build --bins`; `cargo test` does)", path.display());
+    path
 }
 
 /// libtoa.so, built by `cargo xtask test` (`TOA_LIBTOA` may name another).
@@ -30,7 +36,8 @@ pub fn libtoa() -> PathBuf {
     if let Some(path) = std::env::var_os("TOA_LIBTOA") {
         return PathBuf::from(path);
     }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/libtoa.so");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace");
+    let path = root.join("target/release/libtoa.so");
     assert!(
         path.exists(),
         "{} missing: build it first (`cargo build --release --manifest-path libtoa/Cargo.toml --target-dir target`; \
