@@ -53,7 +53,7 @@ pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
         if settings.keep_loaded && serving.keeps_loaded() {
             info!("stopping; the programs stay attached (keep_loaded)");
         }
-        let stopped = serving.stop(&backend, settings.keep_loaded);
+        let stopped = serving.stop(settings.keep_loaded);
         server.unblock();
         let _ = http.join();
         if stopped? {

@@ -253,7 +253,7 @@ impl Backend {
                     Some(_) => (loaded, false),
                     None => (agent.upgrade()?, true),
                 };
-                Ok(Serving { loaded, upgraded, reader: None })
+                Ok(Serving { backend: self.clone(), loaded, upgraded, reader: None })
             }
             Active::Userspace(userspace) => {
                 if request.cgroup.is_some() {
@@ -267,7 +267,7 @@ impl Backend {
                 let stop = Arc::new(AtomicBool::new(false));
                 let (loaded, thread) =
                     userspace.start_in_process(&request.policy, &request.tuning, Arc::clone(&stop))?;
-                Ok(Serving { loaded, upgraded: false, reader: Some((stop, thread)) })
+                Ok(Serving { backend: self.clone(), loaded, upgraded: false, reader: Some((stop, thread)) })
             }
         }
     }
@@ -292,6 +292,8 @@ type Reader = (Arc<AtomicBool>, JoinHandle<Result<(), Error>>);
 
 /// What `toa run` keeps while it serves.
 pub struct Serving {
+    /// What it serves from.
+    backend: Backend,
     pub loaded: Loaded,
     /// The eBPF programs were already pinned and were replaced in place.
     pub upgraded: bool,
@@ -308,7 +310,7 @@ impl Serving {
 
     /// Ends the service: eBPF: unloads unless `keep_loaded`; userspace: stops the reader (which
     /// is this process, so `keep_loaded` cannot keep it). Returns whether it unloaded.
-    pub fn stop(self, backend: &Backend, keep_loaded: bool) -> Result<bool, Error> {
+    pub fn stop(self, keep_loaded: bool) -> Result<bool, Error> {
         match self.reader {
             Some((stop, thread)) => {
                 stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -318,7 +320,7 @@ impl Serving {
                 }
             }
             None if keep_loaded => Ok(false),
-            None => backend.unload(),
+            None => self.backend.unload(),
         }
     }
 }
