@@ -9,7 +9,9 @@
 //! The library is `no_std` and makes its system calls itself: its only libc symbol is
 //! `__errno_location`, so it loads into processes linked against any glibc (a test in
 //! `toa/tests/userspace.rs` checks the symbols). The table's path comes from `TOA_TABLE`
-//! (default `/run/toa/table`), read once when the library is loaded.
+//! (default `/run/toa/table`), read once when the library is loaded, and not from a process in
+//! secure-execution mode (setuid, setcap). Only a regular file owned by root that no one else can
+//! write is mapped: anything else leaves every answer to the kernel.
 //!
 //! It counts what its lookups did in this process (`toa_libtoa_counter`), so that waits and
 //! lost clients are counted, never guessed from timings.
@@ -72,6 +74,39 @@ pub extern "C" fn toa_libtoa_counter(index: u32) -> u64 {
     COUNTERS.get(index as usize).map_or(0, |c| c.load(Ordering::Relaxed))
 }
 
+/// Whether this process runs in secure-execution mode (`AT_SECURE` in its auxiliary vector:
+/// setuid, setgid, file capabilities). When that cannot be read, it is assumed.
+fn secure_execution() -> bool {
+    const AT_NULL: u64 = 0;
+    const AT_SECURE: u64 = 23;
+    let fd = sys::open_read(b"/proc/self/auxv\0");
+    if fd < 0 {
+        return true;
+    }
+    let fd = fd as i32;
+    // (type, value) pairs of 64-bit words, a few dozen of them. Left uninitialized: zeroing
+    // would call the C library's memset, and only what the kernel wrote is read.
+    let mut auxv = core::mem::MaybeUninit::<[u64; 128]>::uninit();
+    // SAFETY: `auxv` is valid for writes of its size in bytes.
+    let n = unsafe { sys::read_raw(fd, auxv.as_mut_ptr().cast(), core::mem::size_of_val(&auxv)) };
+    sys::close(fd);
+    if n <= 0 {
+        return true;
+    }
+    let words = (n as usize / 8).min(128);
+    let base = auxv.as_ptr().cast::<u64>();
+    for i in (0..words.saturating_sub(1)).step_by(2) {
+        // SAFETY: words below `words` were written by read(2).
+        let (kind, value) = unsafe { (base.add(i).read(), base.add(i + 1).read()) };
+        match kind {
+            AT_SECURE => return value != 0,
+            AT_NULL => break,
+            _ => {}
+        }
+    }
+    true
+}
+
 /// Runs when the library is loaded, before `main`: glibc passes `argc, argv, envp` to
 /// `.init_array` functions, so the environment is read without any libc call.
 #[unsafe(link_section = ".init_array")]
@@ -80,7 +115,9 @@ static INIT: unsafe extern "C" fn(i32, *const *const u8, *const *const u8) = ini
 
 unsafe extern "C" fn init(_argc: i32, _argv: *const *const u8, envp: *const *const u8) {
     let mut path = DEFAULT_TABLE_C;
-    let mut env = envp;
+    // A setuid or setcap program takes no path from its caller's environment: it would map
+    // whatever file the caller names.
+    let mut env = if secure_execution() { core::ptr::null() } else { envp };
     // SAFETY: envp is the NULL-terminated array of NUL-terminated strings the loader passes.
     unsafe {
         while !env.is_null() && !(*env).is_null() {
@@ -381,6 +418,14 @@ fn mapped(now: u64) -> Option<Table<'static>> {
     None
 }
 
+/// Whether a table file can be believed: a regular file that only root can write (the agent
+/// creates it so). Anything else could be made by a local user to hand out client addresses.
+fn trustworthy(st: &sys::Stat) -> bool {
+    const S_IFMT: u32 = 0o170_000;
+    const S_IFREG: u32 = 0o100_000;
+    st.mode & S_IFMT == S_IFREG && st.uid == 0 && st.mode & 0o022 == 0
+}
+
 /// Maps the table file if it is a table of this namespace and not the one already mapped.
 fn map_table(now: u64) -> Option<Table<'static>> {
     // SAFETY: written once by `init`, before any thread exists.
@@ -392,10 +437,11 @@ fn map_table(now: u64) -> Option<Table<'static>> {
     }
     let fd = fd as i32;
     let mapped = (|| {
-        let (_, ino, size) = sys::fstat(fd)?;
-        if ino == MAPPED_INO.load(Ordering::Relaxed) {
+        let st = sys::fstat(fd)?;
+        if !trustworthy(&st) || st.ino == MAPPED_INO.load(Ordering::Relaxed) {
             return None;
         }
+        let (ino, size) = (st.ino, st.size);
         let base = sys::mmap_read(fd, size as usize)?;
         // SAFETY: `size` bytes mapped, page aligned, kept for the life of the process.
         let table = unsafe { Table::from_raw(base, size as usize) }?;

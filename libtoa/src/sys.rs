@@ -111,13 +111,27 @@ pub fn close(fd: i32) {
     unsafe { syscall6(nr::CLOSE, [fd as usize, 0, 0, 0, 0, 0]) };
 }
 
-/// (st_dev, st_ino, st_size) of a `struct stat` (same offsets on x86_64 and aarch64).
-fn stat_fields(st: &[u64; 32]) -> (u64, u64, u64) {
-    (st[0], st[1], st[6])
+/// The fields of a `struct stat` the library reads.
+pub struct Stat {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
 }
 
-/// (device, inode, size) of an open file.
-pub fn fstat(fd: i32) -> Option<(u64, u64, u64)> {
+/// Reads them from a `struct stat` as 64-bit words: dev, ino and size sit at the same offsets on
+/// x86_64 and aarch64; mode and uid do not.
+fn stat_fields(st: &[u64; 32]) -> Stat {
+    #[cfg(target_arch = "x86_64")]
+    let (mode, uid) = (st[3] as u32, (st[3] >> 32) as u32);
+    #[cfg(target_arch = "aarch64")]
+    let (mode, uid) = (st[2] as u32, st[3] as u32);
+    Stat { dev: st[0], ino: st[1], size: st[6], mode, uid }
+}
+
+/// What `fstat` says of an open file.
+pub fn fstat(fd: i32) -> Option<Stat> {
     let mut st = [0u64; 32];
     // SAFETY: `st` is larger than any architecture's struct stat.
     let r = unsafe { syscall6(nr::FSTAT, [fd as usize, st.as_mut_ptr() as usize, 0, 0, 0, 0]) };
@@ -132,8 +146,8 @@ pub fn stat(path: &[u8]) -> Option<(u64, u64)> {
         syscall6(nr::NEWFSTATAT, [AT_FDCWD as usize, path.as_ptr() as usize, st.as_mut_ptr() as usize, 0, 0, 0])
     });
     (r == Some(0)).then(|| {
-        let (dev, ino, _) = stat_fields(&st);
-        (dev, ino)
+        let st = stat_fields(&st);
+        (st.dev, st.ino)
     })
 }
 

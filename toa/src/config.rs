@@ -62,6 +62,7 @@ pub struct ConfigFile {
     pub accept_wait_us: Option<u32>,
     pub entry_ttl: Option<u32>,
     pub search_secs: Option<u32>,
+    pub table_group: Option<crate::backend::userspace::TableReaders>,
 }
 
 /// The policy as given on the command line (flags of `toa load` and `toa run`); each key given
@@ -172,6 +173,7 @@ impl Settings {
             accept_wait_us: u.accept_wait_us.or(file.accept_wait_us),
             entry_ttl: u.entry_ttl.or(file.entry_ttl),
             search_secs: u.search_secs.or(file.search_secs),
+            table_group: u.table_group.or(file.table_group),
         }
         .tuning();
         Self {

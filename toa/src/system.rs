@@ -130,6 +130,18 @@ pub fn kernel_log(line: &str) {
     }
 }
 
+/// The GID of the group named `name` (`/etc/group`, or NSS where the C library has it).
+pub fn group_id(name: &str) -> Option<u32> {
+    let name = CString::new(name).ok()?;
+    // SAFETY: plain C data, for which all zeroes is a valid value.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: valid name, a zeroed group to fill, a buffer and its length, an out pointer.
+    let rc = unsafe { libc::getgrnam_r(name.as_ptr(), &mut group, buf.as_mut_ptr(), buf.len(), &mut found) };
+    (rc == 0 && !found.is_null()).then_some(group.gr_gid)
+}
+
 /// Waits for an exclusive `flock(2)` on `file`, again when a signal interrupts the wait. The lock
 /// is held until [`unlock`] or until the descriptor closes.
 pub fn lock_exclusive(file: &fs::File) -> io::Result<()> {

@@ -1263,6 +1263,7 @@ const CONFIG_KEYS: &[&str] = &[
     "accept_wait_us",
     "entry_ttl",
     "search_secs",
+    "table_group",
 ];
 
 fn check_config_example(path: &Path) -> Checked {
@@ -1306,12 +1307,13 @@ fn check_config_example(path: &Path) -> Checked {
                 errors.push(format!("keep_loaded shown as {:?}, the default is false", c.keep_loaded));
             }
             let tuning = toa::backend::userspace::Tuning::default();
-            let shown = (c.table_entries, c.accept_wait_us, c.entry_ttl, c.search_secs);
+            let shown = (c.table_entries, c.accept_wait_us, c.entry_ttl, c.search_secs, c.table_group);
             let defaults = (
                 Some(tuning.table_entries),
                 Some(tuning.accept_wait_us),
                 Some(tuning.entry_ttl),
                 Some(tuning.search_secs),
+                Some(tuning.table_group),
             );
             if shown != defaults {
                 errors.push(format!("userspace settings shown as {shown:?}, the defaults are {defaults:?}"));

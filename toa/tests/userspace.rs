@@ -5,6 +5,7 @@
 use toa_lab as support;
 
 use std::{
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
@@ -115,6 +116,22 @@ fn unmodified_nginx_reports_the_client() {
     lab.load();
     let _nginx = Nginx::start(&lab);
     let request = "GET / HTTP/1.0\r\n\r";
+    // The table is root's alone by default: the workers (nobody) cannot read it, and see the
+    // connection's real address.
+    let meta = std::fs::metadata(&lab.table).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.uid(), meta.gid()), (0o600, 0, 0));
+    let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT, "--message", request]);
+    assert!(out.ends_with(&format!("\r\n\r\npeer={}\n", probe_source(&err))), "{out}");
+    // Given the workers' group (nogroup), they read it: the next lookup maps it.
+    lab.load_with(&["--table-group", "65534"]);
+    let meta = std::fs::metadata(&lab.table).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.uid(), meta.gid()), (0o640, 0, 65534));
+    assert_eq!(lab.status_json()["userspace"]["tuning"]["table_group"]["group"], 65534);
+    let client_seen = || {
+        let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT, "--message", request]);
+        out.ends_with(&format!("\r\n\r\npeer={CLIENT}\n"))
+    };
+    assert!(eventually(DEADLINE, client_seen), "nginx's workers never read the table");
     let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT, "--message", request]);
     assert!(out.ends_with(&format!("\r\n\r\npeer={CLIENT}\n")), "{out}");
     let (out, _) = lab.probe("[fd00::1]:8080", &["--as", CLIENT6, "--message", request]);
@@ -228,6 +245,37 @@ fn stalled_or_dead_reader_keeps_real_addresses() {
     let gone = || !Path::new(&format!("/proc/{pid}")).exists();
     assert!(eventually(DEADLINE, gone), "reader {pid} left behind");
     assert!(!lab.table.exists());
+}
+
+/// A table file that someone other than root could have written is not believed: the server
+/// keeps the real address and nothing waits. Made root's alone again, it is used.
+fn table_others_could_write_is_ignored(mode: u32, uid: u32) {
+    let mut lab = Lab::with_mode(Mode::Userspace);
+    lab.load();
+    std::fs::set_permissions(&lab.table, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::os::unix::fs::chown(&lab.table, Some(uid), None).unwrap();
+    let mut server = CountedServer::start(&mut lab);
+    let (out, err) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    let real = probe_source(&err);
+    assert_eq!(out, answer(&real, &real));
+    let c = server.after(1);
+    assert_eq!((c["lookups"], c["no_table"], c["found"], c["waits"]), (2, 2, 0, 0), "{c:?}");
+
+    std::fs::set_permissions(&lab.table, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&lab.table, Some(0), None).unwrap();
+    // libtoa tries the table again a second after a failure.
+    let client_seen = || lab.probe("198.18.0.1:8080", &["--as", CLIENT]).0 == answer(CLIENT, CLIENT);
+    assert!(eventually(DEADLINE, client_seen), "the table was not used once root's alone");
+}
+
+#[test]
+fn group_writable_table_is_ignored() {
+    table_others_could_write_is_ignored(0o620, 0);
+}
+
+#[test]
+fn table_owned_by_another_user_is_ignored() {
+    table_others_could_write_is_ignored(0o600, 65534);
 }
 
 /// The table has a fixed size: more connections than slots evict the oldest, and entries go

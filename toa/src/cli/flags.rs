@@ -169,6 +169,11 @@ pub struct TuningFlags {
     /// Seconds to look for an option on the segments after the handshake [default: 10].
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u32).range(1..))]
     pub search_secs: Option<u32>,
+    /// Group that may read the table, besides root: give it to the services that preload
+    /// libtoa.so (a name or a GID; `all` lets every user read every client address)
+    /// [default: root only].
+    #[arg(long, value_name = "GROUP", value_parser = toa::backend::userspace::TableReaders::parse)]
+    pub table_group: Option<toa::backend::userspace::TableReaders>,
 }
 
 impl From<TuningFlags> for TuningOverrides {
@@ -178,6 +183,7 @@ impl From<TuningFlags> for TuningOverrides {
             accept_wait_us: f.accept_wait_us,
             entry_ttl: f.entry_ttl,
             search_secs: f.search_secs,
+            table_group: f.table_group,
         }
     }
 }

@@ -45,6 +45,83 @@ pub struct TuningOverrides {
     pub entry_ttl: Option<u32>,
     /// Seconds to look for an option on the segments after the handshake.
     pub search_secs: Option<u32>,
+    /// Who may read the table besides root.
+    pub table_group: Option<TableReaders>,
+}
+
+/// Who may read the table (and so every connection's client address and the policy): the
+/// preloaded applications must. Root always can; nobody else can write it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum TableReaders {
+    /// Root only (mode 0600): applications that run as another user get no lookup.
+    #[default]
+    Root,
+    /// Root and this group (mode 0640, the file's group): give it to the services that preload
+    /// libtoa.so (systemd: `SupplementaryGroups=`).
+    Group(u32),
+    /// Every user (mode 0644), only when the operator asks for it by name (`all`).
+    All,
+}
+
+impl TableReaders {
+    /// A group name, a numeric GID, or `all`.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "all" => return Ok(TableReaders::All),
+            "root" => return Ok(TableReaders::Root),
+            _ => {}
+        }
+        if let Ok(gid) = value.parse::<u32>() {
+            return Ok(if gid == 0 { TableReaders::Root } else { TableReaders::Group(gid) });
+        }
+        match system::group_id(value) {
+            Some(0) => Ok(TableReaders::Root),
+            Some(gid) => Ok(TableReaders::Group(gid)),
+            None => Err(format!(
+                "no group named {value:?} on this host: create it (groupadd {value}), or give a GID, or `all`"
+            )),
+        }
+    }
+
+    /// The table file's (mode, group).
+    pub fn file_mode(self) -> (u32, u32) {
+        match self {
+            TableReaders::Root => (0o600, 0),
+            TableReaders::Group(gid) => (0o640, gid),
+            TableReaders::All => (0o644, 0),
+        }
+    }
+
+    /// What a table file's mode and group say.
+    fn of_file(meta: &fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        if meta.mode() & 0o004 != 0 {
+            TableReaders::All
+        } else if meta.mode() & 0o040 != 0 && meta.gid() != 0 {
+            TableReaders::Group(meta.gid())
+        } else {
+            TableReaders::Root
+        }
+    }
+
+    /// Gives the open table file this mode and group.
+    fn apply(self, file: &fs::File) -> std::io::Result<()> {
+        let (mode, gid) = self.file_mode();
+        // SAFETY: a descriptor we own; -1 leaves the owner (root: the agent runs as root).
+        if unsafe { libc::fchown(file.as_raw_fd(), u32::MAX, gid) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+    }
+}
+
+/// The config file's `table_group` key.
+impl TryFrom<String> for TableReaders {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, String> {
+        Self::parse(&value)
+    }
 }
 
 /// The settings in effect.
@@ -54,6 +131,7 @@ pub struct Tuning {
     pub accept_wait_us: u32,
     pub entry_ttl: u32,
     pub search_secs: u32,
+    pub table_group: TableReaders,
 }
 
 impl Tuning {
@@ -90,6 +168,7 @@ impl TuningOverrides {
             accept_wait_us: self.accept_wait_us.unwrap_or(5000),
             entry_ttl: self.entry_ttl.unwrap_or(300),
             search_secs: self.search_secs.unwrap_or(10),
+            table_group: self.table_group.unwrap_or_default(),
         }
     }
 }
@@ -158,12 +237,13 @@ impl TableFile {
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(0o644)
+            .mode(0o600)
             .open(&tmp)
             .map_err(|e| Error::Userspace { detail: format!("creating {}: {e}", tmp.display()) })?;
         let made = (|| {
-            // The mode is set explicitly: a umask must not hide the table from applications.
-            fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+            // Set explicitly, before anything is written: a umask must neither hide the table
+            // from its group nor widen it.
+            tuning.table_group.apply(&file)?;
             file.set_len(len as u64)?;
             let mut t = Self::map(file, len, true)?;
             // SAFETY: a fresh, zero-filled, writable mapping of the right size.
@@ -259,6 +339,7 @@ impl TableFile {
             accept_wait_us: h.wait_us.load(Ordering::Relaxed),
             entry_ttl: h.ttl_secs.load(Ordering::Relaxed),
             search_secs: h.pending_secs.load(Ordering::Relaxed),
+            table_group: self.file.metadata().map(|m| TableReaders::of_file(&m)).unwrap_or_default(),
         }
     }
 
@@ -392,6 +473,7 @@ impl Userspace {
                 let mut tuning = *tuning;
                 tuning.table_entries = t.tuning().table_entries;
                 t.set_tuning(&tuning);
+                tuning.table_group.apply(&t.file)?;
                 // Return once the reader applies it: the next connection is judged by it.
                 let header = t.table().header;
                 let wanted = header.config_seq.load(Ordering::Acquire);
@@ -628,4 +710,23 @@ fn is_reader(pid: u32) -> bool {
     fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"userspace-reader"))
         && !fs::read_to_string(format!("/proc/{pid}/stat"))
             .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TableReaders;
+
+    #[test]
+    fn table_group_names_gids_and_all() {
+        assert_eq!(TableReaders::parse("root"), Ok(TableReaders::Root));
+        assert_eq!(TableReaders::parse("0"), Ok(TableReaders::Root));
+        assert_eq!(TableReaders::parse("all"), Ok(TableReaders::All));
+        assert_eq!(TableReaders::parse("65534"), Ok(TableReaders::Group(65534)));
+        let err = TableReaders::parse("no-such-group-toa").unwrap_err();
+        assert!(err.contains("groupadd no-such-group-toa"), "{err}");
+        // Nobody but root can write, whoever may read.
+        for readers in [TableReaders::Root, TableReaders::Group(7), TableReaders::All] {
+            assert_eq!(readers.file_mode().0 & 0o222, 0o200, "{readers:?}");
+        }
+    }
 }
