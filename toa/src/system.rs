@@ -130,6 +130,27 @@ pub fn kernel_log(line: &str) {
     }
 }
 
+/// Gives up every privilege this process will not need again: all capabilities (the bounding
+/// set too, so no exec could regain them as root) and, with `PR_SET_NO_NEW_PRIVS`, any setuid or
+/// file capability an exec would grant. What it keeps is uid 0's ownership of its own files.
+pub fn drop_privileges() -> Result<(), Error> {
+    let failed = |step: &str, e: &dyn std::fmt::Display| Error::Userspace { detail: format!("{step}: {e}") };
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(failed("PR_SET_NO_NEW_PRIVS", &io::Error::last_os_error()));
+    }
+    // The bounding set first: dropping from it needs CAP_SETPCAP, which goes with the rest.
+    caps::clear(None, caps::CapSet::Bounding).map_err(|e| failed("clearing the bounding capabilities", &e))?;
+    // Kernels before 4.3 have no ambient set (nothing to clear).
+    if caps::runtime::ambient_set_supported().is_ok() {
+        caps::clear(None, caps::CapSet::Ambient).map_err(|e| failed("clearing the ambient capabilities", &e))?;
+    }
+    caps::clear(None, caps::CapSet::Inheritable).map_err(|e| failed("clearing the inheritable capabilities", &e))?;
+    caps::clear(None, caps::CapSet::Effective).map_err(|e| failed("clearing the effective capabilities", &e))?;
+    caps::clear(None, caps::CapSet::Permitted).map_err(|e| failed("clearing the permitted capabilities", &e))?;
+    Ok(())
+}
+
 /// The GID of the group named `name` (`/etc/group`, or NSS where the C library has it).
 pub fn group_id(name: &str) -> Option<u32> {
     let name = CString::new(name).ok()?;

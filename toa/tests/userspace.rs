@@ -278,6 +278,36 @@ fn table_owned_by_another_user_is_ignored() {
     table_others_could_write_is_ignored(0o600, 65534);
 }
 
+/// The reader parses what anyone on the network sends: once its socket and table are open it
+/// holds no capability at all (bounding set included) and can gain none, and it still serves,
+/// takes a new policy (and port filter), and stops at unload.
+#[test]
+fn reader_runs_without_privileges() {
+    let mut lab = Lab::with_mode(Mode::Userspace);
+    lab.load();
+    let pid = lab.reader_pid();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(str::trim).unwrap_or_default()
+    };
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(field(set), "0000000000000000", "{set} of reader {pid}:\n{status}");
+    }
+    assert_eq!(field("NoNewPrivs"), "1", "{status}");
+
+    lab.python_server(SERVER_V4, 8080);
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    assert_eq!(out, answer(CLIENT, CLIENT));
+    lab.load_with(&["--port", "8080", "--trust", "198.18.0.0/15"]);
+    assert_eq!(lab.reader_pid(), pid, "reconfigured in place");
+    let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
+    assert_eq!(out, answer(CLIENT, CLIENT));
+    lab.unload();
+    let gone = || !Path::new(&format!("/proc/{pid}")).exists();
+    assert!(eventually(DEADLINE, gone), "reader {pid} left behind");
+    assert!(!lab.table.exists(), "table left behind");
+}
+
 /// The table has a fixed size: more connections than slots evict the oldest, and entries go
 /// when their time is up.
 #[test]

@@ -13,7 +13,7 @@ pub fn run(_args: Args, places: &Places) -> anyhow::Result<()> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
-    Userspace::new(places).run_reader(&stop, || {
+    Userspace::new(places).run_reader(&stop, true, || {
         // `toa load` stops listening once the table is live: nothing more goes to its pipe.
         if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
             // SAFETY: replaces our own stderr descriptor.

@@ -445,7 +445,7 @@ impl Userspace {
             }
         };
         let this = self.clone();
-        let handle = std::thread::spawn(move || this.run_reader(&stop, || {}));
+        let handle = std::thread::spawn(move || this.run_reader(&stop, false, || {}));
         let failure = wait_live(&t, || Ok(handle.is_finished().then(|| "the capture reader stopped".to_owned())))?;
         if let Some(detail) = failure {
             let why = match handle.join() {
@@ -590,8 +590,10 @@ impl Userspace {
         Ok(true)
     }
 
-    /// The capture reader: runs until `stop`; `on_running` is called once it serves.
-    pub fn run_reader(&self, stop: &AtomicBool, on_running: impl FnOnce()) -> Result<(), Error> {
+    /// The capture reader: runs until `stop`; `on_running` is called once it serves. `confine`:
+    /// it is a process of its own (`toa load`), which gives up every privilege once its socket
+    /// and table are open (a reader on a thread of `toa run` shares the service's).
+    pub fn run_reader(&self, stop: &AtomicBool, confine: bool, on_running: impl FnOnce()) -> Result<(), Error> {
         let t = TableFile::open(&self.path, true)?
             .ok_or_else(|| Error::Userspace { detail: format!("no table at {}", self.path.display()) })?;
         let table = t.table();
@@ -605,6 +607,10 @@ impl Userspace {
         // Applications wait for us in accept(): run before ordinary work when woken.
         // SAFETY: setpriority on this process; failure only leaves the default priority.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
+        // It parses what anyone on the network sends: from here on, with nothing to spare.
+        if confine {
+            system::drop_privileges()?;
+        }
         let pid = std::process::id();
         table.header.reader_pid.store(pid, Ordering::Relaxed);
         table.header.capture_ino.store(capture.inode(), Ordering::Relaxed);
