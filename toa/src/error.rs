@@ -82,6 +82,15 @@ pub enum Error {
     #[error("userspace mode: {detail}")]
     Userspace { detail: String },
 
+    #[error(
+        "{holder} has held {dir} for {secs} s, and changes to toa are made one at a time: wait for \
+         it to finish, or stop it (TOA_LOCK_WAIT sets how long to wait)"
+    )]
+    Busy { dir: PathBuf, holder: String, secs: u64 },
+
+    #[error("TOA_LOCK_WAIT={value:?}: not a number of seconds (e.g. TOA_LOCK_WAIT=30)")]
+    LockWait { value: String },
+
     #[error("{0}")]
     Io(#[from] io::Error),
 }

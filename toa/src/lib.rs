@@ -13,6 +13,7 @@ pub mod doctor;
 pub mod error;
 pub mod hooks;
 mod link_info;
+pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod policy;

@@ -20,6 +20,7 @@ in_both_modes!(
     many_connections_each_get_their_own_client,
     unload_restores_addresses_and_leaves_nothing,
     load_twice_is_harmless,
+    second_writer_waits_then_names_the_holder,
 );
 
 /// The same address as an IPv6 socket shows it.
@@ -308,6 +309,43 @@ fn status_names_the_cgroup_and_programs() {
     // Without --trust, status says plainly that anyone may claim any address.
     assert_eq!(status["spoofable"], true);
     assert_eq!(status["policy"]["kinds"], serde_json::json!([254]));
+}
+
+/// A command that finds another one changing toa (here: this test, holding the lock) waits,
+/// says whom it waits for, and gives up after `TOA_LOCK_WAIT` naming it, having changed nothing.
+/// Once the lock is free, a waiting command goes on.
+fn second_writer_waits_then_names_the_holder(mode: Mode) {
+    use std::{io::BufRead as _, os::fd::AsRawFd as _, process::Stdio};
+    let lab = Lab::with_mode(mode);
+    lab.load();
+    let dir = match mode {
+        Mode::Ebpf => lab.pin_dir.clone(),
+        Mode::Userspace => lab.table.parent().unwrap().to_owned(),
+    };
+    let held = std::fs::File::open(&dir).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let me = format!("pid {} (", std::process::id());
+
+    let out = lab.toa().env("TOA_LOCK_WAIT", "1").arg("unload").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&me) && stderr.contains("TOA_LOCK_WAIT"), "{stderr}");
+    assert_eq!(lab.status_json()["loaded"], true, "nothing changed");
+    let out = lab.toa().env("TOA_LOCK_WAIT", "soon").arg("unload").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TOA_LOCK_WAIT=\"soon\": not a number"));
+
+    let mut unload = lab.toa().arg("unload").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let lines = std::io::BufReader::new(unload.stderr.take().unwrap()).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| drop(tx.send(l))));
+    let waiting = rx.recv_timeout(DEADLINE).expect("no word from the waiting unload");
+    assert!(waiting.contains(&format!("waiting for {me}")) && waiting.contains(dir.to_str().unwrap()), "{waiting}");
+    drop(held);
+    let out = unload.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("toa unloaded"));
+    assert_eq!(lab.status_json()["loaded"], false);
 }
 
 /// Loads and unloads started together take turns (the pin directory's lock): one load attaches,

@@ -308,6 +308,55 @@ fn reader_runs_without_privileges() {
     assert!(!lab.table.exists(), "table left behind");
 }
 
+/// The readers serving this lab's table (`toa userspace-reader --table PATH`), by PID.
+fn readers_of(lab: &Lab) -> Vec<u32> {
+    let table = lab.table.to_str().unwrap();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.contains(&&b"userspace-reader"[..]) && args.contains(&table.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Loads started together take turns on the table's lock: all succeed and one reader serves;
+/// a load and an unload started together leave one of the two states, never a table without
+/// its reader or a reader without its table.
+#[test]
+fn concurrent_loads_and_unloads_leave_one_state() {
+    let mut lab = Lab::with_mode(Mode::Userspace);
+    let together = |cmds: Vec<Command>| {
+        let children: Vec<_> =
+            cmds.into_iter().map(|mut c| c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()).collect();
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    };
+    together((0..4).map(|_| lab.load_cmd(&[])).collect());
+    assert_eq!(readers_of(&lab).len(), 1, "{:?}", readers_of(&lab));
+    lab.python_server(SERVER_V4, 8080);
+    assert_eq!(lab.probe("198.18.0.1:8080", &["--as", CLIENT]).0, answer(CLIENT, CLIENT));
+
+    for _ in 0..3 {
+        let mut unload = lab.toa();
+        unload.arg("unload");
+        together(vec![lab.load_cmd(&[]), unload]);
+        let loaded = lab.status_json()["loaded"] == true;
+        if loaded {
+            assert_eq!(readers_of(&lab).len(), 1, "loaded, so one reader");
+        } else {
+            assert!(!lab.table.exists(), "not loaded, yet a table is left");
+            // The reader goes once it has seen its table go.
+            assert!(eventually(DEADLINE, || readers_of(&lab).is_empty()), "{:?}", readers_of(&lab));
+        }
+    }
+}
+
 /// The table has a fixed size: more connections than slots evict the oldest, and entries go
 /// when their time is up.
 #[test]

@@ -9,7 +9,7 @@
 
 use std::{
     fs, io,
-    os::{fd::AsFd as _, unix::fs::MetadataExt as _},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -29,6 +29,7 @@ use crate::{
     error::{chain, Error},
     hooks::{self, HookKind, HOOKS, MAPS},
     link_info,
+    lock::DirLock,
     policy::{trust_key, trust_net, Policy},
     programs, system,
 };
@@ -81,7 +82,7 @@ impl Agent {
         let cgroup = cgroup::resolve(cgroup)?;
         system::ensure_bpffs(&self.pin_dir)?;
         system::raise_memlock();
-        let _lock = PinLock::acquire(&self.pin_dir, true)?.expect("created");
+        let _lock = DirLock::acquire(&self.pin_dir, true)?.expect("created");
 
         if self.has_pins() {
             let status = self.status()?;
@@ -133,7 +134,7 @@ impl Agent {
         system::raise_memlock();
         let cgroup = cgroup::resolve(cgroup)?;
         let not_loaded = || Error::NotLoaded { pin_dir: self.pin_dir.clone() };
-        let _lock = PinLock::acquire(&self.pin_dir, false)?.ok_or_else(not_loaded)?;
+        let _lock = DirLock::acquire(&self.pin_dir, false)?.ok_or_else(not_loaded)?;
         if !self.has_pins() {
             return Err(not_loaded());
         }
@@ -153,7 +154,7 @@ impl Agent {
     /// address they have.
     pub fn apply_policy(&self, policy: &Policy) -> Result<(), Error> {
         policy.validate().map_err(|detail| Error::Policy { detail })?;
-        let _lock = PinLock::acquire(&self.pin_dir, false)?
+        let _lock = DirLock::acquire(&self.pin_dir, false)?
             .ok_or_else(|| Error::NotLoaded { pin_dir: self.pin_dir.clone() })?;
         write_policy(&self.pin_dir, policy)
     }
@@ -181,7 +182,7 @@ impl Agent {
     /// nothing was loaded.
     pub fn unload(&self) -> Result<bool, Error> {
         system::require_root("toa unload")?;
-        let Some(_lock) = PinLock::acquire(&self.pin_dir, false)? else {
+        let Some(_lock) = DirLock::acquire(&self.pin_dir, false)? else {
             return Ok(false);
         };
         let before = self.status().ok();
@@ -200,7 +201,7 @@ impl Agent {
         Ok(true)
     }
 
-    /// Removes every pin the agent makes; the directory stays (see [`PinLock`]).
+    /// Removes every pin the agent makes; the directory stays (see [`DirLock`]).
     fn remove_pins(&self) -> Result<(), Error> {
         if !self.pin_dir.exists() {
             return Ok(());
@@ -272,40 +273,6 @@ impl Agent {
                 Ok((*c, per_cpu.iter().sum()))
             })
             .collect()
-    }
-}
-
-/// Held while a command changes the pinned state (load, policy, relocation, upgrade, unload), so
-/// that two of them never interleave: an exclusive `flock` on the pin directory itself (bpffs
-/// holds no regular files to lock). The directory is removed only at the end of a locked
-/// section, so a command that waited finds its lock on a removed directory and starts over on
-/// the one now at the path.
-struct PinLock {
-    _dir: fs::File,
-}
-
-impl PinLock {
-    /// Waits for the lock of `pin_dir`, creating the directory when `create`; `None` when it
-    /// does not exist and `create` is false.
-    fn acquire(pin_dir: &Path, create: bool) -> Result<Option<Self>, Error> {
-        loop {
-            if create {
-                fs::create_dir_all(pin_dir)?;
-            }
-            let dir = match fs::File::open(pin_dir) {
-                Ok(dir) => dir,
-                Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e.into()),
-            };
-            system::lock_exclusive(&dir)?;
-            let held = dir.metadata()?;
-            match fs::metadata(pin_dir) {
-                Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => return Ok(Some(Self { _dir: dir })),
-                // Removed (or replaced) while we waited.
-                _ => continue,
-            }
-        }
     }
 }
 

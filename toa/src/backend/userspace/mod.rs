@@ -26,6 +26,7 @@ use toa_common::{
 
 use super::{Loaded, Mode, Places, Status};
 use crate::{
+    lock::DirLock,
     policy::{trust_key, trust_net, Policy},
     system, Error,
 };
@@ -220,12 +221,6 @@ impl TableFile {
     /// Creates a table at `path` (atomically: written aside, then renamed over).
     fn create(path: &Path, tuning: &Tuning) -> Result<Self, Error> {
         let dir = path.parent().unwrap_or(Path::new("/"));
-        if !dir.exists() {
-            // Applications running as any user must reach the table.
-            fs::create_dir_all(dir)
-                .and_then(|()| fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)))
-                .map_err(|e| Error::Userspace { detail: format!("creating {}: {e}", dir.display()) })?;
-        }
         let tmp = dir.join(format!(
             ".{}.{}",
             path.file_name().and_then(|n| n.to_str()).unwrap_or("table"),
@@ -371,10 +366,23 @@ impl Userspace {
         self.path.exists()
     }
 
+    /// The lock every change to this mode's state holds ([`DirLock`] on the table's directory,
+    /// which it creates: applications running as any user must reach the table in it).
+    fn lock(&self) -> Result<DirLock, Error> {
+        let dir = crate::lock::dir_of(&self.path);
+        if !dir.exists() {
+            fs::create_dir_all(&dir)
+                .and_then(|()| fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)))
+                .map_err(|e| Error::Userspace { detail: format!("creating {}: {e}", dir.display()) })?;
+        }
+        Ok(DirLock::acquire(&dir, true)?.expect("created"))
+    }
+
     /// Starts the reader as a process of its own (or reconfigures the running one). On error
     /// nothing is left running.
     pub fn load(&self, policy: &Policy, tuning: &Tuning) -> Result<Loaded, Error> {
         system::require_root("toa load --mode userspace")?;
+        let _lock = self.lock()?;
         let started = Instant::now();
         let t = match self.prepare(policy, tuning)? {
             Prepared::Reconfigured(loaded) => return Ok(*loaded),
@@ -426,6 +434,7 @@ impl Userspace {
         stop: std::sync::Arc<AtomicBool>,
     ) -> Result<(Loaded, std::thread::JoinHandle<Result<(), Error>>), Error> {
         system::require_root("toa run --mode userspace")?;
+        let _lock = self.lock()?;
         let started = Instant::now();
         let t = match self.prepare(policy, tuning)? {
             Prepared::Fresh(t) => t,
@@ -435,7 +444,7 @@ impl Userspace {
                     pid = loaded.status.userspace.as_ref().map(|u| u.reader_pid),
                     "stopping the reader started by toa load; toa run takes over"
                 );
-                self.unload()?;
+                self.unload_locked()?;
                 match self.prepare(policy, tuning)? {
                     Prepared::Fresh(t) => t,
                     Prepared::Reconfigured(_) => {
@@ -536,6 +545,7 @@ impl Userspace {
 
     /// Gives a live reader a new policy and tuning (`toa run`'s SIGHUP).
     pub fn reconfigure(&self, policy: &Policy, tuning: &Tuning) -> Result<(), Error> {
+        let _lock = self.lock()?;
         match self.prepare(policy, tuning)? {
             Prepared::Reconfigured(_) => Ok(()),
             Prepared::Fresh(_) => {
@@ -562,6 +572,13 @@ impl Userspace {
     /// Stops the reader and removes the table; false when there was none.
     pub fn unload(&self) -> Result<bool, Error> {
         system::require_root("toa unload")?;
+        let Some(_lock) = DirLock::acquire(&crate::lock::dir_of(&self.path), false)? else {
+            return Ok(false);
+        };
+        self.unload_locked()
+    }
+
+    fn unload_locked(&self) -> Result<bool, Error> {
         let Some(t) = TableFile::open(&self.path, false)? else {
             return Ok(false);
         };
