@@ -1,5 +1,5 @@
-//! Fuzzes the option parser against a plain reference written over slices: the same answer for
-//! every configuration and option area, and only bytes of the input in a found address.
+//! Fuzzes the option parser against the plain reference written over slices
+//! (`toa_common::reference`): the same answer for every configuration and option area.
 //!
 //! Input: byte 0 picks the flags (pick last, ByteDance, Alibaba CDN), bytes 1-2 two extra kinds
 //! read with the classic layouts, the rest is the option area (the parser reads at most 40).
@@ -8,7 +8,9 @@
 use libfuzzer_sys::fuzz_target;
 use toa_common::{
     config::{FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_PICK_LAST},
-    find_toa, AgentConfig, ClientAddr, OptionArea, Parsed, AF_INET, AF_INET6, CLIENT_HAS_PORT, CLIENT_HAS_VIP,
+    find_toa,
+    reference::reference,
+    AgentConfig, OptionArea,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -26,84 +28,3 @@ fuzz_target!(|data: &[u8]| {
     let got = find_toa(&mut OptionArea::from_slice(options), &cfg);
     assert_eq!(got, reference(&options[..options.len().min(40)], &cfg), "options {options:02x?}");
 });
-
-/// The same rules, written the obvious way over a slice.
-fn reference(area: &[u8], cfg: &AgentConfig) -> Parsed {
-    let (mut off, mut malformed, mut last) = (0usize, false, None);
-    while off < area.len() {
-        let kind = area[off];
-        match kind {
-            0 => break,
-            1 => {
-                off += 1;
-                continue;
-            }
-            _ => {}
-        }
-        let Some(&len) = area.get(off + 1) else {
-            malformed = true;
-            break;
-        };
-        let len = usize::from(len);
-        if len < 2 || off + len > area.len() {
-            malformed = true;
-            break;
-        }
-        let opt = &area[off..off + len];
-        match layout(opt, cfg) {
-            Some(Some(client)) => {
-                if cfg.flags & FLAG_PICK_LAST == 0 {
-                    return Parsed::Found(client);
-                }
-                last = Some(client);
-            }
-            Some(None) => malformed = true,
-            None => {}
-        }
-        off += len;
-    }
-    match (last, malformed) {
-        (Some(c), _) => Parsed::Found(c),
-        (None, true) => Parsed::Malformed,
-        (None, false) => Parsed::Absent,
-    }
-}
-
-/// `None`: not a kind the configuration reads; `Some(None)`: one it reads, malformed.
-fn layout(opt: &[u8], cfg: &AgentConfig) -> Option<Option<ClientAddr>> {
-    let (kind, len) = (opt[0], opt.len());
-    let classic = cfg.kind_enabled(kind);
-    let bytedance = kind == 254 && cfg.flags & FLAG_DIALECT_BYTEDANCE != 0;
-    let alibaba = kind == 28 && cfg.flags & FLAG_DIALECT_ALIBABA_CDN != 0;
-    let addr = |bytes: &[u8]| {
-        let mut a = [0u8; 16];
-        a[..bytes.len()].copy_from_slice(bytes);
-        a
-    };
-    if classic && (len == 8 || len == 20) {
-        let family = if len == 8 { AF_INET } else { AF_INET6 };
-        return Some(Some(ClientAddr { family, port: [opt[2], opt[3]], addr: addr(&opt[4..]), flags: CLIENT_HAS_PORT, ..Default::default() }));
-    }
-    if bytedance && len == 16 {
-        return Some(Some(ClientAddr {
-            family: AF_INET,
-            port: [opt[2], opt[3]],
-            addr: addr(&opt[4..8]),
-            vip_port: [opt[10], opt[11]],
-            vip_addr: [opt[12], opt[13], opt[14], opt[15]],
-            flags: CLIENT_HAS_PORT | CLIENT_HAS_VIP,
-            ..Default::default()
-        }));
-    }
-    if alibaba {
-        if (len == 7 || len == 19) && opt[2] == 1 {
-            let family = if len == 7 { AF_INET } else { AF_INET6 };
-            return Some(Some(ClientAddr { family, addr: addr(&opt[3..]), ..Default::default() }));
-        }
-        return Some(None);
-    }
-    if classic || bytedance {
-        return Some(None);
-    }
-    None
-}

@@ -9,6 +9,8 @@ pub mod counters;
 pub mod decide;
 pub mod parse;
 pub mod probe;
+#[cfg(feature = "reference")]
+pub mod reference;
 #[cfg(not(target_arch = "bpf"))]
 pub mod table;
 

@@ -101,10 +101,26 @@ impl Lab {
         cmd
     }
 
-    /// `toa` run as nobody (uid 65534), for the "not root" cases. It runs a copy of the binary in
-    /// the lab's directory under /run (removed with the lab): the checkout it was built in may
-    /// not be readable by others (a clone in a `mktemp -d` directory is 0700).
-    pub fn toa_as_nobody(&self) -> Command {
+    /// `toa ARGS` run as nobody (uid 65534), for the "not root" cases: its output. It runs a copy
+    /// of the binary in the lab's directory under /run (removed with the lab): the checkout it was
+    /// built in may not be readable by others (a clone in a `mktemp -d` directory is 0700).
+    pub fn toa_as_nobody(&self, args: &[&str]) -> Output {
+        let mut cmd = self.toa_as_nobody_cmd();
+        cmd.args(args);
+        // A child another test forks while the copy is being written inherits its descriptor
+        // until that child execs: exec fails with ETXTBSY meanwhile. Try again until it is gone.
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            match cmd.output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                result => return result.unwrap_or_else(|e| panic!("{cmd:?}: {e}")),
+            }
+        }
+    }
+
+    fn toa_as_nobody_cmd(&self) -> Command {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = self.table.parent().expect("the lab's directory");
         fs::create_dir_all(dir).expect("create the lab's directory");
@@ -305,6 +321,23 @@ impl Lab {
             raw_tcp::exchange("198.18.0.1".parse().unwrap(), port, sport, &options, b"raw\n").expect("raw exchange")
         });
         (format!("{}:{sport}", raw_tcp::SPOOFED), reply)
+    }
+
+    /// Many [`Lab::raw_exchange`]s from one thread in the client namespace, each
+    /// `(source port, options on the handshake ACK, options on the data segment)`: the server's
+    /// answers, in order.
+    pub fn raw_exchanges(&self, port: u16, cases: Vec<(u16, Vec<u8>, Vec<u8>)>) -> Vec<String> {
+        self.in_client_ns(move || {
+            let server = "198.18.0.1".parse().unwrap();
+            cases
+                .iter()
+                .map(|(sport, ack, data)| {
+                    raw_tcp::exchange_with(server, port, *sport, ack, data, b"raw\n").unwrap_or_else(|e| {
+                        panic!("raw exchange from port {sport}: {e}; ack {ack:02x?}, data {data:02x?}")
+                    })
+                })
+                .collect()
+        })
     }
 
     /// The cgroup the servers run in: the lab's in eBPF mode, none in userspace mode.

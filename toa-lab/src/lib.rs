@@ -36,14 +36,17 @@ use std::{
 mod cgroup;
 mod cleanup;
 mod commands;
+mod kernel_log;
 mod lab;
 mod netns;
+pub mod option_areas;
 pub mod raw_tcp;
 mod service;
 
 pub use cgroup::*;
 pub use cleanup::*;
 pub use commands::*;
+pub use kernel_log::*;
 pub use lab::*;
 pub use netns::*;
 pub use service::*;

@@ -52,6 +52,18 @@ struct Seen {
 /// Connects with `options` on the handshake ACK, sends `line`, and returns what the server
 /// answered. Must run on a thread inside the client namespace.
 pub fn exchange(dst: Ipv4Addr, dport: u16, sport: u16, options: &[u8], line: &[u8]) -> io::Result<String> {
+    exchange_with(dst, dport, sport, options, &[], line)
+}
+
+/// [`exchange`] with `data_options` on the segment that carries `line`.
+pub fn exchange_with(
+    dst: Ipv4Addr,
+    dport: u16,
+    sport: u16,
+    options: &[u8],
+    data_options: &[u8],
+    line: &[u8],
+) -> io::Result<String> {
     // SAFETY: plain socket calls; the descriptors are owned at once.
     let (send, recv) = unsafe {
         let send = OwnedFd::from_raw_fd(check(libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW))?);
@@ -124,7 +136,7 @@ pub fn exchange(dst: Ipv4Addr, dport: u16, sport: u16, options: &[u8], line: &[u
     let synack = wait(&|s| s.flags & (SYN | ACK) == SYN | ACK)?;
     let (seq, ack) = (isn + 1, synack.seq.wrapping_add(1));
     send_seg(segment(dst, sport, dport, seq, ack, ACK, options, &[]))?;
-    send_seg(segment(dst, sport, dport, seq, ack, PSH | ACK, &[], line))?;
+    send_seg(segment(dst, sport, dport, seq, ack, PSH | ACK, data_options, line))?;
     let answer = wait(&|s| !s.payload.is_empty())?;
     // Leave nothing behind on the server.
     send_seg(segment(dst, sport, dport, seq + line.len() as u32, 0, RST, &[], &[]))?;

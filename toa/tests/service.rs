@@ -182,7 +182,7 @@ fn doctor_passes_here_and_names_what_fails() {
         assert!(text.lines().any(|l| l.starts_with("ok") && l.contains(check)), "{check}: {text}");
     }
     // Without privileges the same command fails and says why and what to do.
-    let out = lab.toa_as_nobody().arg("doctor").output().unwrap();
+    let out = lab.toa_as_nobody(&["doctor"]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("FAIL  privileges      missing CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"), "{text}");

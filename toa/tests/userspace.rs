@@ -406,7 +406,7 @@ fn bad_input_fails_clearly_and_starts_nothing() {
     assert!(err.contains("is not a toa table of this version: remove it"), "{err}");
     std::fs::remove_file(&lab.table).unwrap();
     // Not root.
-    let out = lab.toa_as_nobody().args(["load", "--mode", "userspace"]).output().unwrap();
+    let out = lab.toa_as_nobody(&["load", "--mode", "userspace"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must run as root"));
     assert!(!lab.table.exists());

@@ -567,7 +567,8 @@ fn init_script(root: &Path, kernel: &Kernel, built: &Built) -> String {
 /bin/busybox --install -s /bin
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export LD_LIBRARY_PATH=/lib/{triple}:/usr/lib/{triple}
-export RUST_BACKTRACE=0 TOA_LIBTOA={libtoa} TOA_EXAMPLES_DIR={examples} TOA_NGINX=/usr/sbin/nginx
+# The live fuzz case, shorter under emulation (the host runs 200 a mode).
+export RUST_BACKTRACE=0 TOA_LIBTOA={libtoa} TOA_EXAMPLES_DIR={examples} TOA_NGINX=/usr/sbin/nginx TOA_LIVE_FUZZ=60
 # No tmpfs over /run or /tmp: the files below may live there (a checkout in /tmp), and the
 # initramfs is RAM already.
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev

@@ -72,6 +72,17 @@ enum Task {
         /// How long to run.
         #[arg(long, default_value_t = 60)]
         seconds: u32,
+        /// Instead: the live path (root). Connections with random option areas through the
+        /// kernel and the loaded agent, in both modes, checked against the reference parser.
+        #[arg(long)]
+        live: bool,
+        /// With --live: connections per mode.
+        #[arg(long, default_value_t = 100_000)]
+        connections: u64,
+        /// With --live: the seed (a failure prints it; the same seed replays the same areas)
+        /// [default: from the clock].
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Measure what toa costs (root): connection rate, getpeername(), PROXY v2, scaling, memory.
     Bench {
@@ -170,6 +181,8 @@ fn run_task(cli: Cli) -> Result<()> {
                     "--package",
                     "toa-common",
                     "--package",
+                    "toa-lab",
+                    "--package",
                     "toa",
                     "--",
                     "--test-threads=2",
@@ -190,6 +203,8 @@ fn run_task(cli: Cli) -> Result<()> {
                 "--package",
                 "toa-common",
                 "--package",
+                "toa-lab",
+                "--package",
                 "toa",
                 "--lib",
                 "--bins",
@@ -204,7 +219,22 @@ fn run_task(cli: Cli) -> Result<()> {
             cargo(&["build", "--release", "--package", "toa", "--examples"])?;
             bench(true)
         }
-        Task::Fuzz { seconds } => fuzz(&root, seconds),
+        Task::Fuzz { live: true, connections, seed, .. } => {
+            require_root("cargo xtask fuzz --live")?;
+            setup()?;
+            build_libtoa()?;
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_secs())
+            });
+            println!("xtask: live fuzzing, {connections} connections per mode, seed {seed}");
+            let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            run(Command::new(cargo)
+                .args(["test", "--release", "--package", "toa", "--test", "e2e", "random_option_areas"])
+                .args(["--", "--test-threads=2"])
+                .env("TOA_LIVE_FUZZ", connections.to_string())
+                .env("TOA_LIVE_FUZZ_SEED", seed.to_string()))
+        }
+        Task::Fuzz { seconds, .. } => fuzz(&root, seconds),
         Task::Bench { quick } => {
             require_root("cargo xtask bench")?;
             setup()?;
