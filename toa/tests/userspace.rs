@@ -311,6 +311,24 @@ fn reader_runs_without_privileges() {
     assert!(!lab.table.exists(), "table left behind");
 }
 
+/// A reader killed outright (SIGKILL) leaves a heartbeat that still looks fresh: `toa load`
+/// sees that its process is gone and starts a new one at once, which serves.
+#[test]
+fn killed_reader_is_replaced_by_the_next_load() {
+    let mut lab = Lab::with_mode(Mode::Userspace);
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    let pid = lab.reader_pid();
+    // SAFETY: SIGKILL to the reader this test started (its PID from toa status).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // Gone (or a zombie, where nothing reaps orphans): not loaded, well before its heartbeat
+    // goes stale.
+    assert!(eventually(DEADLINE, || lab.status_json()["loaded"] == false), "a dead reader still counts as live");
+    lab.load();
+    assert_ne!(lab.reader_pid(), pid);
+    assert_eq!(lab.probe("198.18.0.1:8080", &["--as", CLIENT]).0, answer(CLIENT, CLIENT));
+}
+
 /// The readers serving this lab's table (`toa userspace-reader --table PATH`), by PID.
 fn readers_of(lab: &Lab) -> Vec<u32> {
     let table = lab.table.to_str().unwrap();

@@ -338,8 +338,11 @@ impl TableFile {
         }
     }
 
+    /// A reader serves it: its heartbeat is fresh and its process is there (one killed outright
+    /// leaves a heartbeat that looks fresh for a few seconds).
     fn live(&self) -> bool {
-        self.table().live(monotonic_secs())
+        let pid = self.table().header.reader_pid.load(Ordering::Relaxed);
+        self.table().live(monotonic_secs()) && pid > 0 && process_alive(pid)
     }
 }
 
@@ -726,6 +729,12 @@ fn port_ranges(cfg: &toa_common::AgentConfig) -> Vec<[u16; 2]> {
         return vec![[0, 0]];
     }
     cfg.ports[..n].to_vec()
+}
+
+/// Whether process `pid` exists and has not exited (a zombie has).
+fn process_alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| !r.trim_start().starts_with('Z')))
 }
 
 /// Whether `pid` is a running toa capture reader.
