@@ -23,7 +23,7 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use toa::{cgroup::TempCgroup, policy::Policy, probe, Agent};
+use toa::{cgroup::TempCgroup, policy::Policy, probe, Agent, Backend};
 use toa_lab::{self as support, Lab};
 
 struct Settings {
@@ -60,6 +60,14 @@ fn main() {
     );
     results.insert("load".into(), json!({"load_time_ms": load.0, "verified_insns": load.1.iter().map(|(n, i)| json!({"program": n, "insns": i})).collect::<Vec<_>>()}));
 
+    if std::env::var("TOA_BENCH_ONLY").as_deref() == Ok("faults") {
+        // Just the fault table (what docs/reliability.md quotes).
+        results.insert("faults".into(), bench.faults(&s));
+        let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+        fs::create_dir_all(&out).expect("create target/bench");
+        fs::write(out.join("faults.json"), serde_json::to_string_pretty(&Value::Object(results)).unwrap()).unwrap();
+        return;
+    }
     let rates = bench.connection_rates(&s);
     results.insert("connection_rate".into(), rates);
     results.insert("modes".into(), bench.modes(&s));
@@ -68,6 +76,7 @@ fn main() {
     results.insert("proxy_protocol_v2".into(), bench.proxy_v2(&s));
     results.insert("scaling".into(), bench.scaling(&s));
     results.insert("memory".into(), bench.memory(&s));
+    results.insert("faults".into(), bench.faults(&s));
 
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     fs::create_dir_all(&out).expect("create target/bench");
@@ -291,6 +300,146 @@ impl<'a> Bench<'a> {
         self.set_option(true);
         let _ = fs::remove_dir(table.parent().unwrap());
         json!({"ebpf": ebpf, "userspace": userspace, "userspace_no_option_waits": waits, "userspace_no_option_untrusted": untrusted})
+    }
+
+    /// Faults under load: connections at the client threads' full rate, each announcing its own
+    /// source port as the client's (so a client given to the wrong connection shows), while a
+    /// fault is applied. Every answer is counted: the client (ok), the connection's real address
+    /// (the balancer shown), anything else (wrong), or none (failed). Wrong and failed must be 0
+    /// always; the balancer shown too where the mode promises continuity.
+    fn faults(&self, s: &Settings) -> Value {
+        println!("\nfaults under load: connections ok / showed the balancer / wrong / failed");
+        let rewrites = if s.quick { 3 } else { 20 };
+        let table = PathBuf::from(format!("/run/toa-bench-{}/faults", std::process::id()));
+        let places = toa::Places { pin_dir: self.lab.pin_dir.clone(), table: table.clone() };
+        let _echo = start_server(self, 8097, Server::Echo);
+        let _preloaded = ExternalServer::start(self, 8098, Some(&table));
+        let toa = |args: &[&str]| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_toa"));
+            cmd.env("TOA_TABLE", &table).env("TOA_PIN_DIR", &self.lab.pin_dir).args(args);
+            support::in_netns_and_cgroup(&mut cmd, &self.lab.netns_path(&self.lab.server_ns), None);
+            support::run(&mut cmd);
+        };
+        let policy = |i: usize| {
+            // Both trust the clients' namespace: nothing may change for them.
+            let trust = if i % 2 == 0 { "198.18.0.0/15" } else { "198.18.0.2/32" };
+            Policy { trust: vec![trust.parse().unwrap()], ..Policy::default() }
+        };
+        let mut cfg = toa_config(true);
+        cfg.on |= toa_common::probe::PROBE_PORT_FROM_SOURCE;
+        self.writer.lock().unwrap().set(cfg).expect("configure the writer");
+        let mut rows = Vec::new();
+        let mut row = |mode: &str, fault: &str, continuity: bool, port: u16, apply: &mut dyn FnMut()| {
+            let c = self.under_load(s, port, apply);
+            println!(
+                "  {mode:<9} {fault:<52} {:>7} ok {:>6} balancer {:>3} wrong {:>3} failed",
+                c[0], c[1], c[2], c[3]
+            );
+            assert_eq!((c[2], c[3]), (0, 0), "{mode}, {fault}: wrong or failed connections");
+            if continuity {
+                assert_eq!(c[1], 0, "{mode}, {fault}: the mode promises continuity");
+                assert!(c[0] > 0, "{mode}, {fault}: no connection got through");
+            }
+            rows.push(json!({"mode": mode, "fault": fault, "ok": c[0], "balancer": c[1], "wrong": c[2], "failed": c[3]}));
+        };
+
+        self.set_agent(true);
+        row("ebpf", "none", true, 8097, &mut || {});
+        row("ebpf", &format!("policy rewritten {rewrites} times"), true, 8097, &mut || {
+            for i in 0..rewrites {
+                self.agent.apply_policy(&policy(i)).expect("apply a policy");
+            }
+        });
+        row("ebpf", "programs replaced in place 3 times (upgrade)", true, 8097, &mut || {
+            for _ in 0..3 {
+                self.agent.upgrade().expect("upgrade");
+            }
+        });
+        row("ebpf", "unloaded, then loaded", false, 8097, &mut || {
+            self.set_agent(false);
+            self.set_agent(true);
+        });
+        self.set_agent(false);
+
+        // The longest wait allowed: what is measured is the fault, not a reader lagging on a busy
+        // machine (the wait's bound is measured in `modes`).
+        toa(&["load", "--mode", "userspace", "--accept-wait-us", "1000000"]);
+        self.until_client_shown(8098);
+        row("userspace", "none", true, 8098, &mut || {});
+        row("userspace", &format!("policy rewritten {rewrites} times"), true, 8098, &mut || {
+            for i in 0..rewrites {
+                let trust = policy(i).trust[0].to_string();
+                toa(&["load", "--mode", "userspace", "--accept-wait-us", "1000000", "--trust", &trust]);
+            }
+        });
+        row("userspace", "reader killed (SIGKILL), then loaded again", false, 8098, &mut || {
+            let status = Backend::live_or_default(&places).status().expect("status");
+            let pid = status.userspace.map(|u| u.reader_pid).expect("a reader");
+            // SAFETY: SIGKILL to the reader this benchmark started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            // As a supervisor would: once it is gone (or a zombie), load again.
+            let gone = || {
+                fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map_or(true, |st| st.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+            };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !gone() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            toa(&["load", "--mode", "userspace", "--accept-wait-us", "1000000"]);
+        });
+        toa(&["unload"]);
+        toa(&["load", "--mode", "userspace", "--accept-wait-us", "1000000", "--table-entries", "64"]);
+        self.until_client_shown(8098);
+        row("userspace", "table of 64 entries, always full", false, 8098, &mut || {});
+        toa(&["unload"]);
+        let _ = fs::remove_dir(table.parent().unwrap());
+        self.set_option(true);
+        Value::Array(rows)
+    }
+
+    /// Waits until a connection to `port` shows its client: a preloaded server maps a new
+    /// table at its next lookup, at most once a second.
+    fn until_client_shown(&self, port: u16) {
+        let target: SocketAddr = format!("198.18.0.1:{port}").parse().unwrap();
+        let ns = self.lab.netns_path(&self.lab.client_ns);
+        let shown = support::in_netns(ns, move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                if classified_exchange(target) == 0 {
+                    return true;
+                }
+            }
+            false
+        });
+        assert!(shown, "no connection to port {port} showed its client");
+    }
+
+    /// Runs `apply` while client threads make connections to `port`, then `run_time` more;
+    /// the connections counted [ok, showed the balancer, wrong, failed].
+    fn under_load(&self, s: &Settings, port: u16, apply: &mut dyn FnMut()) -> [u64; 4] {
+        let target: SocketAddr = format!("198.18.0.1:{port}").parse().unwrap();
+        let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = (0..s.clients)
+            .map(|_| {
+                let (ns, counts, stop) = (self.lab.netns_path(&self.lab.client_ns), counts.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    support::in_netns(ns, move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            counts[classified_exchange(target) as usize].fetch_add(1, Ordering::Relaxed);
+                        }
+                    })
+                })
+            })
+            .collect();
+        apply();
+        std::thread::sleep(s.run_time);
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+        [0, 1, 2, 3].map(|i| counts[i].load(Ordering::Relaxed))
     }
 
     /// Where the time goes: the kernel's own accounting of the agent's programs
@@ -589,6 +738,40 @@ fn exchange(target: SocketAddr, header: Option<&[u8]>) -> bool {
     }
     let mut reply = Vec::new();
     s.read_to_end(&mut reply).is_ok() && !reply.is_empty()
+}
+
+/// What one connection showed: 0 its client, 1 its real address (the balancer), 2 another
+/// address (wrong), 3 nothing (failed). The client announced is 203.0.113.7 with the
+/// connection's own source port.
+fn classified_exchange(target: SocketAddr) -> u8 {
+    let Ok(mut s) = TcpStream::connect(target) else {
+        return 3;
+    };
+    let Ok(local) = s.local_addr() else { return 3 };
+    if s.write_all(b"hello\n").is_err() || s.shutdown(std::net::Shutdown::Write).is_err() {
+        return 3;
+    }
+    let mut reply = String::new();
+    if s.read_to_string(&mut reply).is_err() {
+        return 3;
+    }
+    // "peer=ADDR" (the in-process server) or "accept=ADDR peer=ADDR" (peer_echo): both must be
+    // the same one of the two.
+    let shown: Vec<&str> =
+        reply.split_whitespace().filter_map(|w| w.strip_prefix("accept=").or_else(|| w.strip_prefix("peer="))).collect();
+    let (client, real) = (format!("203.0.113.7:{}", local.port()), local.to_string());
+    if shown.is_empty() {
+        3
+    } else if shown.iter().all(|a| *a == client) {
+        0
+    } else if shown.iter().all(|a| *a == real) {
+        1
+    } else if shown.iter().all(|a| *a == client || *a == real) {
+        // accept() before the option was known, getpeername() after: not wrong, not whole.
+        1
+    } else {
+        2
+    }
 }
 
 #[derive(Clone, Copy)]

@@ -501,7 +501,10 @@ impl Userspace {
                 let loaded = Loaded { changed: true, status: self.status_of(&t), load_time_ms: None };
                 return Ok(Prepared::Reconfigured(Box::new(loaded)));
             }
-            // A table left by a reader that died: start afresh.
+            // A table left by a reader that died: start afresh. Marked stopped first, so that the
+            // applications that map it stop waiting on it now, not when its heartbeat goes stale
+            // (a reader killed outright left it fresh), and map the new one.
+            t.table().header.state.store(STOPPED, Ordering::Release);
             drop(t);
             fs::remove_file(&self.path)?;
         }
