@@ -438,8 +438,10 @@ fn concurrent_loads_and_unloads_take_turns() {
             .collect()
     };
     let said = run_together((0..4).map(|_| lab.load_cmd(&[])).collect());
-    let loaded = said.iter().filter(|s| s.starts_with("toa loaded in ")).count();
-    let already = said.iter().filter(|s| s.starts_with("toa was already loaded; nothing changed")).count();
+    // Each output holds stdout and stderr: a load that waited says so first, whom it waited for.
+    let says = |s: &String, what: &str| s.lines().any(|l| l.starts_with(what));
+    let loaded = said.iter().filter(|s| says(s, "toa loaded in ")).count();
+    let already = said.iter().filter(|s| says(s, "toa was already loaded; nothing changed")).count();
     assert_eq!((loaded, already), (1, 3), "{said:?}");
     let attached = cgroup_attachments(&lab.cgroup);
     for hook in toa::hooks::HOOKS {
@@ -494,8 +496,10 @@ fn concurrent_loads_mount_one_bpffs() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "bpffs instances the loads mounted");
     let said: Vec<String> =
         (1..=4).map(|i| std::fs::read_to_string(format!("{}.{i}", prefix.display())).unwrap()).collect();
-    let loaded = said.iter().filter(|s| s.starts_with("toa loaded in ")).count();
-    let already = said.iter().filter(|s| s.starts_with("toa was already loaded; nothing changed")).count();
+    // Each output holds stdout and stderr: a load that waited says so first, whom it waited for.
+    let says = |s: &String, what: &str| s.lines().any(|l| l.starts_with(what));
+    let loaded = said.iter().filter(|s| says(s, "toa loaded in ")).count();
+    let already = said.iter().filter(|s| says(s, "toa was already loaded; nothing changed")).count();
     assert_eq!((loaded, already), (1, 3), "{said:?}");
 }
 
