@@ -322,7 +322,7 @@ impl<'a> Bench<'a> {
         };
         let policy = |i: usize| {
             // Both trust the clients' namespace: nothing may change for them.
-            let trust = if i % 2 == 0 { "198.18.0.0/15" } else { "198.18.0.2/32" };
+            let trust = if i.is_multiple_of(2) { "198.18.0.0/15" } else { "198.18.0.2/32" };
             Policy { trust: vec![trust.parse().unwrap()], ..Policy::default() }
         };
         let mut cfg = toa_config(true);

@@ -139,8 +139,12 @@ pub fn drop_privileges() -> Result<(), Error> {
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(failed("PR_SET_NO_NEW_PRIVS", &io::Error::last_os_error()));
     }
-    // The bounding set first: dropping from it needs CAP_SETPCAP, which goes with the rest.
-    caps::clear(None, caps::CapSet::Bounding).map_err(|e| failed("clearing the bounding capabilities", &e))?;
+    // The bounding set first: dropping from it needs CAP_SETPCAP, which goes with the rest. A
+    // process without it (a restricted container) keeps its bounding set: with no_new_privs and
+    // nothing permitted, no exec can raise anything anyway.
+    if caps::has_cap(None, caps::CapSet::Effective, caps::Capability::CAP_SETPCAP).unwrap_or(false) {
+        caps::clear(None, caps::CapSet::Bounding).map_err(|e| failed("clearing the bounding capabilities", &e))?;
+    }
     // Kernels before 4.3 have no ambient set (nothing to clear).
     if caps::runtime::ambient_set_supported().is_ok() {
         caps::clear(None, caps::CapSet::Ambient).map_err(|e| failed("clearing the ambient capabilities", &e))?;
