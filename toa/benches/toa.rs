@@ -340,7 +340,9 @@ impl<'a> Bench<'a> {
                 assert_eq!(c[1], 0, "{mode}, {fault}: the mode promises continuity");
                 assert!(c[0] > 0, "{mode}, {fault}: no connection got through");
             }
-            rows.push(json!({"mode": mode, "fault": fault, "ok": c[0], "balancer": c[1], "wrong": c[2], "failed": c[3]}));
+            rows.push(
+                json!({"mode": mode, "fault": fault, "ok": c[0], "balancer": c[1], "wrong": c[2], "failed": c[3]}),
+            );
         };
 
         self.set_agent(true);
@@ -757,8 +759,10 @@ fn classified_exchange(target: SocketAddr) -> u8 {
     }
     // "peer=ADDR" (the in-process server) or "accept=ADDR peer=ADDR" (peer_echo): both must be
     // the same one of the two.
-    let shown: Vec<&str> =
-        reply.split_whitespace().filter_map(|w| w.strip_prefix("accept=").or_else(|| w.strip_prefix("peer="))).collect();
+    let shown: Vec<&str> = reply
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("accept=").or_else(|| w.strip_prefix("peer=")))
+        .collect();
     let (client, real) = (format!("203.0.113.7:{}", local.port()), local.to_string());
     if shown.is_empty() {
         3
