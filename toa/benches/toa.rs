@@ -320,6 +320,15 @@ impl<'a> Bench<'a> {
             support::in_netns_and_cgroup(&mut cmd, &self.lab.netns_path(&self.lab.server_ns), None);
             support::run(&mut cmd);
         };
+        // Whatever happens below (a failed assertion too), the reader goes: left running, it
+        // would also keep our cgroup from being removed.
+        let _unload = OnDrop({
+            let table = table.clone();
+            move || {
+                let _ = Command::new(env!("CARGO_BIN_EXE_toa")).env("TOA_TABLE", &table).arg("unload").output();
+                let _ = fs::remove_dir(table.parent().unwrap());
+            }
+        });
         let policy = |i: usize| {
             // Both trust the clients' namespace: nothing may change for them.
             let trust = if i.is_multiple_of(2) { "198.18.0.0/15" } else { "198.18.0.2/32" };
@@ -740,6 +749,15 @@ fn exchange(target: SocketAddr, header: Option<&[u8]>) -> bool {
     }
     let mut reply = Vec::new();
     s.read_to_end(&mut reply).is_ok() && !reply.is_empty()
+}
+
+/// Runs a closure when dropped (cleanup that must happen on a panic too).
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
 }
 
 /// What one connection showed: 0 its client, 1 its real address (the balancer), 2 another
