@@ -150,30 +150,49 @@ impl<'a> Bench<'a> {
     fn rate(&self, s: &Settings, port: u16, proxy_v2: bool) -> f64 {
         let target: SocketAddr = format!("198.18.0.1:{port}").parse().unwrap();
         let done = Arc::new(AtomicU64::new(0));
+        let counter = done.clone();
+        let header = proxy_header();
+        let elapsed = self.clients_while(
+            s,
+            move || {
+                if exchange(target, proxy_v2.then_some(&header[..])) {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+            || std::thread::sleep(s.run_time),
+        );
+        done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()
+    }
+
+    /// `s.clients` threads in the client namespace, each calling `one` over and over while
+    /// `meanwhile` runs on this thread; returns how long they ran.
+    fn clients_while(
+        &self,
+        s: &Settings,
+        one: impl Fn() + Clone + Send + 'static,
+        meanwhile: impl FnOnce(),
+    ) -> Duration {
         let stop = Arc::new(AtomicBool::new(false));
         let threads: Vec<_> = (0..s.clients)
             .map(|_| {
-                let (ns, done, stop) = (self.lab.netns_path(&self.lab.client_ns), done.clone(), stop.clone());
+                let (ns, one, stop) = (self.lab.netns_path(&self.lab.client_ns), one.clone(), stop.clone());
                 std::thread::spawn(move || {
                     support::in_netns(ns, move || {
-                        let header = proxy_header();
                         while !stop.load(Ordering::Relaxed) {
-                            if exchange(target, proxy_v2.then_some(&header[..])) {
-                                done.fetch_add(1, Ordering::Relaxed);
-                            }
+                            one();
                         }
                     })
                 })
             })
             .collect();
         let started = Instant::now();
-        std::thread::sleep(s.run_time);
+        meanwhile();
         stop.store(true, Ordering::Relaxed);
         let elapsed = started.elapsed();
         for t in threads {
             t.join().unwrap();
         }
-        done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()
+        elapsed
     }
 
     /// Interleaved runs of `a` and `b`; the ratio b/a per repeat, summarised.
@@ -249,7 +268,7 @@ impl<'a> Bench<'a> {
         let _plain = ExternalServer::start(self, 8095, None);
         let _preloaded = ExternalServer::start(self, 8096, Some(&table));
         let reader = |on: bool, args: &[&str]| {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_toa"));
+            let mut cmd = Command::new(support::toa_bin());
             cmd.env("TOA_TABLE", &table);
             if on {
                 cmd.args(["load", "--mode", "userspace"]).args(args);
@@ -315,7 +334,7 @@ impl<'a> Bench<'a> {
         let _echo = start_server(self, 8097, Server::Echo);
         let _preloaded = ExternalServer::start(self, 8098, Some(&table));
         let toa = |args: &[&str]| {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_toa"));
+            let mut cmd = Command::new(support::toa_bin());
             cmd.env("TOA_TABLE", &table).env("TOA_PIN_DIR", &self.lab.pin_dir).args(args);
             support::in_netns_and_cgroup(&mut cmd, &self.lab.netns_path(&self.lab.server_ns), None);
             support::run(&mut cmd);
@@ -325,7 +344,7 @@ impl<'a> Bench<'a> {
         let _unload = OnDrop({
             let table = table.clone();
             move || {
-                let _ = Command::new(env!("CARGO_BIN_EXE_toa")).env("TOA_TABLE", &table).arg("unload").output();
+                let _ = Command::new(support::toa_bin()).env("TOA_TABLE", &table).arg("unload").output();
                 let _ = fs::remove_dir(table.parent().unwrap());
             }
         });
@@ -389,12 +408,8 @@ impl<'a> Bench<'a> {
             // SAFETY: SIGKILL to the reader this benchmark started.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             // As a supervisor would: once it is gone (or a zombie), load again.
-            let gone = || {
-                fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .map_or(true, |st| st.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
-            };
             let deadline = Instant::now() + Duration::from_secs(60);
-            while !gone() && Instant::now() < deadline {
+            while toa::system::process_alive(pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(1));
             }
             toa(&["load", "--mode", "userspace", "--accept-wait-us", "1000000"]);
@@ -431,25 +446,17 @@ impl<'a> Bench<'a> {
     fn under_load(&self, s: &Settings, port: u16, apply: &mut dyn FnMut()) -> [u64; 4] {
         let target: SocketAddr = format!("198.18.0.1:{port}").parse().unwrap();
         let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)]);
-        let stop = Arc::new(AtomicBool::new(false));
-        let threads: Vec<_> = (0..s.clients)
-            .map(|_| {
-                let (ns, counts, stop) = (self.lab.netns_path(&self.lab.client_ns), counts.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    support::in_netns(ns, move || {
-                        while !stop.load(Ordering::Relaxed) {
-                            counts[classified_exchange(target) as usize].fetch_add(1, Ordering::Relaxed);
-                        }
-                    })
-                })
-            })
-            .collect();
-        apply();
-        std::thread::sleep(s.run_time);
-        stop.store(true, Ordering::Relaxed);
-        for t in threads {
-            t.join().unwrap();
-        }
+        let counter = counts.clone();
+        self.clients_while(
+            s,
+            move || {
+                counter[classified_exchange(target) as usize].fetch_add(1, Ordering::Relaxed);
+            },
+            || {
+                apply();
+                std::thread::sleep(s.run_time);
+            },
+        );
         [0, 1, 2, 3].map(|i| counts[i].load(Ordering::Relaxed))
     }
 

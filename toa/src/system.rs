@@ -167,6 +167,12 @@ pub fn group_id(name: &str) -> Option<u32> {
     (rc == 0 && !found.is_null()).then_some(group.gr_gid)
 }
 
+/// Whether process `pid` exists and has not exited (a zombie has: its parent has not reaped it).
+pub fn process_alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| !r.trim_start().starts_with('Z')))
+}
+
 /// Waits for an exclusive `flock(2)` on `file`, again when a signal interrupts the wait. The lock
 /// is held until [`unlock`] or until the descriptor closes.
 pub fn lock_exclusive(file: &fs::File) -> io::Result<()> {

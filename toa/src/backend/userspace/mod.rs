@@ -342,7 +342,7 @@ impl TableFile {
     /// leaves a heartbeat that looks fresh for a few seconds).
     fn live(&self) -> bool {
         let pid = self.table().header.reader_pid.load(Ordering::Relaxed);
-        self.table().live(monotonic_secs()) && pid > 0 && process_alive(pid)
+        self.table().live(monotonic_secs()) && pid > 0 && system::process_alive(pid)
     }
 }
 
@@ -734,17 +734,10 @@ fn port_ranges(cfg: &toa_common::AgentConfig) -> Vec<[u16; 2]> {
     cfg.ports[..n].to_vec()
 }
 
-/// Whether process `pid` exists and has not exited (a zombie has).
-fn process_alive(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| !r.trim_start().starts_with('Z')))
-}
-
 /// Whether `pid` is a running toa capture reader.
 fn is_reader(pid: u32) -> bool {
     fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"userspace-reader"))
-        && !fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        && system::process_alive(pid)
 }
 
 #[cfg(test)]
