@@ -299,7 +299,13 @@ impl Lab {
     /// Starts `toa run ARGS` in the server namespace (metrics on its loopback); returns once
     /// /readyz answers 200.
     pub fn start_service(&self, port: u16, args: &[&str]) -> Service {
-        let mut cmd = self.toa();
+        self.start_service_from(&toa_bin(), port, args)
+    }
+
+    /// [`Lab::start_service`] from another `toa` binary (an upgrade to another build).
+    pub fn start_service_from(&self, bin: &Path, port: u16, args: &[&str]) -> Service {
+        let mut cmd = Command::new(bin);
+        cmd.env("TOA_PIN_DIR", &self.pin_dir).env("TOA_TABLE", &self.table);
         cmd.arg("run").args(["--metrics", &format!("127.0.0.1:{port}")]).args(args);
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         in_netns_and_cgroup(&mut cmd, &self.netns_path(&self.server_ns), None);

@@ -357,10 +357,10 @@ impl<'a> Bench<'a> {
         cfg.on |= toa_common::probe::PROBE_PORT_FROM_SOURCE;
         self.writer.lock().unwrap().set(cfg).expect("configure the writer");
         let mut rows = Vec::new();
-        let mut row = |mode: &str, fault: &str, continuity: bool, port: u16, apply: &mut dyn FnMut()| {
+        let mut row = |mode: &str, fault: &str, continuity: bool, port: u16, apply: &mut dyn FnMut()| -> [u64; 4] {
             let c = self.under_load(s, port, apply);
             println!(
-                "  {mode:<9} {fault:<52} {:>7} ok {:>6} balancer {:>3} wrong {:>3} failed",
+                "  {mode:<9} {fault:<66} {:>7} ok {:>6} balancer {:>3} wrong {:>3} failed",
                 c[0], c[1], c[2], c[3]
             );
             assert_eq!((c[2], c[3]), (0, 0), "{mode}, {fault}: wrong or failed connections");
@@ -371,6 +371,7 @@ impl<'a> Bench<'a> {
             rows.push(
                 json!({"mode": mode, "fault": fault, "ok": c[0], "balancer": c[1], "wrong": c[2], "failed": c[3]}),
             );
+            c
         };
 
         self.set_agent(true);
@@ -389,7 +390,49 @@ impl<'a> Bench<'a> {
             self.set_agent(false);
             self.set_agent(true);
         });
+        // The service restarted as systemd restarts it: with keep_loaded the programs stay
+        // attached while no service runs, and each start adopts them and puts its own in place.
+        // The last start is another binary, as a package upgrade installs one (here a copy of
+        // this build: what is exercised is the hand-over, not a change of programs).
+        let cgroup = self.cgroup.to_string_lossy().into_owned();
+        let next = self.lab.table.parent().expect("the lab's directory").join("toa-next");
+        fs::create_dir_all(next.parent().unwrap()).unwrap();
+        fs::copy(support::toa_bin(), &next).expect("copy toa");
+        row("ebpf", "toa run --keep-loaded restarted 3 times (last: another binary)", true, 8097, &mut || {
+            for bin in [support::toa_bin(), support::toa_bin(), next.clone()] {
+                let mut service = self.lab.start_service_from(&bin, 9431, &["--cgroup", &cgroup, "--keep-loaded"]);
+                let (ok, log) = service.stop();
+                assert!(ok, "toa run: {log}");
+            }
+        });
+        let failed_before = self.storage_failed();
+        if let Some(optmem) = self.refuse_socket_storage() {
+            let c =
+                row("ebpf", "socket storage refused (optmem_max 0 in the server's namespace)", false, 8097, &mut || {});
+            optmem.restore();
+            let failed = self.storage_failed() - failed_before;
+            println!("  {:<76} storage_failed +{failed}", "");
+            // Each connection refused storage is counted, and shows its real address.
+            assert_eq!(failed, c[1], "storage_failed against connections that showed the balancer");
+        }
         self.set_agent(false);
+        match MemoryCgroup::create(&format!("toa-bench-mem-{}", std::process::id())) {
+            Some(memcg) => {
+                // The maps (socket storage too) are charged to the memory cgroup of the process
+                // that created them: `toa load` run in one held at its usage.
+                let mut load = Command::new(support::toa_bin());
+                load.env("TOA_PIN_DIR", &self.lab.pin_dir).args(["load", "--cgroup", &cgroup]);
+                support::in_netns_and_cgroup(&mut load, &self.lab.netns_path(&self.lab.server_ns), Some(&memcg.path));
+                support::run(&mut load);
+                memcg.limit_to_usage();
+                let failed_before = self.storage_failed();
+                row("ebpf", "the maps' memory cgroup at its limit", false, 8097, &mut || {});
+                let (failed, hits) = (self.storage_failed() - failed_before, memcg.limit_hits());
+                println!("  {:<76} storage_failed +{failed}, limit reached {hits} times", "");
+                self.set_agent(false);
+            }
+            None => println!("  ebpf      memory cgroup: skipped (no memory controller to limit here)"),
+        }
 
         // The longest wait allowed: what is measured is the fault, not a reader lagging on a busy
         // machine (the wait's bound is measured in `modes`).
@@ -414,6 +457,16 @@ impl<'a> Bench<'a> {
             }
             toa(&["load", "--mode", "userspace", "--accept-wait-us", "1000000"]);
         });
+        row("userspace", "toa run restarted 3 times (the reader is the service)", false, 8098, &mut || {
+            let table = table.to_string_lossy();
+            for _ in 0..3 {
+                let args = ["--mode", "userspace", "--table", &table, "--accept-wait-us", "1000000"];
+                let mut service = self.lab.start_service(9432, &args);
+                let (ok, log) = service.stop();
+                assert!(ok, "toa run: {log}");
+            }
+            toa(&["load", "--mode", "userspace", "--accept-wait-us", "1000000"]);
+        });
         toa(&["unload"]);
         toa(&["load", "--mode", "userspace", "--accept-wait-us", "1000000", "--table-entries", "64"]);
         self.until_client_shown(8098);
@@ -422,6 +475,24 @@ impl<'a> Bench<'a> {
         let _ = fs::remove_dir(table.parent().unwrap());
         self.set_option(true);
         Value::Array(rows)
+    }
+
+    /// The agent's `storage_failed` counter.
+    fn storage_failed(&self) -> u64 {
+        let stats = self.agent.stats().expect("stats");
+        stats.iter().find(|(c, _)| *c == toa_common::counters::Counter::StorageFailed).map_or(0, |(_, n)| *n)
+    }
+
+    /// Sets net.core.optmem_max to 0 in the server's namespace, where the kernel has one per
+    /// namespace (it bounds the option memory of each socket, socket storage included); None
+    /// where it is the host's.
+    fn refuse_socket_storage(&self) -> Option<Optmem> {
+        let ns = self.lab.netns_path(&self.lab.server_ns);
+        let path = "/proc/sys/net/core/optmem_max";
+        // A sysctl that is not per namespace is not shown inside one.
+        let old = support::in_netns(ns.clone(), move || fs::read_to_string(path).ok())?;
+        support::in_netns(ns.clone(), move || fs::write(path, "0").expect("set optmem_max"));
+        Some(Optmem { ns, old })
     }
 
     /// Waits until a connection to `port` shows its client: a preloaded server maps a new
@@ -756,6 +827,77 @@ fn exchange(target: SocketAddr, header: Option<&[u8]>) -> bool {
     }
     let mut reply = Vec::new();
     s.read_to_end(&mut reply).is_ok() && !reply.is_empty()
+}
+
+/// The server namespace's optmem_max, set back by [`Optmem::restore`].
+struct Optmem {
+    ns: PathBuf,
+    old: String,
+}
+
+impl Optmem {
+    fn restore(self) {
+        support::in_netns(self.ns, move || fs::write("/proc/sys/net/core/optmem_max", self.old.trim()).unwrap());
+    }
+}
+
+/// A memory cgroup of our own (v2, or v1 where the memory controller is there), removed on drop.
+struct MemoryCgroup {
+    path: PathBuf,
+    v1: bool,
+}
+
+impl MemoryCgroup {
+    /// A child of this process's memory cgroup (v1) or of the v2 root (where it delegates the
+    /// memory controller); None where neither can be had.
+    fn create(name: &str) -> Option<Self> {
+        let own = fs::read_to_string("/proc/self/cgroup").ok()?;
+        let v1 = own.lines().find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_owned()));
+        let (path, v1) = match v1 {
+            Some(p) => (PathBuf::from("/sys/fs/cgroup/memory").join(p.trim_start_matches('/')).join(name), true),
+            None => {
+                let root = support::cgroup2_mount_if_any()?;
+                let delegated = fs::read_to_string(root.join("cgroup.subtree_control")).ok()?;
+                if !delegated.split_whitespace().any(|c| c == "memory") {
+                    return None;
+                }
+                (root.join(name), false)
+            }
+        };
+        fs::create_dir(&path).ok()?;
+        Some(Self { path, v1 })
+    }
+
+    fn file(&self, v1: &str, v2: &str) -> PathBuf {
+        self.path.join(if self.v1 { v1 } else { v2 })
+    }
+
+    /// Allows it no more than it uses now.
+    fn limit_to_usage(&self) {
+        let usage = fs::read_to_string(self.file("memory.usage_in_bytes", "memory.current")).unwrap();
+        fs::write(self.file("memory.limit_in_bytes", "memory.max"), usage.trim()).expect("set the memory limit");
+    }
+
+    /// How many times a charge found it at its limit.
+    fn limit_hits(&self) -> u64 {
+        let text = fs::read_to_string(self.file("memory.failcnt", "memory.events")).unwrap_or_default();
+        if self.v1 {
+            text.trim().parse().unwrap_or(0)
+        } else {
+            text.lines().find_map(|l| l.strip_prefix("max ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+        }
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = fs::write(self.file("memory.limit_in_bytes", "memory.max"), if self.v1 { "-1" } else { "max" });
+        // Empty once `toa load` has exited; the maps it charged are gone with the unload.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while fs::remove_dir(&self.path).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 /// Runs a closure when dropped (cleanup that must happen on a panic too).
