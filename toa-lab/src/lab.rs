@@ -226,16 +226,21 @@ impl Lab {
         self.start_server(cmd);
     }
 
-    fn start_server(&mut self, mut cmd: Command) {
+    /// Starts `cmd`, a server that prints "listening on …" once it listens, in the server
+    /// namespace and the lab's cgroup (preloaded in userspace mode); returns its PID once it
+    /// listens. It is killed with the lab.
+    pub fn start_server(&mut self, mut cmd: Command) -> u32 {
         self.server_env(&mut cmd);
         in_netns_and_cgroup(&mut cmd, &self.netns_path(&self.server_ns), self.server_cgroup());
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
+        let pid = child.id();
         self.servers.push(child);
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read the server's first line");
         assert!(line.starts_with("listening on"), "server did not start: {line:?}");
+        pid
     }
 
     /// In userspace mode a server gets libtoa.so preloaded and the lab's table.

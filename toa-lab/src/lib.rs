@@ -38,6 +38,7 @@ mod cleanup;
 mod commands;
 mod kernel_log;
 mod lab;
+mod mount_ns;
 mod netns;
 pub mod option_areas;
 pub mod raw_tcp;
@@ -48,6 +49,7 @@ pub use cleanup::*;
 pub use commands::*;
 pub use kernel_log::*;
 pub use lab::*;
+pub use mount_ns::*;
 pub use netns::*;
 pub use service::*;
 

@@ -278,6 +278,41 @@ fn table_owned_by_another_user_is_ignored() {
     table_others_could_write_is_ignored(0o600, 65534);
 }
 
+/// A program in secure execution (setgid here; setuid and file capabilities alike: AT_SECURE)
+/// takes no table path from its caller's environment: libtoa.so, preloaded the one way glibc
+/// preloads into such a program (/etc/ld.so.preload, in a mount namespace of the server's own),
+/// ignores TOA_TABLE there and keeps the real address. The same program without the setgid bit,
+/// started the same way, uses the table TOA_TABLE names.
+#[test]
+fn secure_execution_ignores_toa_table() {
+    let mut lab = Lab::with_mode(Mode::Userspace);
+    lab.load();
+    let work = lab.table.parent().unwrap().join("secure");
+    let bin_dir = work.join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let mut pids = Vec::new();
+    for (port, setgid) in [(8080, false), (8081, true)] {
+        let bin = bin_dir.join(format!("peer_echo_{port}"));
+        std::fs::copy(example_bin("peer_echo"), &bin).unwrap();
+        std::os::unix::fs::chown(&bin, Some(0), Some(if setgid { 65534 } else { 0 })).unwrap();
+        let mode = if setgid { 0o2755 } else { 0o755 };
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut cmd = Command::new(&bin);
+        cmd.arg(format!("{SERVER_V4}:{port}"));
+        with_etc_preload(&mut cmd, &work, &libtoa(), &bin_dir);
+        // start_server gives it TOA_TABLE (and LD_PRELOAD, which glibc ignores when secure).
+        pids.push(lab.start_server(cmd));
+    }
+    let mapped = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap().contains("libtoa.so");
+    assert_eq!(pids.iter().map(|&p| (at_secure(p), mapped(p))).collect::<Vec<_>>(), [(Some(0), true), (Some(1), true)]);
+
+    let (out, _) = lab.probe(&format!("{SERVER_V4}:8080"), &["--as", CLIENT]);
+    assert_eq!(out, answer(CLIENT, CLIENT), "the plain program uses the table TOA_TABLE names");
+    let (out, err) = lab.probe(&format!("{SERVER_V4}:8081"), &["--as", CLIENT]);
+    let real = probe_source(&err);
+    assert_eq!(out, answer(&real, &real), "the setgid program must not take the table from its environment");
+}
+
 /// The reader parses what anyone on the network sends: once its socket and table are open it
 /// holds no capability at all (bounding set included) and can gain none, and it still serves,
 /// takes a new policy (and port filter), and stops at unload.
