@@ -1,7 +1,7 @@
 //! `toa run`: the agent as a service, in either mode. Loads (or adopts what is already loaded),
 //! serves metrics and health over HTTP, reloads its configuration on SIGHUP, and on SIGTERM
-//! unloads, or with `keep_loaded` leaves the eBPF programs attached so that a restart loses no
-//! client address. The mode's differences live in [`Backend`]; this loop is the same for both.
+//! unloads, or with `keep_loaded` leaves the eBPF programs attached (or the userspace reader
+//! running) so that a restart loses no client address. The mode's differences live in [`Backend`]; this loop is the same for both.
 
 use std::{
     path::PathBuf,
@@ -36,7 +36,7 @@ pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
     let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
 
     let backend = Backend::new(settings.mode, &settings.places());
-    let serving = backend.serve(&settings.request(), settings.keep_loaded)?;
+    let serving = backend.serve(&settings.request())?;
     announce(&serving, &settings);
 
     let ready = Arc::new(AtomicBool::new(true));
@@ -50,8 +50,8 @@ pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
             continue;
         }
         ready.store(false, Ordering::SeqCst);
-        if settings.keep_loaded && serving.keeps_loaded() {
-            info!("stopping; the programs stay attached (keep_loaded)");
+        if settings.keep_loaded {
+            info!("stopping; toa stays loaded for the next start (keep_loaded)");
         }
         let stopped = serving.stop(settings.keep_loaded);
         server.unblock();

@@ -314,8 +314,9 @@ fn secure_execution_ignores_toa_table() {
 }
 
 /// The reader parses what anyone on the network sends: once its socket and table are open it
-/// holds no capability at all (bounding set included) and can gain none, and it still serves,
-/// takes a new policy (and port filter), and stops at unload.
+/// holds no capability at all (bounding set included), can gain none, and may make only its
+/// loop's system calls; it still serves, takes a new policy (and port filter), and stops at
+/// unload, which removes its table.
 #[test]
 fn reader_runs_without_privileges() {
     let mut lab = Lab::with_mode(Mode::Userspace);
@@ -332,6 +333,8 @@ fn reader_runs_without_privileges() {
     if status.contains("NoNewPrivs:") {
         assert_eq!(field("NoNewPrivs"), "1", "{status}");
     }
+    // 2: a seccomp filter (its loop's calls only; what it refuses: toa's unit test).
+    assert_eq!(field("Seccomp"), "2", "{status}");
 
     lab.python_server(SERVER_V4, 8080);
     let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
@@ -503,8 +506,17 @@ fn libtoa_asks_the_c_library_for_errno_only() {
     assert!(!text.contains("GLIBC_"), "no versioned symbol: {text}");
 }
 
-/// `toa run --mode userspace`: the reader on a thread of the service, metrics from the table,
-/// SIGHUP takes a new policy, SIGTERM removes the table.
+/// Whether process `pid` holds no capability and runs under a seccomp filter.
+fn confined(pid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(str::trim);
+    field("CapEff") == Some("0000000000000000")
+        && field("CapPrm") == Some("0000000000000000")
+        && field("Seccomp") == Some("2")
+}
+
+/// `toa run --mode userspace`: the reader is a confined process of its own, as `toa load`
+/// starts it; metrics from the table, SIGHUP takes a new policy, SIGTERM removes the table.
 #[test]
 fn run_as_a_service_in_userspace_mode() {
     const PORT: u16 = 9431;
@@ -518,6 +530,9 @@ fn run_as_a_service_in_userspace_mode() {
     let status = lab.status_json();
     assert_eq!(status["mode"], "userspace");
     assert_eq!(status["userspace"]["tuning"]["accept_wait_us"], 20000);
+    let reader = lab.reader_pid();
+    assert_ne!(reader, service.pid());
+    assert!(confined(reader), "the service's reader {reader} is not confined");
 
     let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT, "--count", "3"]);
     assert_eq!(out.lines().count(), 3);
@@ -545,7 +560,39 @@ fn run_as_a_service_in_userspace_mode() {
     assert!(stderr.contains("toa loaded (userspace mode)"), "{stderr}");
     assert!(stderr.contains("toa unloaded"), "{stderr}");
     assert!(!lab.table.exists(), "SIGTERM must remove the table");
+    assert!(eventually(DEADLINE, || !Path::new(&format!("/proc/{reader}")).exists()), "reader {reader} left behind");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `toa run --keep-loaded` in userspace mode: stopped, it leaves its reader serving (an open
+/// connection and new ones keep their client while no service runs), and the next start adopts
+/// that reader, table and entries; stopped without keep_loaded, it removes both.
+#[test]
+fn keep_loaded_restart_keeps_the_userspace_reader() {
+    const PORT: u16 = 9432;
+    let mut lab = Lab::with_mode(Mode::Userspace);
+    let mut first = lab.start_service(PORT, &["--mode", "userspace", "--keep-loaded"]);
+    lab.python_server(SERVER_V4, 8080);
+    let reader = lab.reader_pid();
+    let mut conn = LiveConn::open(&lab, "198.18.0.1:8080");
+    let expected = answer(CLIENT, CLIENT);
+    assert_eq!(conn.ask(), expected);
+
+    let (ok, stderr) = first.stop();
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("toa stays loaded"), "{stderr}");
+    assert_eq!(lab.reader_pid(), reader, "keep_loaded must leave the reader");
+    assert_eq!(conn.ask(), expected, "while no service runs");
+    assert_eq!(lab.probe("198.18.0.1:8080", &["--as", CLIENT]).0, expected, "a new connection, no service");
+
+    let mut second = lab.start_service(PORT, &["--mode", "userspace"]);
+    assert_eq!(lab.reader_pid(), reader, "the restart adopts the reader");
+    assert_eq!(conn.ask(), expected, "after the restart");
+    conn.close();
+    let (ok, stderr) = second.stop();
+    assert!(ok, "{stderr}");
+    assert!(!lab.table.exists(), "SIGTERM without keep_loaded must remove the table");
+    assert!(eventually(DEADLINE, || !Path::new(&format!("/proc/{reader}")).exists()), "reader {reader} left behind");
 }
 
 /// Where the kernel's writer is missing (before 5.10), the probe speaks TCP itself from the

@@ -12,11 +12,7 @@
 pub mod ebpf;
 pub mod userspace;
 
-use std::{
-    path::{Path, PathBuf},
-    sync::{atomic::AtomicBool, Arc},
-    thread::JoinHandle,
-};
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use toa_common::Counter;
@@ -242,10 +238,10 @@ impl Backend {
 
     /// For `toa run`: loads, or takes over what is loaded, and returns what the service stops
     /// at the end. eBPF: loads, or replaces the pinned programs with this binary's on the same
-    /// maps (an upgrade; open connections keep their client). Userspace: the reader runs on a
-    /// thread of this process (stopping a reader that `toa load` started); it has no cgroup, and
-    /// `keep_loaded` cannot keep a reader that is this process.
-    pub fn serve(&self, request: &LoadRequest, keep_loaded: bool) -> Result<Serving, Error> {
+    /// maps (an upgrade; open connections keep their client). Userspace: starts the capture
+    /// reader as `toa load` does (a confined process of its own), or adopts a live one with the
+    /// new policy (its table and entries kept); it has no cgroup.
+    pub fn serve(&self, request: &LoadRequest) -> Result<Serving, Error> {
         match &self.active {
             Active::Ebpf(agent) => {
                 let loaded = agent.load(request.cgroup.as_deref(), &request.policy)?;
@@ -253,7 +249,7 @@ impl Backend {
                     Some(_) => (loaded, false),
                     None => (agent.upgrade()?, true),
                 };
-                Ok(Serving { backend: self.clone(), loaded, upgraded, reader: None })
+                Ok(Serving { backend: self.clone(), loaded, upgraded })
             }
             Active::Userspace(userspace) => {
                 if request.cgroup.is_some() {
@@ -261,13 +257,8 @@ impl Backend {
                         "cgroup applies to the eBPF mode only; in userspace mode the preloaded applications are served"
                     );
                 }
-                if keep_loaded {
-                    tracing::warn!("keep_loaded has no effect in userspace mode: the capture reader is this process");
-                }
-                let stop = Arc::new(AtomicBool::new(false));
-                let (loaded, thread) =
-                    userspace.start_in_process(&request.policy, &request.tuning, Arc::clone(&stop))?;
-                Ok(Serving { backend: self.clone(), loaded, upgraded: false, reader: Some((stop, thread)) })
+                let loaded = userspace.load(&request.policy, &request.tuning)?;
+                Ok(Serving { backend: self.clone(), loaded, upgraded: false })
             }
         }
     }
@@ -287,9 +278,6 @@ impl Backend {
     }
 }
 
-/// The userspace reader's stop flag and thread, in `toa run`.
-type Reader = (Arc<AtomicBool>, JoinHandle<Result<(), Error>>);
-
 /// What `toa run` keeps while it serves.
 pub struct Serving {
     /// What it serves from.
@@ -297,30 +285,16 @@ pub struct Serving {
     pub loaded: Loaded,
     /// The eBPF programs were already pinned and were replaced in place.
     pub upgraded: bool,
-    /// The userspace reader's thread and its stop flag.
-    reader: Option<Reader>,
 }
 
 impl Serving {
-    /// Whether `keep_loaded` keeps anything at the end (the eBPF programs; a userspace reader is
-    /// this process and stops with it).
-    pub fn keeps_loaded(&self) -> bool {
-        self.reader.is_none()
-    }
-
-    /// Ends the service: eBPF: unloads unless `keep_loaded`; userspace: stops the reader (which
-    /// is this process, so `keep_loaded` cannot keep it). Returns whether it unloaded.
+    /// Ends the service: unloads (eBPF programs, or the userspace reader and its table) unless
+    /// `keep_loaded`, which leaves them serving for the next start. Returns whether it unloaded.
     pub fn stop(self, keep_loaded: bool) -> Result<bool, Error> {
-        match self.reader {
-            Some((stop, thread)) => {
-                stop.store(true, std::sync::atomic::Ordering::SeqCst);
-                match thread.join() {
-                    Ok(result) => result.map(|()| true),
-                    Err(_) => Err(Error::Userspace { detail: "the capture reader panicked".into() }),
-                }
-            }
-            None if keep_loaded => Ok(false),
-            None => self.backend.unload(),
+        if keep_loaded {
+            Ok(false)
+        } else {
+            self.backend.unload()
         }
     }
 }

@@ -13,12 +13,12 @@ pub fn run(_args: Args, places: &Places) -> anyhow::Result<()> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
-    Userspace::new(places).run_reader(&stop, true, || {
+    // Opened now: the confined reader may open nothing.
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    Userspace::new(places).run_reader(&stop, || {
         // `toa load` stops listening once the table is live: nothing more goes to its pipe.
-        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
-            // SAFETY: replaces our own stderr descriptor.
-            unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 2) };
-        }
+        // SAFETY: replaces our own stderr descriptor.
+        unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 2) };
     })?;
     Ok(())
 }

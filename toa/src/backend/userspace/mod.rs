@@ -4,6 +4,7 @@
 
 pub mod capture;
 mod reader;
+mod seccomp;
 
 use std::{
     fs,
@@ -381,8 +382,8 @@ impl Userspace {
         Ok(DirLock::acquire(&dir, true)?.expect("created"))
     }
 
-    /// Starts the reader as a process of its own (or reconfigures the running one). On error
-    /// nothing is left running.
+    /// Starts the reader as a process of its own (or reconfigures the running one): for
+    /// `toa load` and `toa run` alike. On error nothing is left running.
     pub fn load(&self, policy: &Policy, tuning: &Tuning) -> Result<Loaded, Error> {
         system::require_root("toa load --mode userspace")?;
         let _lock = self.lock()?;
@@ -421,58 +422,14 @@ impl Userspace {
             let _ = fs::remove_file(&self.path);
             return Err(Error::Userspace { detail });
         }
+        // Reaped when it ends, should this process (`toa run`) still be there.
+        drop(child.stderr.take());
+        std::thread::spawn(move || child.wait());
         Ok(Loaded {
             changed: true,
             status: self.status_of(&t),
             load_time_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
         })
-    }
-
-    /// For `toa run`: the reader runs on a thread of this process until `stop`. Returns once it
-    /// serves (or failed to start).
-    pub fn start_in_process(
-        &self,
-        policy: &Policy,
-        tuning: &Tuning,
-        stop: std::sync::Arc<AtomicBool>,
-    ) -> Result<(Loaded, std::thread::JoinHandle<Result<(), Error>>), Error> {
-        system::require_root("toa run --mode userspace")?;
-        let _lock = self.lock()?;
-        let started = Instant::now();
-        let t = match self.prepare(policy, tuning)? {
-            Prepared::Fresh(t) => t,
-            Prepared::Reconfigured(loaded) => {
-                // Another reader (from `toa load`) serves this table: this service takes over.
-                tracing::warn!(
-                    pid = loaded.status.userspace.as_ref().map(|u| u.reader_pid),
-                    "stopping the reader started by toa load; toa run takes over"
-                );
-                self.unload_locked()?;
-                match self.prepare(policy, tuning)? {
-                    Prepared::Fresh(t) => t,
-                    Prepared::Reconfigured(_) => {
-                        return Err(Error::Userspace { detail: "another reader keeps the table alive".into() })
-                    }
-                }
-            }
-        };
-        let this = self.clone();
-        let handle = std::thread::spawn(move || this.run_reader(&stop, false, || {}));
-        let failure = wait_live(&t, || Ok(handle.is_finished().then(|| "the capture reader stopped".to_owned())))?;
-        if let Some(detail) = failure {
-            let why = match handle.join() {
-                Ok(Err(e)) => e.to_string(),
-                _ => detail,
-            };
-            let _ = fs::remove_file(&self.path);
-            return Err(Error::Userspace { detail: why });
-        }
-        let loaded = Loaded {
-            changed: true,
-            status: self.status_of(&t),
-            load_time_ms: Some(started.elapsed().as_secs_f64() * 1000.0),
-        };
-        Ok((loaded, handle))
     }
 
     /// Reconfigures a live reader, or creates a fresh table for a new one.
@@ -613,10 +570,11 @@ impl Userspace {
         Ok(true)
     }
 
-    /// The capture reader: runs until `stop`; `on_running` is called once it serves. `confine`:
-    /// it is a process of its own (`toa load`), which gives up every privilege once its socket
-    /// and table are open (a reader on a thread of `toa run` shares the service's).
-    pub fn run_reader(&self, stop: &AtomicBool, confine: bool, on_running: impl FnOnce()) -> Result<(), Error> {
+    /// The capture reader, a process of its own (`toa load` and `toa run` start it): runs until
+    /// `stop`; `on_running` is called once it serves. It gives up every privilege once its
+    /// socket and table are open, and then makes only the system calls of its loop (see
+    /// `seccomp`). It leaves its table to `toa unload`, which stopped it.
+    pub fn run_reader(&self, stop: &AtomicBool, on_running: impl FnOnce()) -> Result<(), Error> {
         let t = TableFile::open(&self.path, true)?
             .ok_or_else(|| Error::Userspace { detail: format!("no table at {}", self.path.display()) })?;
         let table = t.table();
@@ -630,16 +588,16 @@ impl Userspace {
         // Applications wait for us in accept(): run before ordinary work when woken.
         // SAFETY: setpriority on this process; failure only leaves the default priority.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) };
-        // It parses what anyone on the network sends: from here on, with nothing to spare.
-        if confine {
-            system::drop_privileges()?;
-        }
+        // It parses what anyone on the network sends: from here on, with nothing to spare (no
+        // capability, then no system call outside its loop's).
+        system::drop_privileges()?;
+        system::kernel_log("TOA: toa loaded (userspace mode)");
+        seccomp::confine_reader()?;
         let pid = std::process::id();
         table.header.reader_pid.store(pid, Ordering::Relaxed);
         table.header.capture_ino.store(capture.inode(), Ordering::Relaxed);
         table.header.heartbeat.store(monotonic_secs(), Ordering::Release);
         table.header.state.store(RUNNING, Ordering::Release);
-        system::kernel_log("TOA: toa loaded (userspace mode)");
         on_running();
         let mut buf = [0u8; capture::SNAP_LEN as usize];
         let mut last_second = 0;
@@ -682,10 +640,6 @@ impl Userspace {
         }
         table.header.state.store(STOPPED, Ordering::Release);
         table.clear_all();
-        if self.owns(t.ino) {
-            let _ = fs::remove_file(&self.path);
-        }
-        system::kernel_log("TOA: toa unloaded (userspace mode)");
         Ok(())
     }
 
