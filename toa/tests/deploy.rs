@@ -1176,10 +1176,15 @@ fn systemd_userspace_drop_in_verifies_and_adds_what_the_reader_needs() {
     systemd_verify(&merged).unwrap();
     let entries = unit_entries(&drop_in).unwrap();
     let words = |key| unit_words(&entries, key).into_iter().collect::<Vec<_>>();
-    assert_eq!(words("CapabilityBoundingSet"), ["CAP_NET_RAW", "CAP_SYS_NICE"]);
-    assert_eq!(words("AmbientCapabilities"), ["CAP_NET_RAW", "CAP_SYS_NICE"]);
+    assert_eq!(words("CapabilityBoundingSet"), ["CAP_CHOWN", "CAP_NET_RAW", "CAP_SYS_NICE"]);
+    assert_eq!(words("AmbientCapabilities"), ["CAP_CHOWN", "CAP_NET_RAW", "CAP_SYS_NICE"]);
     assert_eq!(words("RestrictAddressFamilies"), ["AF_PACKET"]);
+    // The reader's own filter; a reader left running for the next start (keep_loaded), and
+    // its table's directory with it.
+    assert_eq!(words("SystemCallFilter"), ["seccomp"]);
+    assert_eq!(unit_values(&entries, "Service", "KillMode"), ["process"]);
     assert_eq!(unit_values(&entries, "Service", "RuntimeDirectoryMode"), ["0755"]);
+    assert_eq!(unit_values(&entries, "Service", "RuntimeDirectoryPreserve"), ["yes"]);
     let exec = unit_values(&entries, "Service", "ExecStart");
     assert_eq!(exec, ["", "/usr/local/bin/toa run --config /etc/toa/toa.toml --mode userspace"]);
 }

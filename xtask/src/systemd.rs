@@ -1,7 +1,8 @@
 //! The systemd unit, run for real: a Debian 12 system (debootstrap, minbase + systemd) boots
 //! under qemu with Debian's own kernel, `deploy/systemd/toa.service` enabled as the README says
 //! to install it, and a checker unit that reports what an operator would look at:
-//! `systemctl status toa`, the metrics endpoint, `systemctl reload toa`.
+//! `systemctl status toa`, the metrics endpoint, `systemctl reload toa`; once as installed, once
+//! with the userspace mode's drop-in.
 
 use std::{
     fs,
@@ -22,7 +23,7 @@ Wants=toa.service
 [Service]
 Type=oneshot
 # Waits for events, bounded only against a hang: /readyz answering, then the reload's journal line.
-ExecStart=/bin/sh -c 'for i in $(seq 1200); do wget -qO- http://127.0.0.1:9431/readyz >/dev/null 2>&1 && break; sleep 0.1; done; echo TOA-CHECK-BEGIN; systemctl status toa --no-pager -l; echo TOA-METRICS; wget -qO- http://127.0.0.1:9431/metrics | grep -E "^toa_(loaded|build_info)"; systemctl reload toa; for i in $(seq 1200); do journalctl -u toa --no-pager -o cat | grep -q "configuration reloaded" && break; sleep 0.1; done; echo TOA-JOURNAL; journalctl -u toa --no-pager -o cat; echo TOA-CHECK-END; systemctl poweroff --force'
+ExecStart=/bin/sh -c 'for i in $(seq 1200); do wget -qO- http://127.0.0.1:9431/readyz >/dev/null 2>&1 && break; sleep 0.1; done; echo TOA-CHECK-BEGIN; systemctl status toa --no-pager -l; echo TOA-READER; for d in /proc/[0-9]*; do grep -q userspace-reade[r] $d/cmdline 2>/dev/null && grep -E "^(CapEff|Seccomp):" $d/status; done; echo TOA-METRICS; wget -qO- http://127.0.0.1:9431/metrics | grep -E "^toa_(loaded|build_info)"; systemctl reload toa; for i in $(seq 1200); do journalctl -u toa --no-pager -o cat | grep -q "configuration reloaded" && break; sleep 0.1; done; echo TOA-JOURNAL; journalctl -u toa --no-pager -o cat; echo TOA-CHECK-END; systemctl poweroff --force'
 StandardOutput=tty
 StandardError=tty
 TTYPath=/dev/ttyS0
@@ -32,8 +33,10 @@ WantedBy=multi-user.target
 "#;
 
 /// Boots `vmlinuz` with a Debian 12 userland running toa under systemd; fails unless the
-/// service is active, logged "toa loaded", serves metrics and reloads.
-pub fn check(root: &Path, work: &Path, vmlinuz: &Path, toa: &Path) -> Result<()> {
+/// service is active, logged "toa loaded", serves metrics and reloads. `userspace`: with
+/// `deploy/systemd/userspace.conf` installed as its comment says, and the capture reader
+/// (a process of the unit) confined: no capability, a seccomp filter.
+pub fn check(root: &Path, work: &Path, vmlinuz: &Path, toa: &Path, userspace: bool) -> Result<()> {
     crate::apt_install_missing(&[("debootstrap", "debootstrap"), ("cpio", "cpio")])?;
     let rootfs = work.join("systemd-rootfs");
     if !rootfs.join("lib/systemd/systemd").exists() {
@@ -54,6 +57,12 @@ pub fn check(root: &Path, work: &Path, vmlinuz: &Path, toa: &Path) -> Result<()>
     fs::copy(root.join("deploy/systemd/toa.service"), units.join("toa.service"))?;
     fs::copy(root.join("deploy/systemd/toa.toml"), rootfs.join("etc/toa/toa.toml"))?;
     fs::write(units.join("toa-check.service"), CHECK_UNIT)?;
+    let drop_in = units.join("toa.service.d");
+    let _ = fs::remove_dir_all(&drop_in);
+    if userspace {
+        fs::create_dir_all(&drop_in)?;
+        fs::copy(root.join("deploy/systemd/userspace.conf"), drop_in.join("userspace.conf"))?;
+    }
     for unit in ["toa.service", "toa-check.service"] {
         let link = wants.join(unit);
         let _ = fs::remove_file(&link);
@@ -73,15 +82,17 @@ pub fn check(root: &Path, work: &Path, vmlinuz: &Path, toa: &Path) -> Result<()>
     if !archive.success() {
         bail!("packing {} with cpio failed", rootfs.display());
     }
-    println!("xtask: booting Debian 12 with systemd under qemu ({})", vmlinuz.display());
+    let mode = if userspace { "userspace" } else { "ebpf" };
+    println!("xtask: booting Debian 12 with systemd under qemu ({}, {mode} mode)", vmlinuz.display());
     let (log, _) = crate::kernels::qemu_boot(crate::Arch::X86_64, vmlinuz, &cpio, "systemd.show_status=0")?;
     let _ = fs::remove_file(&cpio);
-    fs::write(work.join("systemd.log"), &log)?;
-    verdict(&log).with_context(|| format!("toa under systemd (log: {})", work.join("systemd.log").display()))
+    let log_file = work.join(format!("systemd-{mode}.log"));
+    fs::write(&log_file, &log)?;
+    verdict(&log, userspace).with_context(|| format!("toa under systemd (log: {})", log_file.display()))
 }
 
 /// The checker's report, without terminal colours.
-fn verdict(log: &str) -> Result<()> {
+fn verdict(log: &str, userspace: bool) -> Result<()> {
     let mut plain = String::with_capacity(log.len());
     let mut chars = log.chars().peekable();
     while let Some(c) = chars.next() {
@@ -103,15 +114,24 @@ fn verdict(log: &str) -> Result<()> {
         .and_then(|(_, rest)| rest.split_once("TOA-CHECK-END"))
         .map(|(report, _)| report)
         .context("the checker unit reported nothing: the guest did not reach multi-user.target")?;
-    let (status, rest) = report.split_once("TOA-METRICS").unwrap_or((report, ""));
+    let (status, rest) = report.split_once("TOA-READER").unwrap_or((report, ""));
+    let (reader, rest) = rest.split_once("TOA-METRICS").unwrap_or((rest, ""));
     let (metrics, journal) = rest.split_once("TOA-JOURNAL").unwrap_or((rest, ""));
-    let checks = [
+    // The reader's lines only: the pattern `userspace-reade[r]` does not match the checker's own
+    // command line.
+    let field = |name: &str| reader.lines().find_map(|l| l.trim().strip_prefix(name)).map(str::trim);
+    let reader_confined = field("CapEff:") == Some("0000000000000000") && field("Seccomp:") == Some("2");
+    let mut checks = vec![
         ("systemctl status toa: active (running)", status.contains("Active: active (running)")),
         ("systemctl status toa shows \"toa loaded\"", status.contains("toa loaded")),
         ("metrics answer toa_loaded 1", metrics.lines().any(|l| l.trim() == "toa_loaded 1")),
         ("systemctl reload toa rereads the config", journal.contains("configuration reloaded")),
         ("no failure in the unit's journal", !journal.contains("Failed") && !journal.contains("failed")),
     ];
+    if userspace {
+        checks.push(("the journal says userspace mode", journal.contains("toa loaded (userspace mode)")));
+        checks.push(("the capture reader has no capability and a seccomp filter", reader_confined));
+    }
     for (what, ok) in &checks {
         println!("  systemd: {} {what}", if *ok { "ok  " } else { "FAIL" });
     }
