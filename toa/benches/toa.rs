@@ -457,14 +457,21 @@ impl<'a> Bench<'a> {
             }
             toa(&["load", "--mode", "userspace", "--accept-wait-us", "1000000"]);
         });
-        row("userspace", "toa run restarted 3 times (the reader is the service)", false, 8098, &mut || {
+        // The reader `toa load` started is adopted by each start, and left serving by each stop.
+        row("userspace", "toa run --keep-loaded restarted 3 times (last: another binary)", true, 8098, &mut || {
             let table = table.to_string_lossy();
-            for _ in 0..3 {
-                let args = ["--mode", "userspace", "--table", &table, "--accept-wait-us", "1000000"];
-                let mut service = self.lab.start_service(9432, &args);
+            for bin in [support::toa_bin(), support::toa_bin(), next.clone()] {
+                let args = ["--mode", "userspace", "--table", &table, "--accept-wait-us", "1000000", "--keep-loaded"];
+                let mut service = self.lab.start_service_from(&bin, 9432, &args);
                 let (ok, log) = service.stop();
                 assert!(ok, "toa run: {log}");
             }
+        });
+        row("userspace", "toa run stopped and started (no keep_loaded)", false, 8098, &mut || {
+            let table = table.to_string_lossy();
+            let args = ["--mode", "userspace", "--table", &table, "--accept-wait-us", "1000000"];
+            let (ok, log) = self.lab.start_service(9432, &args).stop();
+            assert!(ok, "toa run: {log}");
             toa(&["load", "--mode", "userspace", "--accept-wait-us", "1000000"]);
         });
         toa(&["unload"]);
