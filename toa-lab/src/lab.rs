@@ -335,17 +335,16 @@ impl Lab {
     }
 
     /// Many [`Lab::raw_exchange`]s from one thread in the client namespace, each
-    /// `(source port, options on the handshake ACK, options on the data segment)`: the server's
-    /// answers, in order.
-    pub fn raw_exchanges(&self, port: u16, cases: Vec<(u16, Vec<u8>, Vec<u8>)>) -> Vec<String> {
+    /// `(source port, option areas of the SYN, the handshake ACK and the data segment)`: the
+    /// server's answers, in order.
+    pub fn raw_exchanges(&self, port: u16, cases: Vec<(u16, raw_tcp::Areas)>) -> Vec<String> {
         self.in_client_ns(move || {
             let server = "198.18.0.1".parse().unwrap();
             cases
                 .iter()
-                .map(|(sport, ack, data)| {
-                    raw_tcp::exchange_with(server, port, *sport, ack, data, b"raw\n").unwrap_or_else(|e| {
-                        panic!("raw exchange from port {sport}: {e}; ack {ack:02x?}, data {data:02x?}")
-                    })
+                .map(|(sport, areas)| {
+                    raw_tcp::exchange_with(server, port, *sport, areas, b"raw\n")
+                        .unwrap_or_else(|e| panic!("raw exchange from port {sport}: {e}; {areas:02x?}"))
                 })
                 .collect()
         })

@@ -34,11 +34,27 @@ impl Rng {
 /// (29) signature drops it, and a timestamp (8) on the handshake ACK can fail its PAWS check.
 const KERNEL_DROPS: [u8; 4] = [8, 19, 29, 30];
 
+/// Kinds that change the connection when a SYN carries them (MSS, window scale, Fast Open
+/// cookie): left out of SYN areas, so that what differs is only what the agent reads.
+const SYN_NEGOTIATES: [u8; 3] = [2, 3, 34];
+
 /// One option area of 0 to 40 bytes (whole 32-bit words, as TCP carries them), of those the
 /// kernel delivers.
 pub fn area(rng: &mut Rng) -> Vec<u8> {
     loop {
-        let a = any_area(rng);
+        let a = any_area(rng, 40, &[]);
+        if kernel_delivers(&a) {
+            return a;
+        }
+    }
+}
+
+/// A SYN's option area: the usual MSS, then up to 36 random bytes as [`area`] makes them
+/// (without the kinds a SYN negotiates).
+pub fn syn_area(rng: &mut Rng) -> Vec<u8> {
+    loop {
+        let mut a = vec![2, 4, 0x05, 0xb4];
+        a.extend(any_area(rng, 36, &SYN_NEGOTIATES));
         if kernel_delivers(&a) {
             return a;
         }
@@ -64,8 +80,8 @@ pub fn kernel_delivers(area: &[u8]) -> bool {
     true
 }
 
-fn any_area(rng: &mut Rng) -> Vec<u8> {
-    let target = 4 * rng.below(11) as usize;
+fn any_area(rng: &mut Rng, max: usize, avoid: &[u8]) -> Vec<u8> {
+    let target = 4 * rng.below(max as u64 / 4 + 1) as usize;
     let mut a = Vec::with_capacity(64);
     while a.len() < target {
         match rng.below(12) {
@@ -92,7 +108,7 @@ fn any_area(rng: &mut Rng) -> Vec<u8> {
                 // Another kind, of any length that fits an area.
                 let kind = loop {
                     let k = 2 + rng.below(252) as u8;
-                    if !KERNEL_DROPS.contains(&k) && k != 254 {
+                    if !KERNEL_DROPS.contains(&k) && !avoid.contains(&k) && k != 254 {
                         break k;
                     }
                 };
@@ -139,6 +155,10 @@ mod tests {
         assert!(outcomes.contains(&Parsed::Malformed));
         // None the kernel would drop.
         assert!(areas.iter().all(|x| kernel_delivers(x)));
+        // SYN areas: the MSS first, whole words, at most 40 bytes, some with a TOA.
+        let syns: Vec<Vec<u8>> = (0..2000).map(|_| syn_area(&mut a)).collect();
+        assert!(syns.iter().all(|x| x.starts_with(&[2, 4, 0x05, 0xb4]) && x.len() <= 40 && x.len() % 4 == 0));
+        assert!(syns.iter().any(|x| matches!(expected(&x[4..], &cfg).1, Parsed::Found(_))));
         assert!(!kernel_delivers(&[1, 1, 1, 254, 0, 1, 1, 1, 1, 1, 1, 1]));
         assert!(kernel_delivers(&[1, 1, 1, 1, 1, 1, 1, 1, 254, 0, 1, 1]));
         assert!(outcomes.contains(&Parsed::Absent));

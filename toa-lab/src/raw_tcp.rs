@@ -49,21 +49,27 @@ struct Seen {
     payload: Vec<u8>,
 }
 
+/// The SYN's usual option area: an MSS of 1460.
+pub const MSS_ONLY: [u8; 4] = [2, 4, 0x05, 0xb4];
+
+/// The option areas of the client's three segments: SYN, handshake ACK, and the one that
+/// carries the data.
+#[derive(Clone, Debug)]
+pub struct Areas {
+    pub syn: Vec<u8>,
+    pub ack: Vec<u8>,
+    pub data: Vec<u8>,
+}
+
 /// Connects with `options` on the handshake ACK, sends `line`, and returns what the server
 /// answered. Must run on a thread inside the client namespace.
 pub fn exchange(dst: Ipv4Addr, dport: u16, sport: u16, options: &[u8], line: &[u8]) -> io::Result<String> {
-    exchange_with(dst, dport, sport, options, &[], line)
+    let areas = Areas { syn: MSS_ONLY.to_vec(), ack: options.to_vec(), data: Vec::new() };
+    exchange_with(dst, dport, sport, &areas, line)
 }
 
-/// [`exchange`] with `data_options` on the segment that carries `line`.
-pub fn exchange_with(
-    dst: Ipv4Addr,
-    dport: u16,
-    sport: u16,
-    options: &[u8],
-    data_options: &[u8],
-    line: &[u8],
-) -> io::Result<String> {
+/// [`exchange`] with the option areas of all three segments.
+pub fn exchange_with(dst: Ipv4Addr, dport: u16, sport: u16, areas: &Areas, line: &[u8]) -> io::Result<String> {
     // SAFETY: plain socket calls; the descriptors are owned at once.
     let (send, recv) = unsafe {
         let send = OwnedFd::from_raw_fd(check(libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW))?);
@@ -132,11 +138,11 @@ pub fn exchange_with(
         Err(io::Error::new(io::ErrorKind::TimedOut, "no answer from the server"))
     };
     let isn = 0x1000_0000u32;
-    send_seg(segment(dst, sport, dport, isn, 0, SYN, &[2, 4, 0x05, 0xb4], &[]))?;
+    send_seg(segment(dst, sport, dport, isn, 0, SYN, &areas.syn, &[]))?;
     let synack = wait(&|s| s.flags & (SYN | ACK) == SYN | ACK)?;
     let (seq, ack) = (isn + 1, synack.seq.wrapping_add(1));
-    send_seg(segment(dst, sport, dport, seq, ack, ACK, options, &[]))?;
-    send_seg(segment(dst, sport, dport, seq, ack, PSH | ACK, data_options, line))?;
+    send_seg(segment(dst, sport, dport, seq, ack, ACK, &areas.ack, &[]))?;
+    send_seg(segment(dst, sport, dport, seq, ack, PSH | ACK, &areas.data, line))?;
     let answer = wait(&|s| !s.payload.is_empty())?;
     // Leave nothing behind on the server.
     send_seg(segment(dst, sport, dport, seq + line.len() as u32, 0, RST, &[], &[]))?;

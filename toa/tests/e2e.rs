@@ -312,15 +312,17 @@ fn status_names_the_cgroup_and_programs() {
     assert_eq!(status["policy"]["kinds"], serde_json::json!([254]));
 }
 
-/// Live-path fuzzing: connections whose handshake ACK and first data segment carry random
+/// Live-path fuzzing: connections whose SYN, handshake ACK and first data segment carry random
 /// option areas (`toa_lab::option_areas`), through the kernel and the verified programs (or the
 /// reader and libtoa.so). Each answer must be what the reference parser predicts: its client,
-/// or the real address where it finds none. The counters must add up, and the kernel log must
+/// or the real address where it finds none. The policy reads the ACK and the data segment, so
+/// whatever the SYN carries (TOAs, broken lists) must change nothing. The counters must add up, and the kernel log must
 /// stay free of warnings. `TOA_LIVE_FUZZ` connections (200; `cargo xtask fuzz --live` runs
 /// 100 000), from seed `TOA_LIVE_FUZZ_SEED` (1), printed with any failure to replay it.
 fn random_option_areas_match_the_reference(mode: Mode) {
     use toa_common::Parsed;
-    use toa_lab::option_areas::{area, expected, Rng};
+    use toa_lab::option_areas::{area, expected, syn_area, Rng};
+    use toa_lab::raw_tcp::Areas;
     let env = |name: &str, default: u64| std::env::var(name).map_or(default, |v| v.parse().expect(name));
     let (n, seed) = (env("TOA_LIVE_FUZZ", 200), env("TOA_LIVE_FUZZ_SEED", 1));
     let mut lab = Lab::with_mode(mode);
@@ -334,11 +336,15 @@ fn random_option_areas_match_the_reference(mode: Mode) {
     while done < n {
         // In batches: one thread in the client namespace each; source ports cycle through
         // 20000-59999 (each connection ends with a reset, so a port is free again).
-        let batch: Vec<(u16, Vec<u8>, Vec<u8>)> = (done..n.min(done + 1000))
-            .map(|i| (20_000 + (i % 40_000) as u16, area(&mut rng), area(&mut rng)))
+        let batch: Vec<(u16, Areas)> = (done..n.min(done + 1000))
+            .map(|i| {
+                let areas = Areas { syn: syn_area(&mut rng), ack: area(&mut rng), data: area(&mut rng) };
+                (20_000 + (i % 40_000) as u16, areas)
+            })
             .collect();
         let replies = lab.raw_exchanges(8080, batch.clone());
-        for (k, ((sport, ack, data), reply)) in batch.iter().zip(replies).enumerate() {
+        for (k, ((sport, areas), reply)) in batch.iter().zip(replies).enumerate() {
+            let Areas { syn, ack, data } = areas;
             let real = format!("198.18.0.3:{sport}");
             let ((ack_client, ack_parsed), (data_client, data_parsed)) = (expected(ack, &cfg), expected(data, &cfg));
             let ack_found = matches!(ack_parsed, Parsed::Found(_));
@@ -354,8 +360,8 @@ fn random_option_areas_match_the_reference(mode: Mode) {
             };
             assert!(
                 ok,
-                "seed {seed}, connection {}: ACK options {ack:02x?} ({ack_parsed:?}), data options {data:02x?} \
-                 ({data_parsed:?}): the server answered {reply:?}",
+                "seed {seed}, connection {}: SYN options {syn:02x?}, ACK options {ack:02x?} ({ack_parsed:?}), \
+                 data options {data:02x?} ({data_parsed:?}): the server answered {reply:?}",
                 done + k as u64
             );
             on_ack += u64::from(ack_found);
