@@ -2,10 +2,12 @@
 //! the library), calls the library, renders text or JSON, and returns an error that `main`
 //! prints as `toa: error: …` with exit status 1.
 
+mod completions;
 mod conns;
 mod doctor;
 mod flags;
 mod load;
+mod man;
 mod probe;
 mod reader;
 mod run;
@@ -43,6 +45,25 @@ pub(crate) enum Command {
     Conns(conns::Args),
     Doctor(doctor::Args),
     Probe(probe::Args),
+    Completions(completions::Args),
+    #[command(hide = true)]
+    Man(man::Args),
+}
+
+/// The command line as users see it: without the hidden commands (what completions and manual
+/// pages describe; clap's generators would list hidden subcommands too).
+pub(crate) fn visible_command() -> clap::Command {
+    let full = Cli::command();
+    let visible: Vec<clap::Command> = full.get_subcommands().filter(|c| !c.is_hide_set()).cloned().collect();
+    let mut cmd = clap::Command::new("toa")
+        .about(full.get_about().cloned().unwrap_or_default())
+        .version(env!("CARGO_PKG_VERSION"))
+        .subcommand_required(true)
+        .subcommands(visible);
+    for arg in full.get_arguments() {
+        cmd = cmd.arg(arg.clone());
+    }
+    cmd
 }
 
 pub fn main() -> ExitCode {
@@ -82,6 +103,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Conns(args) => conns::run(args, &places),
         Command::Doctor(args) => doctor::run(args, &places),
         Command::Probe(args) => probe::run(args),
+        Command::Completions(args) => completions::run(args),
+        Command::Man(args) => man::run(args),
     }
 }
 
@@ -93,5 +116,6 @@ mod tests {
     #[test]
     fn command_line_is_consistent() {
         Cli::command().debug_assert();
+        visible_command().debug_assert();
     }
 }
