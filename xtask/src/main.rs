@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 mod cpio;
 mod kernel_sources;
 mod kernels;
+mod package;
 mod systemd;
 
 #[derive(Parser)]
@@ -34,6 +35,14 @@ pub(crate) enum Arch {
 }
 
 impl Arch {
+    /// As release files name it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+
     pub(crate) fn musl_target(self) -> &'static str {
         match self {
             Arch::X86_64 => "x86_64-unknown-linux-musl",
@@ -53,6 +62,13 @@ enum Task {
         static_: bool,
         /// Architectures for --static (repeatable).
         #[arg(long, value_enum, default_values = ["x86_64"], requires = "static_")]
+        arch: Vec<Arch>,
+    },
+    /// Release tarballs (static toa, libtoa.so, units, config, man pages, completions) and
+    /// SHA256SUMS in target/package/.
+    Package {
+        /// Architectures (repeatable).
+        #[arg(long, value_enum, default_values = ["x86_64", "aarch64"])]
         arch: Vec<Arch>,
     },
     /// Build, install to /usr/local/bin/toa and load the agent on this host (root).
@@ -140,6 +156,10 @@ fn run_task(cli: Cli) -> Result<()> {
                 build_libtoa_for(arch)?;
             }
             Ok(())
+        }
+        Task::Package { arch } => {
+            setup()?;
+            package::tarballs(&root, &arch)
         }
         Task::Install { prefix } => {
             require_root("cargo xtask install")?;
@@ -313,7 +333,7 @@ fn bench(quick: bool) -> Result<()> {
 }
 
 /// A static binary for `arch`; rust-lld links the musl targets, so no cross toolchain is needed.
-fn build_static(root: &Path, arch: Arch) -> Result<()> {
+pub(crate) fn build_static(root: &Path, arch: Arch) -> Result<()> {
     let target = arch.musl_target();
     add_rust_target(target)?;
     let linker_var = format!("CARGO_TARGET_{}_LINKER", target.to_uppercase().replace('-', "_"));
