@@ -53,7 +53,7 @@ pub fn area(rng: &mut Rng) -> Vec<u8> {
 /// (without the kinds a SYN negotiates).
 pub fn syn_area(rng: &mut Rng) -> Vec<u8> {
     loop {
-        let mut a = vec![2, 4, 0x05, 0xb4];
+        let mut a = crate::raw_tcp::MSS_ONLY.to_vec();
         a.extend(any_area(rng, 36, &SYN_NEGOTIATES));
         if kernel_delivers(&a) {
             return a;
@@ -157,7 +157,7 @@ mod tests {
         assert!(areas.iter().all(|x| kernel_delivers(x)));
         // SYN areas: the MSS first, whole words, at most 40 bytes, some with a TOA.
         let syns: Vec<Vec<u8>> = (0..2000).map(|_| syn_area(&mut a)).collect();
-        assert!(syns.iter().all(|x| x.starts_with(&[2, 4, 0x05, 0xb4]) && x.len() <= 40 && x.len() % 4 == 0));
+        assert!(syns.iter().all(|x| x.starts_with(&crate::raw_tcp::MSS_ONLY) && x.len() <= 40 && x.len() % 4 == 0));
         assert!(syns.iter().any(|x| matches!(expected(&x[4..], &cfg).1, Parsed::Found(_))));
         assert!(!kernel_delivers(&[1, 1, 1, 254, 0, 1, 1, 1, 1, 1, 1, 1]));
         assert!(kernel_delivers(&[1, 1, 1, 1, 1, 1, 1, 1, 254, 0, 1, 1]));
