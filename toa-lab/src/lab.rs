@@ -96,7 +96,12 @@ impl Lab {
 
     /// `toa` with this lab's pin directory and table.
     pub fn toa(&self) -> Command {
-        let mut cmd = Command::new(toa_bin());
+        self.toa_from(&toa_bin())
+    }
+
+    /// [`Lab::toa`] from another `toa` binary.
+    pub fn toa_from(&self, bin: &Path) -> Command {
+        let mut cmd = Command::new(bin);
         cmd.env("TOA_PIN_DIR", &self.pin_dir).env("TOA_TABLE", &self.table);
         cmd
     }
@@ -309,8 +314,7 @@ impl Lab {
 
     /// [`Lab::start_service`] from another `toa` binary (an upgrade to another build).
     pub fn start_service_from(&self, bin: &Path, port: u16, args: &[&str]) -> Service {
-        let mut cmd = Command::new(bin);
-        cmd.env("TOA_PIN_DIR", &self.pin_dir).env("TOA_TABLE", &self.table);
+        let mut cmd = self.toa_from(bin);
         cmd.arg("run").args(["--metrics", &format!("127.0.0.1:{port}")]).args(args);
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         in_netns_and_cgroup(&mut cmd, &self.netns_path(&self.server_ns), None);

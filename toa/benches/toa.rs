@@ -420,8 +420,8 @@ impl<'a> Bench<'a> {
             Some(memcg) => {
                 // The maps (socket storage too) are charged to the memory cgroup of the process
                 // that created them: `toa load` run in one held at its usage.
-                let mut load = Command::new(support::toa_bin());
-                load.env("TOA_PIN_DIR", &self.lab.pin_dir).args(["load", "--cgroup", &cgroup]);
+                let mut load = self.lab.toa();
+                load.args(["load", "--cgroup", &cgroup]);
                 support::in_netns_and_cgroup(&mut load, &self.lab.netns_path(&self.lab.server_ns), Some(&memcg.path));
                 support::run(&mut load);
                 memcg.limit_to_usage();
