@@ -186,6 +186,23 @@ impl Lab {
         run(self.toa().arg("unload"))
     }
 
+    /// `toa unload --config FILE` as a package's removal runs it: the places come from a config
+    /// file (written here, removed after), not from the environment.
+    pub fn unload_by_config(&self) -> Output {
+        let config = std::env::temp_dir().join(format!("{}.toml", self.name));
+        let text = format!("pin_dir = {:?}\ntable = {:?}\n", self.pin_dir, self.table);
+        std::fs::write(&config, text).expect("write the unload's config");
+        let out = run(self
+            .toa()
+            .env_remove("TOA_PIN_DIR")
+            .env_remove("TOA_TABLE")
+            .arg("unload")
+            .arg("--config")
+            .arg(&config));
+        let _ = std::fs::remove_file(&config);
+        out
+    }
+
     pub fn status_json(&self) -> serde_json::Value {
         let out = run(self.toa().args(["status", "--json"]));
         serde_json::from_slice(&out.stdout).expect("status --json is JSON")

@@ -4,7 +4,7 @@
 //! running) so that a restart loses no client address. The mode's differences live in [`Backend`]; this loop is the same for both.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -21,6 +21,23 @@ use crate::{
     config::{ConfigFile, Overrides, Settings, DEFAULT_CONFIG},
     logging, metrics, Backend, Error,
 };
+
+/// Written by the packages' maintainer scripts around the restart of an upgrade: while it
+/// exists, a stop leaves toa loaded whatever `keep_loaded` says, so that the new version takes
+/// over the attached programs (or the reader) and no open connection loses its client. The
+/// script removes it once the restart is done.
+pub const KEEP_LOADED_MARKER: &str = "/run/toa/keep-loaded";
+
+/// Whether a stop leaves toa loaded: `keep_loaded`, or an upgrade in progress.
+fn keep_loaded_at_stop(settings: &Settings, marker: &Path) -> Option<&'static str> {
+    if settings.keep_loaded {
+        Some("keep_loaded")
+    } else if marker.exists() {
+        Some("a package upgrade is restarting toa")
+    } else {
+        None
+    }
+}
 
 /// Runs until SIGTERM or SIGINT.
 pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
@@ -50,10 +67,11 @@ pub fn run(config: Option<PathBuf>, flags: Overrides) -> Result<(), Error> {
             continue;
         }
         ready.store(false, Ordering::SeqCst);
-        if settings.keep_loaded {
-            info!("stopping; toa stays loaded for the next start (keep_loaded)");
+        let keep = keep_loaded_at_stop(&settings, Path::new(KEEP_LOADED_MARKER));
+        if let Some(why) = keep {
+            info!("stopping; toa stays loaded for the next start ({why})");
         }
-        let stopped = serving.stop(settings.keep_loaded);
+        let stopped = serving.stop(keep.is_some());
         server.unblock();
         let _ = http.join();
         if stopped? {
@@ -155,5 +173,25 @@ fn serve(server: &tiny_http::Server, backend: Backend, ready: &AtomicBool) {
         };
         let header = tiny_http::Header::from_bytes("Content-Type", content_type).expect("a valid literal header");
         let _ = request.respond(tiny_http::Response::from_string(body).with_status_code(code).with_header(header));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stop_keeps_toa_loaded_when_asked_or_during_an_upgrade() {
+        let dir = std::env::temp_dir().join(format!("toa-marker-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = dir.join("keep-loaded");
+        let unloads = Settings::merge(&ConfigFile::default(), &Overrides::default());
+        let keeps =
+            Settings::merge(&ConfigFile { keep_loaded: Some(true), ..Default::default() }, &Overrides::default());
+        assert_eq!(keep_loaded_at_stop(&unloads, &marker), None);
+        assert_eq!(keep_loaded_at_stop(&keeps, &marker), Some("keep_loaded"));
+        std::fs::write(&marker, "").unwrap();
+        assert_eq!(keep_loaded_at_stop(&unloads, &marker), Some("a package upgrade is restarting toa"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -238,6 +238,12 @@ fn unload_restores_addresses_and_leaves_nothing(mode: Mode) {
     lab.python_server(SERVER_V4, 8080);
     let (out, _) = lab.probe("198.18.0.1:8080", &["--as", CLIENT]);
     assert_eq!(out, answer(CLIENT, CLIENT));
+    // A config file that is not there: a clear error, and nothing unloaded.
+    let out = lab.toa().args(["unload", "--config", "/nonexistent/toa.toml"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/toa.toml") && err.contains("fix --config"), "{err}");
+    assert_eq!(lab.status_json()["loaded"], true);
 
     if mode == Mode::Ebpf {
         let status = lab.status_json();
@@ -246,7 +252,7 @@ fn unload_restores_addresses_and_leaves_nothing(mode: Mode) {
         let attached = cgroup_attachments(&lab.cgroup);
         assert!(has_program(&attached, &status, "sock_ops", "toa_sock_ops"), "{attached}");
 
-        let out = lab.unload();
+        let out = lab.unload_by_config();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "toa unloaded\n");
         assert!(!lab.pin_dir.exists(), "pins left behind");
         assert!(eventually(DEADLINE, || ids.iter().all(|id| !program_exists(*id))), "programs still loaded: {ids:?}");
@@ -255,7 +261,7 @@ fn unload_restores_addresses_and_leaves_nothing(mode: Mode) {
         assert!(attached.is_empty(), "still attached: {attached}");
     } else {
         let pid = lab.reader_pid();
-        let out = lab.unload();
+        let out = lab.unload_by_config();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "toa unloaded (userspace mode)\n");
         assert!(!lab.table.exists(), "table left behind");
         // Gone once its new parent (init) has reaped it.

@@ -96,7 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Load(args) => load::run(args, &places),
         Command::Run(args) => run::run(args, cli.pin_dir, cli.table),
-        Command::Unload(args) => unload::run(args, &places),
+        Command::Unload(args) => unload::run(args, cli.pin_dir, cli.table),
         Command::UserspaceReader(args) => reader::run(args, &places),
         Command::Status(args) => status::run(args, &places),
         Command::Stats(args) => stats::run(args, &places),

@@ -1,13 +1,29 @@
 //! `toa unload`: remove what either mode left loaded.
 
-use toa::{Backend, Places};
+use std::path::PathBuf;
+
+use toa::{
+    config::{ConfigFile, Overrides, Settings},
+    Backend,
+};
 
 /// Detach the agent and remove everything it pinned (or stop the userspace reader).
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Unload what `toa run --config FILE` loaded: its pin_dir and table (the global flags
+    /// still win), e.g. /etc/toa/toa.toml.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
 
-pub fn run(_args: Args, places: &Places) -> anyhow::Result<()> {
-    let [ebpf, user] = Backend::both(places);
+/// `pin_dir` and `table` as given on the command line (global flags), not defaulted.
+pub fn run(args: Args, pin_dir: Option<PathBuf>, table: Option<PathBuf>) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => ConfigFile::read(path, true)?,
+        None => ConfigFile::default(),
+    };
+    let places = Settings::merge(&file, &Overrides { pin_dir, table, ..Default::default() }).places();
+    let [ebpf, user] = Backend::both(&places);
     println!("{}", said(ebpf.unload()?, user.unload()?));
     Ok(())
 }
