@@ -328,6 +328,12 @@ fn shared_kernels(root: &Path) -> Result<(Vec<Kernel>, Vec<Row>)> {
     Ok((kernels, skipped))
 }
 
+/// Debian 12's default kernel (6.1), which the systemd checks boot.
+pub fn systemd_kernel(work: &Path) -> Result<PathBuf> {
+    let (label, pattern) = DEBIAN_SERIES[0];
+    Ok(debian_kernel(work, label, pattern)?.vmlinuz)
+}
+
 fn debian_kernel(work: &Path, label: &str, pattern: &str) -> Result<Kernel> {
     let search = || output(Command::new("apt-cache").args(["search", "--names-only", pattern])).unwrap_or_default();
     let mut found = search();

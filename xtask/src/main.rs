@@ -18,6 +18,7 @@ mod cpio;
 mod kernel_sources;
 mod kernels;
 mod package;
+mod package_check;
 mod systemd;
 
 #[derive(Parser)]
@@ -64,12 +65,19 @@ enum Task {
         #[arg(long, value_enum, default_values = ["x86_64"], requires = "static_")]
         arch: Vec<Arch>,
     },
-    /// Release tarballs (static toa, libtoa.so, units, config, man pages, completions) and
-    /// SHA256SUMS in target/package/.
+    /// Release packages (.deb, .rpm) and tarballs (static toa, libtoa.so, units, config, man
+    /// pages, completions) and SHA256SUMS in target/package/.
     Package {
         /// Architectures (repeatable).
         #[arg(long, value_enum, default_values = ["x86_64", "aarch64"])]
         arch: Vec<Arch>,
+        /// Cargo profile of the binaries: release, or matrix (no LTO; what CI tests with).
+        #[arg(long, default_value = "release", value_parser = ["release", "matrix"])]
+        profile: String,
+        /// Then inspect the packages and install, upgrade and remove them (root; boots a
+        /// Debian 12 guest under qemu).
+        #[arg(long)]
+        check: bool,
     },
     /// Build, install to /usr/local/bin/toa and load the agent on this host (root).
     Install {
@@ -157,9 +165,16 @@ fn run_task(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Task::Package { arch } => {
+        Task::Package { arch, profile, check } => {
+            if check {
+                require_root("cargo xtask package --check")?;
+            }
             setup()?;
-            package::tarballs(&root, &arch)
+            let packages = package::build(&root, &arch, &profile)?;
+            if check {
+                package_check::run_checks(&root, &packages)?;
+            }
+            Ok(())
         }
         Task::Install { prefix } => {
             require_root("cargo xtask install")?;
@@ -234,6 +249,10 @@ fn run_task(cli: Cli) -> Result<()> {
                 "--test-threads=2",
             ])?;
             kernels::run_matrix(&root, &[], true, true, &[])?;
+            // The packages, from the matrix's builds (the release profile adds only LTO):
+            // inspected, installed with rpm --root, and the .deb under systemd.
+            let packages = package::build(&root, &[Arch::X86_64, Arch::Aarch64], "matrix")?;
+            package_check::run_checks(&root, &packages)?;
             fuzz(&root, 20)?;
             // Keeps the benchmark code from rotting; no thresholds.
             cargo(&["build", "--release", "--package", "toa", "--examples"])?;
@@ -334,17 +353,22 @@ fn bench(quick: bool) -> Result<()> {
 
 /// A static binary for `arch`; rust-lld links the musl targets, so no cross toolchain is needed.
 pub(crate) fn build_static(root: &Path, arch: Arch) -> Result<()> {
+    build_static_with(root, arch, "release")
+}
+
+/// `build_static` with a cargo profile: `matrix` reuses the kernel matrix's build in CI.
+pub(crate) fn build_static_with(root: &Path, arch: Arch, profile: &str) -> Result<()> {
     let target = arch.musl_target();
     add_rust_target(target)?;
     let linker_var = format!("CARGO_TARGET_{}_LINKER", target.to_uppercase().replace('-', "_"));
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--release", "--package", "toa", "--bin", "toa", "--target", target]);
+    cmd.args(["build", "--profile", profile, "--package", "toa", "--bin", "toa", "--target", target]);
     if arch != Arch::X86_64 {
         cmd.env(linker_var, "rust-lld");
     }
     run(&mut cmd)?;
-    let bin = root.join("target").join(target).join("release/toa");
+    let bin = root.join("target").join(target).join(profile).join("toa");
     let size = std::fs::metadata(&bin)?.len();
     println!("built {} ({:.1} MB)", bin.display(), size as f64 / 1e6);
     Ok(())

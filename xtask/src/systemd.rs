@@ -7,7 +7,7 @@
 use std::{
     fs,
     os::unix::fs::symlink,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -37,62 +37,132 @@ WantedBy=multi-user.target
 /// `deploy/systemd/userspace.conf` installed as its comment says, and the capture reader
 /// (a process of the unit) confined: no capability, a seccomp filter.
 pub fn check(root: &Path, work: &Path, vmlinuz: &Path, toa: &Path, userspace: bool) -> Result<()> {
-    crate::apt_install_missing(&[("debootstrap", "debootstrap"), ("cpio", "cpio")])?;
-    let rootfs = work.join("systemd-rootfs");
-    if !rootfs.join("lib/systemd/systemd").exists() {
-        println!("xtask: debootstrap of a minimal Debian 12 with systemd (about half a minute)");
-        let _ = fs::remove_dir_all(&rootfs);
-        run(Command::new("debootstrap")
-            .args(["--variant=minbase", "--include=systemd,systemd-sysv,wget", "bookworm"])
-            .arg(&rootfs)
-            .stdout(Stdio::null()))?;
-    }
+    let overlay = Overlay::new(work, "systemd-overlay")?;
     // Installed as the README says: binary, unit, config, enabled.
-    fs::create_dir_all(rootfs.join("usr/local/bin"))?;
-    fs::copy(toa, rootfs.join("usr/local/bin/toa"))?;
-    let units = rootfs.join("etc/systemd/system");
-    let wants = units.join("multi-user.target.wants");
-    fs::create_dir_all(&wants)?;
-    fs::create_dir_all(rootfs.join("etc/toa"))?;
-    fs::copy(root.join("deploy/systemd/toa.service"), units.join("toa.service"))?;
-    fs::copy(root.join("deploy/systemd/toa.toml"), rootfs.join("etc/toa/toa.toml"))?;
-    fs::write(units.join("toa-check.service"), CHECK_UNIT)?;
-    let drop_in = units.join("toa.service.d");
-    let _ = fs::remove_dir_all(&drop_in);
+    overlay.copy(toa, "usr/local/bin/toa")?;
+    overlay.copy(&root.join("deploy/systemd/toa.service"), "etc/systemd/system/toa.service")?;
+    overlay.copy(&root.join("deploy/systemd/toa.toml"), "etc/toa/toa.toml")?;
+    overlay.write("etc/systemd/system/toa-check.service", CHECK_UNIT)?;
     if userspace {
-        fs::create_dir_all(&drop_in)?;
-        fs::copy(root.join("deploy/systemd/userspace.conf"), drop_in.join("userspace.conf"))?;
+        overlay.copy(&root.join("deploy/systemd/userspace.conf"), "etc/systemd/system/toa.service.d/userspace.conf")?;
     }
-    for unit in ["toa.service", "toa-check.service"] {
-        let link = wants.join(unit);
-        let _ = fs::remove_file(&link);
-        symlink(format!("../{unit}"), &link)?;
-    }
-    let init = rootfs.join("init");
-    let _ = fs::remove_file(&init);
-    symlink("/lib/systemd/systemd", &init)?;
-    fs::write(rootfs.join("etc/machine-id"), "")?;
-
-    let cpio = work.join("systemd-rootfs.cpio");
-    let archive = Command::new("sh")
-        .arg("-c")
-        .arg(format!("find . | cpio -o -H newc --quiet > {}", cpio.display()))
-        .current_dir(&rootfs)
-        .status()?;
-    if !archive.success() {
-        bail!("packing {} with cpio failed", rootfs.display());
-    }
+    overlay.enable(&["toa.service", "toa-check.service"])?;
     let mode = if userspace { "userspace" } else { "ebpf" };
-    println!("xtask: booting Debian 12 with systemd under qemu ({}, {mode} mode)", vmlinuz.display());
-    let (log, _) = crate::kernels::qemu_boot(crate::Arch::X86_64, vmlinuz, &cpio, "systemd.show_status=0")?;
-    let _ = fs::remove_file(&cpio);
-    let log_file = work.join(format!("systemd-{mode}.log"));
-    fs::write(&log_file, &log)?;
-    verdict(&log, userspace).with_context(|| format!("toa under systemd (log: {})", log_file.display()))
+    let log = boot(work, vmlinuz, &overlay, &format!("systemd-{mode}"))?;
+    verdict(&log, userspace)
+        .with_context(|| format!("toa under systemd (log: {})", work.join(format!("systemd-{mode}.log")).display()))
 }
 
-/// The checker's report, without terminal colours.
-fn verdict(log: &str, userspace: bool) -> Result<()> {
+/// Files laid over the Debian 12 base: packed as a second cpio archive after the base's, which
+/// the kernel unpacks over it (the base stays as debootstrap left it).
+pub struct Overlay {
+    pub dir: PathBuf,
+}
+
+impl Overlay {
+    pub fn new(work: &Path, name: &str) -> Result<Self> {
+        let dir = work.join(name);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
+    fn place(&self, to: &str) -> Result<PathBuf> {
+        let to = self.dir.join(to);
+        fs::create_dir_all(to.parent().context("a parent")?)?;
+        Ok(to)
+    }
+
+    pub fn copy(&self, from: &Path, to: &str) -> Result<()> {
+        fs::copy(from, self.place(to)?).with_context(|| format!("copy {}", from.display()))?;
+        Ok(())
+    }
+
+    pub fn write(&self, to: &str, text: &str) -> Result<()> {
+        Ok(fs::write(self.place(to)?, text)?)
+    }
+
+    pub fn mode(&self, path: &str, mode: u32) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        Ok(fs::set_permissions(self.dir.join(path), fs::Permissions::from_mode(mode))?)
+    }
+
+    /// `systemctl enable` for units of /etc/systemd/system wanted by multi-user.target.
+    pub fn enable(&self, units: &[&str]) -> Result<()> {
+        for unit in units {
+            symlink(format!("../{unit}"), self.place(&format!("etc/systemd/system/multi-user.target.wants/{unit}"))?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A minimal Debian 12 with systemd (debootstrap, minbase), made once in `work`. man-db and
+/// bash-completion: the packages' check reads a manual page and completes a word.
+pub fn base_rootfs(work: &Path) -> Result<PathBuf> {
+    crate::apt_install_missing(&[("debootstrap", "debootstrap"), ("cpio", "cpio")])?;
+    let rootfs = work.join("systemd-rootfs");
+    if !rootfs.join("usr/bin/man").exists() || !rootfs.join("init").exists() {
+        println!("xtask: debootstrap of a minimal Debian 12 with systemd (about a minute)");
+        let _ = fs::remove_dir_all(&rootfs);
+        let _ = fs::remove_file(work.join("systemd-rootfs.cpio"));
+        run(Command::new("debootstrap")
+            .args(["--variant=minbase", "--include=systemd,systemd-sysv,wget,man-db,bash-completion", "bookworm"])
+            .arg(&rootfs)
+            .stdout(Stdio::null()))?;
+        fs::write(rootfs.join("etc/machine-id"), "")?;
+        symlink("/lib/systemd/systemd", rootfs.join("init"))?;
+    }
+    Ok(rootfs)
+}
+
+/// The base, packed once as a cpio archive.
+fn base_cpio(work: &Path) -> Result<PathBuf> {
+    let rootfs = base_rootfs(work)?;
+    let cpio = work.join("systemd-rootfs.cpio");
+    if !cpio.exists() {
+        pack(&rootfs, &cpio)?;
+    }
+    Ok(cpio)
+}
+
+fn pack(dir: &Path, cpio: &Path) -> Result<()> {
+    let archive = Command::new("sh")
+        .arg("-c")
+        .arg(format!("find . | cpio -o -H newc --quiet > '{}'", cpio.display()))
+        .current_dir(dir)
+        .status()?;
+    if !archive.success() {
+        bail!("packing {} with cpio failed", dir.display());
+    }
+    Ok(())
+}
+
+/// Boots the base with `overlay` over it; returns the console log without terminal colours
+/// (also written to `work/NAME.log`).
+pub fn boot(work: &Path, vmlinuz: &Path, overlay: &Overlay, name: &str) -> Result<String> {
+    let base = base_cpio(work)?;
+    let initrd = work.join(format!("{name}.cpio"));
+    let top = work.join(format!("{name}-overlay.cpio"));
+    pack(&overlay.dir, &top)?;
+    let both = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cat '{}' '{}' > '{}'", base.display(), top.display(), initrd.display()))
+        .status()?;
+    if !both.success() {
+        bail!("joining the archives failed");
+    }
+    println!("xtask: booting Debian 12 with systemd under qemu ({}, {name})", vmlinuz.display());
+    let (log, _) = crate::kernels::qemu_boot(crate::Arch::X86_64, vmlinuz, &initrd, "systemd.show_status=0")?;
+    let _ = fs::remove_file(&initrd);
+    let _ = fs::remove_file(&top);
+    let _ = fs::remove_dir_all(&overlay.dir);
+    let log = plain(&log);
+    fs::write(work.join(format!("{name}.log")), &log)?;
+    Ok(log)
+}
+
+/// The console log without terminal escape sequences and carriage returns.
+fn plain(log: &str) -> String {
     let mut plain = String::with_capacity(log.len());
     let mut chars = log.chars().peekable();
     while let Some(c) = chars.next() {
@@ -109,6 +179,11 @@ fn verdict(log: &str, userspace: bool) -> Result<()> {
             plain.push(c);
         }
     }
+    plain
+}
+
+/// The checker's report.
+fn verdict(plain: &str, userspace: bool) -> Result<()> {
     let report = plain
         .split_once("TOA-CHECK-BEGIN")
         .and_then(|(_, rest)| rest.split_once("TOA-CHECK-END"))
