@@ -11,7 +11,7 @@ pub fn report_cleanup<T, E: std::fmt::Display>(what: impl std::fmt::Display, res
 }
 
 /// Whether a command ran and exited 0 (its stderr otherwise).
-pub(crate) fn succeeded(cmd: &mut Command) -> Result<(), String> {
+pub fn succeeded(cmd: &mut Command) -> Result<(), String> {
     match cmd.output() {
         Ok(out) if out.status.success() => Ok(()),
         Ok(out) => Err(format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())),
@@ -20,7 +20,7 @@ pub(crate) fn succeeded(cmd: &mut Command) -> Result<(), String> {
 }
 
 /// A directory that is already gone is not a failure.
-pub(crate) fn removed(result: std::io::Result<()>) -> std::io::Result<()> {
+pub fn removed(result: std::io::Result<()>) -> std::io::Result<()> {
     match result {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         other => other,

@@ -245,6 +245,8 @@ fn run_task(cli: Cli) -> Result<()> {
                 "--bins",
                 "--test",
                 "deploy",
+                "--test",
+                "container",
                 "--",
                 "--test-threads=2",
             ])?;
@@ -506,7 +508,7 @@ fn bpf_linker() -> Result<()> {
         .env("LLVM_PREFIX", &prefix))
 }
 
-/// bpftool, ip and python3, from Debian's packages when missing.
+/// bpftool, ip, python3, podman and the rest, from Debian's packages when missing.
 fn test_tools() -> Result<()> {
     apt_install_missing(&[
         ("bpftool", "bpftool"),
@@ -514,6 +516,10 @@ fn test_tools() -> Result<()> {
         ("python3", "python3"),
         ("objdump", "binutils"),
         ("dpkg-deb", "dpkg"),
+        // toa/tests/container.rs builds and runs the image (runc: crun refuses hybrid cgroups).
+        ("podman", "podman"),
+        ("runc", "runc"),
+        ("file", "file"),
     ])?;
     nginx()
 }
