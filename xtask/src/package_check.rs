@@ -87,11 +87,20 @@ const RPM_4_11_FEATURES: &[&str] = &[
 ];
 
 pub fn run_checks(root: &Path, packages: &Packages) -> Result<()> {
-    crate::apt_install_missing(&[("rpm", "rpm"), ("lintian", "lintian"), ("ar", "binutils")])?;
+    crate::apt_install_missing(&[
+        ("rpm", "rpm"),
+        ("lintian", "lintian"),
+        ("ar", "binutils"),
+        ("zsh", "zsh"),
+        ("fish", "fish"),
+    ])?;
     for (arch, deb) in &packages.debs {
         inspect_deb(deb, *arch, &packages.version)?;
         println!("  package: ok   {} (dpkg-deb -I/-c, xz members, lintian)", file_name(deb));
     }
+    let (_, host_deb) = packages.debs.iter().find(|(a, _)| *a == Arch::X86_64).context("no x86_64 .deb")?;
+    zsh_and_fish_complete(root, host_deb)?;
+    println!("  package: ok   zsh and fish complete `toa unl` from the package's files (bash: in the guest)");
     for (arch, rpm) in &packages.rpms {
         inspect_rpm(root, rpm, *arch)?;
         println!("  package: ok   {} (rpm -qp --info/--list/--scripts/--requires, xz payload)", file_name(rpm));
@@ -225,6 +234,40 @@ fn inspect_rpm(root: &Path, rpm: &Path, arch: Arch) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The package's zsh and fish completions, unpacked, loaded the way each shell finds them in
+/// its vendor directory (the guest checks bash's from an installed package).
+fn zsh_and_fish_complete(root: &Path, deb: &Path) -> Result<()> {
+    let dir = root.join("target/package-shells");
+    let _ = fs::remove_dir_all(&dir);
+    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&dir))?;
+    let result = (|| -> Result<()> {
+        let path = format!("{}:{}", dir.join("usr/bin").display(), std::env::var("PATH").unwrap_or_default());
+        let fish = text(
+            Command::new("fish")
+                .arg("--no-config")
+                .arg("-c")
+                .arg(format!(
+                    "set -p fish_complete_path {}; complete -C 'toa unl'",
+                    dir.join("usr/share/fish/vendor_completions.d").display()
+                ))
+                .env("PATH", &path),
+        )?;
+        if !fish.starts_with("unload\t") {
+            bail!("fish completes `toa unl` with {fish:?}, not unload");
+        }
+        let zsh = text(Command::new("zsh").arg("-fc").arg(format!(
+            "fpath=({} $fpath); autoload -Uz compinit; compinit -u -D; print -r -- $_comps[toa]",
+            dir.join("usr/share/zsh/vendor-completions").display()
+        )))?;
+        if zsh.trim() != "_toa" {
+            bail!("zsh's compinit binds toa to {zsh:?}, not _toa");
+        }
+        Ok(())
+    })();
+    let _ = fs::remove_dir_all(&dir);
+    result
 }
 
 /// Installs the `.rpm` into a scratch root with a shell (a copy of the Debian base, no systemd
