@@ -103,7 +103,7 @@ pub fn build(root: &Path, arches: &[Arch], profile: &str) -> Result<Packages> {
     Ok(packages)
 }
 
-fn file_name(path: &Path) -> String {
+pub fn file_name(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 

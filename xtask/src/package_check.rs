@@ -13,7 +13,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    package::Packages,
+    package::{self, Packages},
     run,
     systemd::{self, Overlay},
     Arch,
@@ -96,14 +96,17 @@ pub fn run_checks(root: &Path, packages: &Packages) -> Result<()> {
     ])?;
     for (arch, deb) in &packages.debs {
         inspect_deb(deb, *arch, &packages.version)?;
-        println!("  package: ok   {} (dpkg-deb -I/-c, xz members, lintian)", file_name(deb));
+        println!("  package: ok   {} (dpkg-deb -I/-c, xz members, lintian)", package::file_name(deb));
     }
     let (_, host_deb) = packages.debs.iter().find(|(a, _)| *a == Arch::X86_64).context("no x86_64 .deb")?;
     zsh_and_fish_complete(root, host_deb)?;
     println!("  package: ok   zsh and fish complete `toa unl` from the package's files (bash: in the guest)");
     for (arch, rpm) in &packages.rpms {
         inspect_rpm(root, rpm, *arch)?;
-        println!("  package: ok   {} (rpm -qp --info/--list/--scripts/--requires, xz payload)", file_name(rpm));
+        println!(
+            "  package: ok   {} (rpm -qp --info/--list/--scripts/--requires, xz payload)",
+            package::file_name(rpm)
+        );
     }
     let work = root.join("target/kernels");
     fs::create_dir_all(&work)?;
@@ -115,8 +118,12 @@ pub fn run_checks(root: &Path, packages: &Packages) -> Result<()> {
     deb_under_systemd(root, &work, &vmlinuz, deb)
 }
 
-fn file_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+/// `files` and the manual pages, sorted: what a package must list.
+fn expected(files: &[&str]) -> Vec<String> {
+    let mut want: Vec<String> = files.iter().map(|f| (*f).to_owned()).collect();
+    want.extend(MAN_PAGES.iter().map(|p| format!("/usr/share/man/man8/{p}.8.gz")));
+    want.sort();
+    want
 }
 
 fn text(cmd: &mut Command) -> Result<String> {
@@ -163,9 +170,7 @@ fn inspect_deb(deb: &Path, arch: Arch, version: &str) -> Result<()> {
         .filter_map(|l| l.split_whitespace().last()?.strip_prefix('.').map(str::to_owned))
         .collect();
     files.sort();
-    let mut want: Vec<String> = DEB_FILES.iter().map(|f| (*f).to_owned()).collect();
-    want.extend(MAN_PAGES.iter().map(|p| format!("/usr/share/man/man8/{p}.8.gz")));
-    want.sort();
+    let want = expected(DEB_FILES);
     if files != want {
         bail!("{}: dpkg-deb -c lists {files:?}, not {want:?}", deb.display());
     }
@@ -203,9 +208,7 @@ fn inspect_rpm(root: &Path, rpm: &Path, arch: Arch) -> Result<()> {
     }
     let mut files: Vec<String> = query(&["--list"])?.lines().map(str::to_owned).collect();
     files.sort();
-    let mut want: Vec<String> = RPM_FILES.iter().map(|f| (*f).to_owned()).collect();
-    want.extend(MAN_PAGES.iter().map(|p| format!("/usr/share/man/man8/{p}.8.gz")));
-    want.sort();
+    let want = expected(RPM_FILES);
     if files != want {
         bail!("{}: rpm -qp --list gives {files:?}, not {want:?}", rpm.display());
     }
@@ -295,9 +298,7 @@ fn rpm_root_in(scratch: &Path, rpm: &Path) -> Result<()> {
     rpm_in(&["-i", "--nodeps", "--replacepkgs", &rpm_file])?;
     let mut files: Vec<String> = rpm_in(&["-ql", "toa"])?.lines().map(str::to_owned).collect();
     files.sort();
-    let mut want: Vec<String> = RPM_FILES.iter().map(|f| (*f).to_owned()).collect();
-    want.extend(MAN_PAGES.iter().map(|p| format!("/usr/share/man/man8/{p}.8.gz")));
-    want.sort();
+    let want = expected(RPM_FILES);
     if files != want {
         bail!("rpm -ql toa gives {files:?}, not {want:?}");
     }
@@ -408,6 +409,8 @@ fn deb_facts(log: &str) -> Result<()> {
         ("the open connection kept its client", "after_upgrade", fact("after_upgrade") == client),
         ("reinstalling the same build", "reinstall_rc", fact("reinstall_rc") == "0"),
         ("... keeps the client too", "after_reinstall", fact("after_reinstall") == client),
+        ("the userspace drop-in, linked, switches the mode", "userspace_mode", fact("userspace_mode") == "1"),
+        ("... and the reader fills its table", "userspace_table", fact("userspace_table") == "present"),
         ("dpkg --purge (keep_loaded = true)", "purge_rc", fact("purge_rc") == "0"),
         (
             "the purge's stop kept toa loaded, as configured",
@@ -416,7 +419,8 @@ fn deb_facts(log: &str) -> Result<()> {
         ),
         ("... and the purge still unloaded: nothing pinned", "purged_pinned", fact("purged_pinned") == "no"),
         ("the service is gone", "purged_active", fact("purged_active") == "inactive"),
-        ("no file is left", "purged_files", fact("purged_files") == "0"),
+        ("no file is left, nor the drop-in's link", "purged_files", fact("purged_files") == "0"),
+        ("no capture reader is left", "purged_reader", fact("purged_reader") == "0"),
         (
             "the open connection shows its real peer again",
             "after_purge",

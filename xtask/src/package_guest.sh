@@ -52,6 +52,15 @@ dpkg -i /root/toa-second.deb </dev/null; fact reinstall_rc $?
 ready
 fact after_reinstall "$(ask three)"
 
+# The userspace mode's drop-in, turned on as the README says.
+mkdir -p /etc/systemd/system/toa.service.d
+ln -s /usr/share/toa/userspace.conf /etc/systemd/system/toa.service.d/
+systemctl daemon-reload
+systemctl restart toa.service
+ready
+fact userspace_mode "$(journalctl -u toa.service -o cat | grep -c 'toa loaded (userspace mode)')"
+fact userspace_table "$([ -e /run/toa/table ] && echo present || echo absent)"
+
 echo 'keep_loaded = true' >> /etc/toa/toa.toml
 systemctl reload toa.service
 wait_for "journalctl -u toa.service -o cat | grep -q 'configuration reloaded'"
@@ -59,7 +68,8 @@ dpkg --purge toa </dev/null; fact purge_rc $?
 fact purge_stop_kept_loaded "$(journalctl -u toa.service -o cat | grep -c 'stays loaded for the next start (keep_loaded)')"
 fact purged_active "$(state)"
 fact purged_pinned "$(pinned)"
-fact purged_files "$(ls -d /etc/toa /usr/bin/toa /usr/lib/toa /lib/systemd/system/toa.service /run/toa 2>/dev/null | wc -l)"
+fact purged_files "$(ls -d /etc/toa /usr/bin/toa /usr/lib/toa /lib/systemd/system/toa.service /run/toa /etc/systemd/system/toa.service.d 2>/dev/null | wc -l)"
+fact purged_reader "$(grep -l userspace-reade[r] /proc/[0-9]*/cmdline 2>/dev/null | wc -l)"
 fact after_purge "$(ask four)"
 dpkg --purge toa </dev/null; fact purge_again_rc $?
 echo TOA-PKG-END
