@@ -1,7 +1,8 @@
-# toa's %post: installing attaches nothing (systemctl enable --now toa when ready).
+# toa's %post: installing attaches nothing; the operator enables the service when ready.
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload || :
 fi
 if [ "$1" -eq 1 ]; then
-    echo "toa: installed, nothing attached; start it with: systemctl enable --now toa"
+    # Two commands: CentOS 7's systemd 219 has no `enable --now`.
+    echo "toa: installed, nothing attached; start it with: systemctl enable toa && systemctl start toa"
 fi

@@ -2,7 +2,9 @@
 # = true left it loaded), from the places /etc/toa/toa.toml names. An upgrade stops nothing.
 if [ "$1" -eq 0 ]; then
     if [ -d /run/systemd/system ]; then
-        systemctl disable --now toa.service >/dev/null 2>&1 || :
+        # Two commands, not `disable --now`: CentOS 7's systemd 219 predates --now.
+        systemctl stop toa.service || :
+        systemctl disable toa.service >/dev/null 2>&1 || :
     fi
     if [ -f /etc/toa/toa.toml ]; then
         /usr/bin/toa unload --config /etc/toa/toa.toml || exit 1
