@@ -78,11 +78,15 @@ fn is_static(path: &Path) -> bool {
     text.contains("statically linked") || text.contains("static-pie linked")
 }
 
-/// The image and the container, removed on drop (also when the test fails).
+/// The image, the container and the cgroups podman made for it, removed on drop (also when
+/// the test fails).
 struct Podman {
     image: String,
     container: String,
     context: PathBuf,
+    /// The container's --cgroup-parent: podman creates it, and `conmon` below it, in every
+    /// hierarchy and leaves both behind.
+    cgroup_parent: String,
 }
 
 impl Podman {
@@ -102,6 +106,14 @@ impl Drop for Podman {
         );
         report_cleanup(format!("podman rmi {}", self.image), succeeded(self.podman().args(["rmi", "-f", &self.image])));
         report_cleanup(format!("remove {}", self.context.display()), removed(fs::remove_dir_all(&self.context)));
+        for hierarchy in fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            let parent = hierarchy.path().join(&self.cgroup_parent);
+            for dir in [parent.join("conmon"), parent] {
+                if dir.is_dir() {
+                    report_cleanup(format!("remove {}", dir.display()), removed(fs::remove_dir(&dir)));
+                }
+            }
+        }
     }
 }
 
@@ -125,7 +137,8 @@ fn image_runs_as_the_daemonset_and_serves_the_client() {
     let context = std::env::temp_dir().join(&id);
     let _ = fs::remove_dir_all(&context);
     fs::create_dir_all(&context).unwrap();
-    let podman = Podman { image: format!("localhost/{id}:test"), container: id.clone(), context };
+    let podman =
+        Podman { image: format!("localhost/{id}:test"), container: id.clone(), context, cgroup_parent: id.clone() };
     fs::copy(&toa, podman.context.join("toa")).unwrap();
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
     run(podman
@@ -139,6 +152,7 @@ fn image_runs_as_the_daemonset_and_serves_the_client() {
 
     let mut cmd = podman.podman();
     cmd.args(["run", "--detach", "--name", &id, "--pull=never", "--user", "0:0"]);
+    cmd.arg(format!("--cgroup-parent=/{}", podman.cgroup_parent));
     // hostNetwork: the node's network namespace, here the lab's server (the metrics' 0.0.0.0
     // stays inside it).
     cmd.arg(format!("--network=ns:{}", lab.netns_path(&lab.server_ns).display()));
