@@ -44,6 +44,14 @@ impl Arch {
         }
     }
 
+    /// As Debian names it (a .deb's Architecture).
+    pub(crate) fn deb_name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+        }
+    }
+
     pub(crate) fn musl_target(self) -> &'static str {
         match self {
             Arch::X86_64 => "x86_64-unknown-linux-musl",

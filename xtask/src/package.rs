@@ -191,11 +191,7 @@ fn source_date(root: &Path) -> String {
 /// (Ubuntu 16.04 has 1.18) reads.
 pub fn deb(root: &Path, arch: Arch, out: &Path, revision: &str) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let deb_arch = match arch {
-        Arch::X86_64 => "amd64",
-        Arch::Aarch64 => "arm64",
-    };
-    let file = out.join(format!("toa_{}-{revision}_{deb_arch}.deb", version(root)?));
+    let file = out.join(format!("toa_{}-{revision}_{}.deb", version(root)?, arch.deb_name()));
     run(Command::new(cargo)
         .args(["deb", "--package", "toa", "--no-build", "--no-strip", "--compress-type", "xz", "--quiet"])
         .args(["--target", arch.musl_target(), "--deb-revision", revision, "--output"])

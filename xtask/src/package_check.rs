@@ -98,6 +98,7 @@ pub fn run_checks(root: &Path, packages: &Packages) -> Result<()> {
         inspect_deb(deb, *arch, &packages.version)?;
         println!("  package: ok   {} (dpkg-deb -I/-c, xz members, lintian)", package::file_name(deb));
     }
+    // This machine's architecture: the one its shells and qemu's fast guest run.
     let (_, host_deb) = packages.debs.iter().find(|(a, _)| *a == Arch::X86_64).context("no x86_64 .deb")?;
     zsh_and_fish_complete(root, host_deb)?;
     println!("  package: ok   zsh and fish complete `toa unl` from the package's files (bash: in the guest)");
@@ -113,9 +114,8 @@ pub fn run_checks(root: &Path, packages: &Packages) -> Result<()> {
     let (_, rpm) = packages.rpms.iter().find(|(a, _)| *a == Arch::X86_64).context("no x86_64 .rpm")?;
     rpm_root(&work, rpm)?;
     println!("  package: ok   rpm --root install and erase in a scratch root");
-    let (_, deb) = packages.debs.iter().find(|(a, _)| *a == Arch::X86_64).context("no x86_64 .deb")?;
     let vmlinuz = crate::kernels::systemd_kernel(&work)?;
-    deb_under_systemd(root, &work, &vmlinuz, deb)
+    deb_under_systemd(root, &work, &vmlinuz, host_deb)
 }
 
 /// `files` and the manual pages, sorted: what a package must list.
@@ -150,10 +150,12 @@ fn inspect_deb(deb: &Path, arch: Arch, version: &str) -> Result<()> {
         );
     }
     let info = text(Command::new("dpkg-deb").arg("-I").arg(deb))?;
-    let deb_arch = if arch == Arch::X86_64 { "amd64" } else { "arm64" };
-    for field in
-        ["Package: toa", &format!("Version: {version}-1"), &format!("Architecture: {deb_arch}"), "Depends: libc6"]
-    {
+    for field in [
+        "Package: toa",
+        &format!("Version: {version}-1"),
+        &format!("Architecture: {}", arch.deb_name()),
+        "Depends: libc6",
+    ] {
         if !info.lines().any(|l| l.trim() == field) {
             bail!("{}: dpkg-deb -I has no \"{field}\":\n{info}", deb.display());
         }

@@ -120,7 +120,10 @@ fn base_cpio(work: &Path) -> Result<PathBuf> {
     let rootfs = base_rootfs(work)?;
     let cpio = work.join("systemd-rootfs.cpio");
     if !cpio.exists() {
-        pack(&rootfs, &cpio)?;
+        // Renamed into place: an interrupted run leaves no truncated archive to reuse.
+        let partial = work.join("systemd-rootfs.cpio.partial");
+        pack(&rootfs, &partial)?;
+        fs::rename(&partial, &cpio)?;
     }
     Ok(cpio)
 }
