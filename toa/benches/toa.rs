@@ -68,6 +68,10 @@ fn main() {
         fs::write(out.join("faults.json"), serde_json::to_string_pretty(&Value::Object(results)).unwrap()).unwrap();
         return;
     }
+    if std::env::var("TOA_BENCH_ONLY").as_deref() == Ok("agent_cpu") {
+        bench.agent_cpu(&s);
+        return;
+    }
     let rates = bench.connection_rates(&s);
     results.insert("connection_rate".into(), rates);
     results.insert("modes".into(), bench.modes(&s));
@@ -148,6 +152,12 @@ impl<'a> Bench<'a> {
     /// Connections per second, `clients` threads of short connections for `run_time`, against a
     /// server that does accept() + read + getpeername() + reply + close.
     fn rate(&self, s: &Settings, port: u16, proxy_v2: bool) -> f64 {
+        let (done, elapsed) = self.connections(s, port, proxy_v2);
+        done as f64 / elapsed.as_secs_f64()
+    }
+
+    /// Connections made by `clients` threads for `run_time`, and how long they ran.
+    fn connections(&self, s: &Settings, port: u16, proxy_v2: bool) -> (u64, Duration) {
         let target: SocketAddr = format!("198.18.0.1:{port}").parse().unwrap();
         let done = Arc::new(AtomicU64::new(0));
         let counter = done.clone();
@@ -161,7 +171,7 @@ impl<'a> Bench<'a> {
             },
             || std::thread::sleep(s.run_time),
         );
-        done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()
+        (done.load(Ordering::Relaxed), elapsed)
     }
 
     /// `s.clients` threads in the client namespace, each calling `one` over and over while
@@ -539,48 +549,95 @@ impl<'a> Bench<'a> {
     }
 
     /// Where the time goes: the kernel's own accounting of the agent's programs
-    /// (BPF_ENABLE_STATS, held only for this measurement) over TOA connections.
+    /// (BPF_ENABLE_STATS, held only for this measurement), with and without a TOA on the
+    /// connections. Programs that return at once ride along on the same hooks: their cost per
+    /// run is what the statistics charge any program (the clock reads and the call), the floor
+    /// the agent's own figures are given above.
     fn agent_cpu(&self, s: &Settings) -> Value {
         println!("\nagent CPU per connection (kernel BPF run-time statistics)");
         let _server = start_server(self, 8087, Server::Echo);
-        self.set_option(true);
         self.set_agent(true);
-        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time statistics");
-        let snapshot = || -> Vec<(String, u64, u64)> {
-            let ids: Vec<u32> =
-                self.agent.status().map(|st| st.programs.iter().map(|p| p.id).collect()).unwrap_or_default();
-            aya::programs::loaded_programs()
-                .filter_map(Result::ok)
-                .filter(|p| ids.contains(&p.id()))
-                .map(|p| (p.name_as_str().unwrap_or("?").to_owned(), p.run_time().as_nanos() as u64, p.run_count()))
-                .collect()
-        };
-        let before = snapshot();
-        let mut made = 0.0;
-        for _ in 0..s.repeats {
-            made += self.rate(s, 8087, false) * s.run_time.as_secs_f64();
-        }
-        let after = snapshot();
-        drop(stats);
-        self.set_agent(false);
-        let mut total_ns = 0.0;
-        let mut programs = Vec::new();
-        for (name, t1, c1) in &after {
-            let Some((_, t0, c0)) = before.iter().find(|(n, _, _)| n == name) else {
-                continue;
-            };
-            let (ns, calls) = ((t1 - t0) as f64, (c1 - c0) as f64);
-            if calls == 0.0 {
-                continue;
+        let floor = probe::Floor::attach(&self.cgroup, false).expect("attach the floor programs");
+        let mut arms = serde_json::Map::new();
+        for (arm, option) in [("toa", true), ("no_option", false)] {
+            self.set_option(option);
+            let mut ids: Vec<(String, u32)> =
+                self.agent.status().map(|st| st.programs.iter().map(|p| (p.name.clone(), p.id)).collect()).unwrap();
+            ids.extend(floor.programs());
+            let counter = probe::CallbackCounter::attach(&self.cgroup).expect("attach the callback counter");
+            let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time statistics");
+            let before = program_stats(&ids);
+            let mut made = 0;
+            for _ in 0..s.repeats {
+                made += self.connections(s, 8087, false).0;
             }
-            total_ns += ns;
-            println!("  {name:<16} {:>6.0} ns per run, {:>5.2} runs per connection", ns / calls, calls / made);
-            programs.push(json!({"program": name, "ns_per_run": ns / calls, "runs_per_connection": calls / made}));
+            let after = program_stats(&ids);
+            drop(stats);
+            let callbacks = callbacks_per_connection(&counter, made);
+            drop(counter);
+            let made = made as f64;
+            let per = |name: &str| -> (f64, f64) {
+                let (t0, c0) = before[name];
+                let (t1, c1) = after[name];
+                let calls = (c1 - c0) as f64;
+                (if calls > 0.0 { (t1 - t0) as f64 / calls } else { 0.0 }, calls / made)
+            };
+            let floor_of =
+                |name: &str| per(if name == "toa_sock_ops" { "toa_floor_sockops" } else { "toa_floor_getpeer4" }).0;
+            // The segments the agent asks to read (PARSE_HDR_OPT) are runs it causes: charged in full.
+            let asked = callbacks.1.get("PARSE_HDR_OPT").and_then(Value::as_f64).unwrap_or(0.0);
+            println!("  {}:", if option { "TOA on every connection" } else { "no option" });
+            println!("    sock_ops callbacks per connection (client and server sockets): {}", callbacks.0);
+            let (mut total, mut above) = (0.0, 0.0);
+            let mut programs = Vec::new();
+            for (name, _) in ids.iter().filter(|(n, _)| !n.starts_with("toa_floor")) {
+                let (ns, runs) = per(name);
+                if runs == 0.0 {
+                    continue;
+                }
+                let anyway = if name == "toa_sock_ops" { runs - asked } else { runs };
+                total += ns * runs;
+                above += ns * runs - floor_of(name) * anyway;
+                println!(
+                    "    {name:<16} {ns:>6.0} ns per run (floor {:>4.0}), {runs:>5.2} runs per connection",
+                    floor_of(name)
+                );
+                programs.push(json!({"program": name, "ns_per_run": ns, "floor_ns_per_run": floor_of(name), "runs_per_connection": runs}));
+            }
+            println!(
+                "    = {total:.0} ns of agent BPF time per connection; {above:.0} ns above what a program that returns at once costs on the callbacks the kernel makes anyway"
+            );
+            arms.insert(arm.into(), json!({"connections": made, "callbacks_per_connection": callbacks.1, "programs": programs, "ns_per_connection": total, "ns_above_floor_per_connection": above}));
         }
-        let per_conn = total_ns / made;
-        let wall = 1e9 * s.clients as f64 / (made / (s.repeats as f64 * s.run_time.as_secs_f64()));
-        println!("  = {per_conn:.0} ns of agent CPU per connection, against {:.0} µs of wall time per connection per client thread ({:.1}%)", wall / 1e3, 100.0 * per_conn / wall);
-        json!({"connections": made, "programs": programs, "ns_per_connection": per_conn, "wall_ns_per_connection_per_thread": wall})
+        drop(floor);
+        self.set_option(true);
+        self.set_agent(false);
+        let storage = self.storage_cost(s);
+        json!({"arms": arms, "storage_create_ns": storage})
+    }
+
+    /// What the kernel charges for creating one socket-storage record (the agent's one write
+    /// per connection with a client), agent unloaded: a program that does only that, against
+    /// one that returns at once, on the same connections.
+    fn storage_cost(&self, s: &Settings) -> f64 {
+        let plain = probe::Floor::attach(&self.cgroup, false).expect("attach the floor programs");
+        let storing = probe::Floor::attach(&self.cgroup, true).expect("attach the storage floor");
+        let mut ids = plain.programs();
+        ids.extend(storing.programs().into_iter().filter(|(n, _)| n == "toa_floor_storage"));
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time statistics");
+        let before = program_stats(&ids);
+        let mut made = 0;
+        for _ in 0..s.repeats {
+            made += self.connections(s, 8087, false).0;
+        }
+        let after = program_stats(&ids);
+        drop(stats);
+        let delta = |name: &str| (after[name].0 - before[name].0, after[name].1 - before[name].1);
+        let (floor_ns, floor_runs) = delta("toa_floor_sockops");
+        let (store_ns, store_runs) = delta("toa_floor_storage");
+        let per_conn = (store_ns as f64 - floor_ns as f64 / floor_runs as f64 * store_runs as f64) / made as f64;
+        println!("  creating one socket-storage record (kernel, no agent): {per_conn:.0} ns per connection");
+        per_conn
     }
 
     /// ns per getpeername() on one accepted socket: the agent rewriting it vs no agent.
@@ -790,6 +847,53 @@ impl<'a> Bench<'a> {
             move || toa::conns::list(&pins).map(|c| c.len()).unwrap_or(usize::MAX)
         })
     }
+}
+
+/// (run time in ns, runs) of each program in `ids`, by name.
+fn program_stats(ids: &[(String, u32)]) -> std::collections::HashMap<String, (u64, u64)> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| {
+            let (name, _) = ids.iter().find(|(_, id)| *id == p.id())?;
+            Some((name.clone(), (p.run_time().as_nanos() as u64, p.run_count())))
+        })
+        .collect()
+}
+
+/// The sock_ops callbacks `counter` saw per connection, by kind: a line to print and the JSON.
+fn callbacks_per_connection(counter: &probe::CallbackCounter, made: u64) -> (String, Value) {
+    let counts = counter.counts().expect("read the callback counts");
+    let mut out = serde_json::Map::new();
+    let mut line = Vec::new();
+    for (op, n) in counts.iter().enumerate().filter(|(_, n)| **n > 0) {
+        let per = *n as f64 / made as f64;
+        out.insert(callback_name(op).into(), json!(per));
+        line.push(format!("{} {per:.2}", callback_name(op)));
+    }
+    (line.join(", "), Value::Object(out))
+}
+
+/// The name of a `BPF_SOCK_OPS_*_CB` value (include/uapi/linux/bpf.h).
+fn callback_name(op: usize) -> &'static str {
+    const NAMES: [&str; 16] = [
+        "VOID",
+        "TIMEOUT_INIT",
+        "RWND_INIT",
+        "TCP_CONNECT",
+        "ACTIVE_ESTABLISHED",
+        "PASSIVE_ESTABLISHED",
+        "NEEDS_ECN",
+        "BASE_RTT",
+        "RTO",
+        "RETRANS",
+        "STATE",
+        "TCP_LISTEN",
+        "RTT",
+        "PARSE_HDR_OPT",
+        "HDR_OPT_LEN",
+        "WRITE_HDR_OPT",
+    ];
+    NAMES.get(op).copied().unwrap_or("?")
 }
 
 fn toa_config(on: bool) -> toa_common::probe::ProbeConfig {

@@ -7,13 +7,14 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock_ops, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_WRITE_HDR_OPT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
+        bpf_sock_ops, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_HDR_OPT_LEN_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG,
     },
-    btf_maps::Array,
-    helpers::generated::{bpf_reserve_hdr_opt, bpf_store_hdr_opt},
-    macros::{btf_map, sock_ops},
-    programs::SockOpsContext,
+    btf_maps::{Array, PerCpuArray, SkStorage},
+    helpers::generated::{bpf_reserve_hdr_opt, bpf_sk_storage_get, bpf_store_hdr_opt},
+    macros::{btf_map, cgroup_sock_addr, sock_ops},
+    programs::{SockAddrContext, SockOpsContext},
 };
 use toa_common::probe::{
     ProbeConfig, PROBE_ON_DATA, PROBE_ON_MASK, PROBE_ON_SYN, PROBE_OPTIONS, PROBE_OPTION_MAX, PROBE_PORT_FROM_SOURCE,
@@ -33,6 +34,10 @@ pub fn toa_probe(ctx: SockOpsContext) -> u32 {
     };
     // SAFETY: the map slot outlives the program; only this probe's connection uses it.
     let config = unsafe { &mut *config };
+    if config.count == 0 {
+        // Nothing to write: ask for no header callbacks either.
+        return 1;
+    }
     let on = config.on & PROBE_ON_MASK;
     let on_syn = on == PROBE_ON_SYN;
     match ctx.op() {
@@ -60,6 +65,52 @@ pub fn toa_probe(ctx: SockOpsContext) -> u32 {
             let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
         }
         _ => {}
+    }
+    1
+}
+
+/// Returns at once. The benchmark attaches these next to the agent: what the kernel's run-time
+/// statistics charge them per run is the floor of any program on the same hook (the clock reads
+/// of the statistics themselves and the call), measured in the same run as the agent.
+#[sock_ops]
+pub fn toa_floor_sockops(_ctx: SockOpsContext) -> u32 {
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn toa_floor_getpeer4(_ctx: SockAddrContext) -> i32 {
+    1
+}
+
+/// Socket storage of the agent's record size, for `toa_floor_storage`.
+#[btf_map]
+static TOA_PROBE_STORAGE: SkStorage<toa_common::SockState> = SkStorage::new();
+
+/// Creates a socket-storage record on every passive connection and does nothing else: what the
+/// kernel charges for the one storage write the agent makes per connection with a client.
+#[sock_ops]
+pub fn toa_floor_storage(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // SAFETY: `sk` is readable in every sock_ops callback; null-checked below.
+        let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+        if !sk.is_null() {
+            let map = core::ptr::addr_of!(TOA_PROBE_STORAGE) as *mut core::ffi::c_void;
+            // SAFETY: a valid map and a non-null socket; a null value zero-fills the record.
+            unsafe { bpf_sk_storage_get(map, sk.cast(), core::ptr::null_mut(), BPF_SK_STORAGE_GET_F_CREATE as u64) };
+        }
+    }
+    1
+}
+
+/// sock_ops callbacks seen, by `op` (the benchmark's breakdown of the runs per connection).
+#[btf_map]
+static TOA_PROBE_CALLBACKS: PerCpuArray<u64, 32> = PerCpuArray::new();
+
+#[sock_ops]
+pub fn toa_count_callbacks(ctx: SockOpsContext) -> u32 {
+    if let Some(slot) = TOA_PROBE_CALLBACKS.get_ptr_mut(ctx.op() & 31) {
+        // SAFETY: a per-CPU slot; programs on this CPU do not preempt each other.
+        unsafe { *slot += 1 };
     }
     1
 }

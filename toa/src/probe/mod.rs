@@ -200,25 +200,9 @@ pub struct Writer {
 
 impl Writer {
     pub fn attach(cgroup: &std::path::Path, first: ProbeConfig) -> Result<Self, Error> {
-        programs::require_embedded()?;
-        system::raise_memlock();
-        let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
-        let ebpf = EbpfLoader::new().load(programs::PROBE).map_err(|e| load_err(&e))?;
-        let mut writer = Self { ebpf };
+        let mut writer = Self { ebpf: load_probe_object()? };
         writer.set(first)?;
-        let program: &mut SockOps = writer
-            .ebpf
-            .program_mut(programs::PROBE_WRITER)
-            .ok_or_else(|| Error::Load { detail: "program toa_probe missing".into() })?
-            .try_into()
-            .map_err(|e| load_err(&e))?;
-        program.load().map_err(|e| load_err(&e))?;
-        let dir = std::fs::File::open(cgroup)?;
-        program.attach(&dir, CgroupAttachMode::Single).map_err(|e| Error::Attach {
-            program: programs::PROBE_WRITER,
-            cgroup: cgroup.to_owned(),
-            detail: chain(&e),
-        })?;
+        attach_sock_ops(&mut writer.ebpf, programs::PROBE_WRITER, cgroup)?;
         Ok(writer)
     }
 
@@ -237,6 +221,97 @@ impl Writer {
     pub fn get(&mut self) -> Result<ProbeConfig, Error> {
         self.array()?.get(&0, 0).map_err(|e| Error::Load { detail: chain(&e) })
     }
+}
+
+/// Programs of the probe object that return at once, attached to a cgroup next to the agent:
+/// the kernel's run-time statistics of these are the per-run floor of the hooks (benchmarks).
+/// Dropping it detaches them.
+pub struct Floor {
+    ebpf: aya::Ebpf,
+}
+
+impl Floor {
+    /// With `storage`, the sock_ops program also creates a socket-storage record of the agent's
+    /// size on each passive connection (`toa_floor_storage`): the kernel's price of that write.
+    pub fn attach(cgroup: &std::path::Path, storage: bool) -> Result<Self, Error> {
+        let mut ebpf = load_probe_object()?;
+        attach_sock_ops(&mut ebpf, if storage { "toa_floor_storage" } else { "toa_floor_sockops" }, cgroup)?;
+        let program: &mut aya::programs::CgroupSockAddr = ebpf
+            .program_mut("toa_floor_getpeer4")
+            .ok_or_else(|| Error::Load { detail: "program toa_floor_getpeer4 missing".into() })?
+            .try_into()
+            .map_err(|e| Error::Load { detail: chain(&e) })?;
+        program.load().map_err(|e| Error::Load { detail: chain(&e) })?;
+        let dir = std::fs::File::open(cgroup)?;
+        program.attach(&dir, CgroupAttachMode::Single).map_err(|e| Error::Attach {
+            program: "toa_floor_getpeer4",
+            cgroup: cgroup.to_owned(),
+            detail: chain(&e),
+        })?;
+        Ok(Self { ebpf })
+    }
+
+    /// (program name, kernel id) of the attached programs.
+    pub fn programs(&self) -> Vec<(String, u32)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| Some((name.to_owned(), p.info().ok()?.id())))
+            .filter(|(name, _)| name.starts_with("toa_floor"))
+            .collect()
+    }
+}
+
+/// Counts the sock_ops callbacks of a cgroup's sockets by `op` (benchmarks). Dropping it
+/// detaches it.
+pub struct CallbackCounter {
+    ebpf: aya::Ebpf,
+}
+
+impl CallbackCounter {
+    pub fn attach(cgroup: &std::path::Path) -> Result<Self, Error> {
+        let mut ebpf = load_probe_object()?;
+        attach_sock_ops(&mut ebpf, "toa_count_callbacks", cgroup)?;
+        Ok(Self { ebpf })
+    }
+
+    /// Callbacks seen so far, indexed by `BPF_SOCK_OPS_*_CB`, summed over CPUs.
+    pub fn counts(&self) -> Result<[u64; 32], Error> {
+        let map = self
+            .ebpf
+            .map("TOA_PROBE_CALLBACKS")
+            .ok_or_else(|| Error::Load { detail: "map TOA_PROBE_CALLBACKS missing".into() })?;
+        let slots: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(map).map_err(|e| Error::Load { detail: chain(&e) })?;
+        let mut out = [0u64; 32];
+        for (op, total) in out.iter_mut().enumerate() {
+            let per_cpu = slots.get(&(op as u32), 0).map_err(|e| Error::Load { detail: chain(&e) })?;
+            *total = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+}
+
+fn load_probe_object() -> Result<aya::Ebpf, Error> {
+    programs::require_embedded()?;
+    system::raise_memlock();
+    EbpfLoader::new().load(programs::PROBE).map_err(|e| Error::Load { detail: chain(&e) })
+}
+
+fn attach_sock_ops(ebpf: &mut aya::Ebpf, name: &'static str, cgroup: &std::path::Path) -> Result<(), Error> {
+    let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
+    let program: &mut SockOps = ebpf
+        .program_mut(name)
+        .ok_or_else(|| Error::Load { detail: format!("program {name} missing") })?
+        .try_into()
+        .map_err(|e| load_err(&e))?;
+    program.load().map_err(|e| load_err(&e))?;
+    let dir = std::fs::File::open(cgroup)?;
+    program.attach(&dir, CgroupAttachMode::Single).map_err(|e| Error::Attach {
+        program: name,
+        cgroup: cgroup.to_owned(),
+        detail: chain(&e),
+    })?;
+    Ok(())
 }
 
 /// `count` connections open at the same time, each announcing its own source port.
