@@ -21,7 +21,8 @@ pub enum Counter {
     GetnameToaEmpty,
     /// TOA found on a segment after the handshake ACK.
     DataSegmentToa,
-    /// Stopped looking: the first `SEARCH_SEGMENTS_IN` segments carried no TOA.
+    /// Neither the handshake ACK nor the next segment carried a TOA: from then on only segments
+    /// with an option the kernel does not know are read (up to `SEARCH_SEGMENTS_IN` segments).
     SearchGaveUp,
     /// A malformed TOA or broken option list was seen (the real address is kept).
     OptionMalformed,
@@ -99,7 +100,7 @@ impl Counter {
             Counter::GetnameToaBypass => "getpeername() on a socket that is not TCP (left alone)",
             Counter::GetnameToaEmpty => "getpeername() on a TCP socket without a client address",
             Counter::DataSegmentToa => "TOA found on a segment after the handshake ACK",
-            Counter::SearchGaveUp => "connections whose first segments carried no TOA (stopped looking)",
+            Counter::SearchGaveUp => "connections whose handshake ACK and next segment carried no TOA",
             Counter::OptionMalformed => "malformed TOA or option list seen (real address kept)",
             Counter::StorageFailed => "socket storage allocation failures (real address kept)",
             Counter::UntrustedOption => "valid options from sources outside the trust list (ignored)",

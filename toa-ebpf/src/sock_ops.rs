@@ -2,16 +2,19 @@
 //!
 //! The option usually rides on the ACK that completes the handshake
 //! (`PASSIVE_ESTABLISHED_CB`). If it is not there, the agent asks the kernel for the options of
-//! the next segments (`PARSE_HDR_OPT_CB`) until the connection has received
-//! `SEARCH_SEGMENTS_IN` segments. The search keeps no state of its own (the callback flag and the
-//! socket's segment count are the state), so a connection without a TOA costs no allocation. With
-//! `FLAG_READ_SYN` listeners save their SYN (`TCP_LISTEN_CB`) and its options are read too.
+//! the next segment the kernel hands over (`PARSE_HDR_OPT_CB`), where balancers that skip the
+//! ACK put it, then only of segments with an option the kernel does not know, which a TOA almost
+//! always is to it (see docs/ARCHITECTURE.md), until the connection has received
+//! `SEARCH_SEGMENTS_IN` segments. The search keeps no state of its own (the callback flags and
+//! the socket's segment count are the state), so a connection without a TOA costs no allocation
+//! and, after one more segment, no more runs. With `FLAG_READ_SYN` listeners save their SYN
+//! (`TCP_LISTEN_CB`) and its options are read too.
 //! `TOA_CONFIG` says which layouts to read, from which sources and on which local ports.
 
 use aya_ebpf::{
     bindings::{
         bpf_sock, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG, BPF_SOCK_OPS_PARSE_HDR_OPT_CB,
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
     helpers::generated::{bpf_setsockopt, bpf_sk_storage_get},
     macros::sock_ops,
@@ -124,12 +127,24 @@ fn remember(sk: *mut bpf_sock, client: &ClientAddr) {
     }
 }
 
-fn set_search(ctx: &SockOpsContext, on: bool) {
-    let flags = ctx.cb_flags();
-    let flags = if on {
-        flags | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG
-    } else {
-        flags & !BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG
+/// Which segments the kernel hands to `on_later_segment`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Search {
+    /// Every segment the kernel's slow path handles (one, then `Unknown`).
+    All,
+    /// Segments with an option the kernel does not know.
+    Unknown,
+    Off,
+}
+
+const SEARCH_FLAGS: u32 = BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG | BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG;
+
+fn set_search(ctx: &SockOpsContext, search: Search) {
+    let flags = ctx.cb_flags() & !SEARCH_FLAGS;
+    let flags = match search {
+        Search::All => flags | BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
+        Search::Unknown => flags | BPF_SOCK_OPS_PARSE_UNKNOWN_HDR_OPT_CB_FLAG,
+        Search::Off => flags,
     };
     let _ = ctx.set_cb_flags(flags as i32);
 }
@@ -172,7 +187,7 @@ fn on_established(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
     // Some balancers put the option on the first data segment: look at the next ones (GiveUp:
     // nothing from this source will be honoured).
     if verdict == Verdict::KeepLooking {
-        set_search(ctx, true);
+        set_search(ctx, Search::All);
     }
 }
 
@@ -188,14 +203,19 @@ fn on_later_segment(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) 
     // not asked again on every segment.
     match decide(parsed, true, segs_in >= SEARCH_SEGMENTS_IN) {
         Verdict::Remember => {
-            set_search(ctx, false);
+            set_search(ctx, Search::Off);
             count(Counter::DataSegmentToa);
             remember(sk, &area.last);
         }
-        Verdict::GiveUp => {
-            count(Counter::SearchGaveUp);
-            set_search(ctx, false);
+        Verdict::GiveUp => set_search(ctx, Search::Off),
+        Verdict::KeepLooking => {
+            // The next segment had none either: from here on the kernel calls only for segments
+            // that carry an option it does not know (no run at all for the others).
+            if ctx.cb_flags() & BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG != 0 {
+                count(Counter::SearchGaveUp);
+                set_search(ctx, Search::Unknown);
+            }
         }
-        Verdict::KeepLooking | Verdict::Untrusted => {}
+        Verdict::Untrusted => {}
     }
 }

@@ -52,19 +52,20 @@ struct Seen {
 /// The SYN's usual option area: an MSS of 1460.
 pub const MSS_ONLY: [u8; 4] = [2, 4, 0x05, 0xb4];
 
-/// The option areas of the client's three segments: SYN, handshake ACK, and the one that
-/// carries the data.
+/// The option areas of the client's segments: SYN, handshake ACK, pure ACKs sent between it
+/// and the data (usually none), and the segment that carries the data.
 #[derive(Clone, Debug)]
 pub struct Areas {
     pub syn: Vec<u8>,
     pub ack: Vec<u8>,
+    pub between: Vec<Vec<u8>>,
     pub data: Vec<u8>,
 }
 
 /// Connects with `options` on the handshake ACK, sends `line`, and returns what the server
 /// answered. Must run on a thread inside the client namespace.
 pub fn exchange(dst: Ipv4Addr, dport: u16, sport: u16, options: &[u8], line: &[u8]) -> io::Result<String> {
-    let areas = Areas { syn: MSS_ONLY.to_vec(), ack: options.to_vec(), data: Vec::new() };
+    let areas = Areas { syn: MSS_ONLY.to_vec(), ack: options.to_vec(), between: Vec::new(), data: Vec::new() };
     exchange_with(dst, dport, sport, &areas, line)
 }
 
@@ -142,6 +143,9 @@ pub fn exchange_with(dst: Ipv4Addr, dport: u16, sport: u16, areas: &Areas, line:
     let synack = wait(&|s| s.flags & (SYN | ACK) == SYN | ACK)?;
     let (seq, ack) = (isn + 1, synack.seq.wrapping_add(1));
     send_seg(segment(dst, sport, dport, seq, ack, ACK, &areas.ack, &[]))?;
+    for area in &areas.between {
+        send_seg(segment(dst, sport, dport, seq, ack, ACK, area, &[]))?;
+    }
     send_seg(segment(dst, sport, dport, seq, ack, PSH | ACK, &areas.data, line))?;
     let answer = wait(&|s| !s.payload.is_empty())?;
     // Leave nothing behind on the server.

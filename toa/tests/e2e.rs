@@ -11,6 +11,7 @@ in_both_modes!(
     ipv6_client_reaches_ipv6_listeners,
     ipv4_client_on_dual_stack_listener_is_v4_mapped,
     option_on_first_data_segment,
+    option_after_the_next_segment,
     connection_without_option_keeps_its_address,
     port_63881_is_read_as_a_port,
     malformed_options_keep_the_real_address,
@@ -80,6 +81,38 @@ fn option_on_first_data_segment(mode: Mode) {
     let real = probe_source(&err);
     assert!(out == answer(&real, CLIENT) || out == answer(CLIENT, CLIENT), "{out:?} (real address {real})");
     assert_eq!(lab.stats()["data_segment_toa"], 1);
+}
+
+/// The search after the handshake ACK: the next segment is read whatever it carries (a TOA for
+/// port 63881 too, which the kernel takes for Fast Open); after it, the kernel hands over only
+/// segments with options it does not know, and a TOA is one.
+fn option_after_the_next_segment(mode: Mode) {
+    use toa_lab::raw_tcp::{Areas, MSS_ONLY};
+    let mut lab = Lab::with_mode(mode);
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    let nops = vec![1, 1, 1, 1];
+    let cases = [
+        ("TOA for port 63881 on the data segment", vec![], "203.0.113.7:63881"),
+        ("TOA on the data segment after a pure ACK with options", vec![nops.clone()], CLIENT),
+        ("TOA after two pure ACKs with options", vec![nops.clone(), nops], CLIENT),
+    ];
+    for (i, (what, between, client)) in cases.iter().enumerate() {
+        let port: u16 = client.rsplit(':').next().unwrap().parse().unwrap();
+        let data = [vec![1, 1, 1, 1], toa4([203, 0, 113, 7], port)].concat();
+        let areas = Areas { syn: MSS_ONLY.to_vec(), ack: vec![], between: between.clone(), data };
+        let sport = 41000 + i as u16;
+        let real = format!("{}:{sport}", toa_lab::raw_tcp::SPOOFED);
+        let reply = lab.raw_exchanges(8080, vec![(sport, areas)]).remove(0);
+        // accept() may return before the data segment is in (see option_on_first_data_segment).
+        assert!(reply == answer(&real, client) || reply == answer(client, client), "{what}: {reply:?}");
+    }
+    let stats = lab.stats();
+    assert_eq!(stats["data_segment_toa"], 3, "{stats}");
+    if mode == Mode::Ebpf {
+        // Two connections had a segment without a TOA after the handshake ACK.
+        assert_eq!(stats["search_gave_up"], 2, "{stats}");
+    }
 }
 
 fn connection_without_option_keeps_its_address(mode: Mode) {
@@ -344,13 +377,14 @@ fn random_option_areas_match_the_reference(mode: Mode) {
         // 20000-59999 (each connection ends with a reset, so a port is free again).
         let batch: Vec<(u16, Areas)> = (done..n.min(done + 1000))
             .map(|i| {
-                let areas = Areas { syn: syn_area(&mut rng), ack: area(&mut rng), data: area(&mut rng) };
+                let areas =
+                    Areas { syn: syn_area(&mut rng), ack: area(&mut rng), between: Vec::new(), data: area(&mut rng) };
                 (20_000 + (i % 40_000) as u16, areas)
             })
             .collect();
         let replies = lab.raw_exchanges(8080, batch.clone());
         for (k, ((sport, areas), reply)) in batch.iter().zip(replies).enumerate() {
-            let Areas { syn, ack, data } = areas;
+            let Areas { syn, ack, data, .. } = areas;
             let real = format!("198.18.0.3:{sport}");
             let ((ack_client, ack_parsed), (data_client, data_parsed)) = (expected(ack, &cfg), expected(data, &cfg));
             let ack_found = matches!(ack_parsed, Parsed::Found(_));
