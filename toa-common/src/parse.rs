@@ -261,7 +261,7 @@ enum Read {
     Malformed,
 }
 
-/// The layouts [`classify`] tells apart.
+/// The layouts [`toa_classify_option`] tells apart.
 const LAYOUT_NONE: u32 = 0;
 const LAYOUT_MALFORMED: u32 = 1;
 const LAYOUT_CLASSIC_V4: u32 = 2;
@@ -270,15 +270,21 @@ const LAYOUT_BYTEDANCE: u32 = 4;
 const LAYOUT_ALIBABA_V4: u32 = 5;
 const LAYOUT_ALIBABA_V6: u32 = 6;
 
-/// Which layout an option of `kind` and `len` is under `cfg`.
+/// Which layout an option of `kind` and `len` is under a configuration whose `FLAG_*` bits are
+/// `flags` and whose kind bitmap byte for `kind` is `kinds_byte` (`cfg.kinds[kind / 8]`).
 ///
 /// Out of line on purpose: eBPF has no "set on condition" instruction, so every comparison that
 /// yields a bool is a branch, and the booleans combined here would multiply the paths the
 /// verifier walks through the rest of the parse loop. As a separate function only its result,
-/// one of seven values, reaches the caller.
+/// one of seven values, reaches the caller. In the kernel it is a global function, which the
+/// verifier checks once on its own instead of at each of the parse loop's rounds; global
+/// functions may take only numbers (pointers need Linux 5.12), hence the byte of the bitmap.
+#[cfg_attr(target_arch = "bpf", unsafe(no_mangle))]
 #[inline(never)]
-fn classify(kind: u8, len: u8, version: u8, cfg: &AgentConfig) -> u32 {
-    if cfg.kind_enabled(kind) {
+pub extern "C" fn toa_classify_option(kind: u8, len: u8, version: u8, kinds_byte: u8, flags: u32) -> u32 {
+    let enabled = kinds_byte & (1 << (kind & 7)) != 0;
+    let has = |flag: u32| flags & flag != 0;
+    if enabled {
         if len == TOA_LEN_V4 {
             return LAYOUT_CLASSIC_V4;
         }
@@ -286,10 +292,10 @@ fn classify(kind: u8, len: u8, version: u8, cfg: &AgentConfig) -> u32 {
             return LAYOUT_CLASSIC_V6;
         }
     }
-    if kind == TOA_KIND && cfg.has(FLAG_DIALECT_BYTEDANCE) && len == BYTEDANCE_LEN {
+    if kind == TOA_KIND && has(FLAG_DIALECT_BYTEDANCE) && len == BYTEDANCE_LEN {
         return LAYOUT_BYTEDANCE;
     }
-    if kind == ALIBABA_CDN_KIND && cfg.has(FLAG_DIALECT_ALIBABA_CDN) {
+    if kind == ALIBABA_CDN_KIND && has(FLAG_DIALECT_ALIBABA_CDN) {
         if version == ALIBABA_CDN_VERSION && len == ALIBABA_CDN_LEN_V4 {
             return LAYOUT_ALIBABA_V4;
         }
@@ -298,7 +304,7 @@ fn classify(kind: u8, len: u8, version: u8, cfg: &AgentConfig) -> u32 {
         }
         return LAYOUT_MALFORMED;
     }
-    if cfg.kind_enabled(kind) || (kind == TOA_KIND && cfg.has(FLAG_DIALECT_BYTEDANCE)) {
+    if enabled || (kind == TOA_KIND && has(FLAG_DIALECT_BYTEDANCE)) {
         return LAYOUT_MALFORMED;
     }
     LAYOUT_NONE
@@ -310,7 +316,10 @@ fn classify(kind: u8, len: u8, version: u8, cfg: &AgentConfig) -> u32 {
 #[inline(always)]
 fn read_option(area: &mut OptionArea, off: usize, kind: u8, len: usize, cfg: &AgentConfig) -> Read {
     let version = area.bytes[(off + 2) & MASK];
-    match classify(kind, len as u8, version, cfg) {
+    let kinds_byte = cfg.kinds[(kind as usize >> 3) & 31];
+    // SAFETY: a plain field of the config; volatile for the reason given in `scan_toa`.
+    let flags = unsafe { core::ptr::read_volatile(&cfg.flags) };
+    match toa_classify_option(kind, len as u8, version, kinds_byte, flags) {
         LAYOUT_CLASSIC_V4 => store(area, off, AF_INET, Some(2), 4, false),
         LAYOUT_CLASSIC_V6 => store(area, off, AF_INET6, Some(2), 4, false),
         LAYOUT_BYTEDANCE => store(area, off, AF_INET, Some(2), 4, true),

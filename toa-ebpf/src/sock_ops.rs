@@ -77,15 +77,42 @@ fn scratch() -> Option<&'static mut OptionArea> {
     TOA_SCRATCH.get_ptr_mut(0).map(|area| unsafe { &mut *area })
 }
 
-/// Parses the current segment's options (or the saved SYN's) in `area`; with `Found` the client
-/// is in `area.last`. Not `find_toa`: see `scan_toa` for why no `Parsed` may cross the stack.
+/// Copies the current segment's options (or the saved SYN's) into the scratch slot `area` and
+/// parses them; with `Found` the client is in `area.last`.
 #[inline(always)]
-fn parse(ctx: &SockOpsContext, area: &mut OptionArea, cfg: &AgentConfig, syn: bool) -> Outcome {
+fn parse(ctx: &SockOpsContext, area: &mut OptionArea, syn: bool) -> Outcome {
     let copied = if syn { copy_syn_options(ctx.ops, area) } else { copy_options(ctx.ops, area) };
     if !copied {
         return Outcome::Absent;
     }
-    scan_toa(area, cfg)
+    match toa_parse_scratch() {
+        PARSED_FOUND => Outcome::Found,
+        PARSED_MALFORMED => Outcome::Malformed,
+        _ => Outcome::Absent,
+    }
+}
+
+const PARSED_FOUND: u32 = 0;
+const PARSED_ABSENT: u32 = 1;
+const PARSED_MALFORMED: u32 = 2;
+
+/// The one place the parser runs: `scan_toa` on this CPU's scratch slot, under the loaded
+/// configuration. A global function, so the kernel verifies it once, on its own, however many
+/// places call it (the handshake ACK, the saved SYN, a later segment); inlined at each, the parse
+/// cost the verifier ~40k instructions per call site. It takes no arguments (a global function's
+/// pointer arguments need Linux 5.12) and looks up the slot and the configuration itself.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn toa_parse_scratch() -> u32 {
+    let (Some(area), Some(cfg)) = (scratch(), config()) else {
+        return PARSED_ABSENT;
+    };
+    // Not `find_toa`: see `scan_toa` for why no `Parsed` may cross the stack.
+    match scan_toa(area, cfg) {
+        Outcome::Found => PARSED_FOUND,
+        Outcome::Absent => PARSED_ABSENT,
+        Outcome::Malformed => PARSED_MALFORMED,
+    }
 }
 
 /// Whether the peer (the balancer) may speak for the client.
@@ -151,13 +178,13 @@ fn set_search(ctx: &SockOpsContext, search: Search) {
 
 fn on_established(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
     let Some(area) = scratch() else { return };
-    let mut parsed = parse(ctx, area, cfg, false);
+    let mut parsed = parse(ctx, area, false);
     if parsed != Outcome::Found && cfg.has(FLAG_READ_SYN) {
         // The segment's outcome waits in map memory: read back, it is a value the verifier does
         // not know, so Absent and Malformed reach the SYN's scan as one state, not two walks.
         // SAFETY: plain fields of the scratch slot.
         unsafe { core::ptr::write_volatile(&mut area.kept, parsed as u32) };
-        parsed = match parse(ctx, area, cfg, true) {
+        parsed = match parse(ctx, area, true) {
             Outcome::Absent if unsafe { core::ptr::read_volatile(&area.kept) } == Outcome::Malformed as u32 => {
                 Outcome::Malformed
             }
@@ -195,7 +222,7 @@ fn on_later_segment(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) 
     // SAFETY: segs_in is readable in every callback of a full socket.
     let segs_in = unsafe { (*ctx.ops).segs_in };
     let Some(area) = scratch() else { return };
-    let parsed = parse(ctx, area, cfg, false);
+    let parsed = parse(ctx, area, false);
     if parsed == Outcome::Malformed {
         count(Counter::OptionMalformed);
     }
