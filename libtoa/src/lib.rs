@@ -52,7 +52,8 @@ enum Count {
     NoTable = 1,
     /// The client was found and returned.
     Found = 2,
-    /// A young connection in scope had no entry yet: a bounded wait began.
+    /// A young connection in scope was looked up: a bounded wait for the reader to catch up began
+    /// (it ends at once when the reader already has).
     Wait = 3,
     /// The wait ended because the reader had caught up (no entry was coming).
     WaitCaughtUp = 4,
@@ -255,30 +256,25 @@ unsafe fn rewrite(fd: i32, addr: *mut u8, len: *mut u32, given: u32) {
     unsafe { write_client(addr, peer.family, &client) };
 }
 
-/// The entry of `key` with a client. A young connection in the policy's scope gets a bounded
-/// wait: the kernel queued the segment with the option to the reader before accept() (or the
-/// read before getpeername()) returned, but the reader may not have run yet. The wait ends as
-/// soon as the reader has caught up, with or without an entry.
+/// The entry of `key` with a client. A young connection in the policy's scope is answered only
+/// once the reader has caught up, within a bounded wait. Its segments reached the reader's queue
+/// before it could be accepted (packet taps see a segment before TCP does), so the caught-up
+/// table is right about it: its option, none, or, where an older connection on the same 4-tuple
+/// (a port reused by the client or the balancer) left a client, the SYN that replaced it. Taken
+/// before the reader has seen that SYN, the older connection's client would be given to this one.
 fn find(table: &Table<'_>, key: &Key, fd: i32) -> Option<Entry> {
     let found = || table.lookup(key).filter(Entry::has_client);
-    if let Some(entry) = found() {
-        return Some(entry);
-    }
     if !table.in_scope(key.local_port, &key.remote) || !young(fd) {
-        return None;
+        return found();
     }
     count(Count::Wait);
     let deadline = sys::monotonic_ns() + table.header.wait_us.load(Ordering::Relaxed) as u64 * 1000;
     loop {
         if caught_up(table) {
             count(Count::WaitCaughtUp);
-            // Everything the reader was sent before this call is in the table now.
             return found();
         }
         sys::sleep_us(20);
-        if let Some(entry) = found() {
-            return Some(entry);
-        }
         if sys::monotonic_ns() >= deadline {
             count(Count::WaitTimedOut);
             return None;

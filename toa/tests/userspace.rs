@@ -247,6 +247,41 @@ fn stalled_or_dead_reader_keeps_real_addresses() {
     assert!(!lab.table.exists());
 }
 
+/// A source port reused before the reader has seen the new connection's SYN: the older
+/// connection's client must not be given to the new one. Two connections from the same port,
+/// each with a client of its own, the reader stopped in between: the second keeps its real
+/// address (its waits run to their bound, or the reader counts as dead), and once the reader runs
+/// again the next one from that port gets its own client.
+#[test]
+fn reused_port_never_gets_the_older_connections_client() {
+    let mut lab = Lab::with_mode(Mode::Userspace);
+    lab.load_with(&["--accept-wait-us", "200000"]);
+    let mut server = CountedServer::start(&mut lab);
+    let toa = |ip: [u8; 4], port: u16| {
+        let p = port.to_be_bytes();
+        [254, 8, p[0], p[1], ip[0], ip[1], ip[2], ip[3]]
+    };
+    let (first, second) = (toa([203, 0, 113, 7], 4242), toa([198, 51, 100, 9], 80));
+    let (_, out) = lab.raw_exchange(8080, 42000, &first);
+    assert_eq!(out, answer(CLIENT, CLIENT));
+    server.after(1);
+    let pid = lab.reader_pid();
+    // SAFETY: signals to the reader this test started (its PID from toa status).
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let (real, out) = lab.raw_exchange(8080, 42000, &second);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(out, answer(&real, &real), "the older connection's client was given to the new one");
+    let c = server.after(1);
+    // accept() and getpeername() of the first connection found its client once the reader had
+    // caught up; the second's ran to their bound (or found the stopped reader dead).
+    assert_eq!((c["lookups"], c["found"], c["waits_caught_up"]), (4, 2, 2), "{c:?}");
+    assert_eq!(c["waits_timed_out"] + c["no_table"], 2, "{c:?}");
+    assert!(eventually(DEADLINE, || lab.status_json()["loaded"] == true));
+    let (_, out) = lab.raw_exchange(8080, 42000, &second);
+    assert_eq!(out, answer("198.51.100.9:80", "198.51.100.9:80"));
+}
+
 /// A table file that someone other than root could have written is not believed: the server
 /// keeps the real address and nothing waits. Made root's alone again, it is used.
 fn table_others_could_write_is_ignored(mode: u32, uid: u32) {
