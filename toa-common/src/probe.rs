@@ -16,6 +16,10 @@ pub const PROBE_ON_MASK: u8 = 0x0f;
 /// With `on`: the first option is a classic IPv4 TOA whose port is replaced by each
 /// connection's own source port, so that parallel connections announce distinct clients.
 pub const PROBE_PORT_FROM_SOURCE: u8 = 0x80;
+/// With `PROBE_PORT_FROM_SOURCE`: the last three bytes of the address are a count of the
+/// connections written so far (`serial`), so that each of millions of connections announces a
+/// client of its own (benchmarks check every one).
+pub const PROBE_CLIENT_FROM_SERIAL: u8 = 0x40;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -30,9 +34,12 @@ pub struct ProbeConfig {
     pub written: u8,
     pub refused: u8,
     pub options: [[u8; PROBE_OPTION_MAX]; PROBE_OPTIONS],
+    /// With `PROBE_CLIENT_FROM_SERIAL`: connections written so far (not atomic: two CPUs may
+    /// give the same value to two connections, which then differ by source port).
+    pub serial: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 8 + 4 * 40);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 8 + 4 * 40 + 4);
 
 impl ProbeConfig {
     /// Total bytes to reserve in the header.

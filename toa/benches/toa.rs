@@ -23,6 +23,9 @@ use std::{
 };
 
 use serde_json::{json, Value};
+
+#[path = "toa/real_app.rs"]
+mod real_app;
 use toa::{cgroup::TempCgroup, policy::Policy, probe, Agent, Backend};
 use toa_lab::{self as support, Lab};
 
@@ -68,14 +71,17 @@ fn main() {
         fs::write(out.join("faults.json"), serde_json::to_string_pretty(&Value::Object(results)).unwrap()).unwrap();
         return;
     }
-    if std::env::var("TOA_BENCH_ONLY").as_deref() == Ok("agent_cpu") {
-        bench.agent_cpu(&s);
-        return;
+    match std::env::var("TOA_BENCH_ONLY").as_deref() {
+        // One part, for development.
+        Ok("agent_cpu") => return drop(bench.agent_cpu(&s)),
+        Ok("real_app") => return drop(real_app::real_app(&bench, &s)),
+        _ => {}
     }
     let rates = bench.connection_rates(&s);
     results.insert("connection_rate".into(), rates);
     results.insert("modes".into(), bench.modes(&s));
     results.insert("agent_cpu".into(), bench.agent_cpu(&s));
+    results.insert("real_app".into(), real_app::real_app(&bench, &s));
     results.insert("getpeername".into(), bench.getpeername_cost(&s));
     results.insert("proxy_protocol_v2".into(), bench.proxy_v2(&s));
     results.insert("scaling".into(), bench.scaling(&s));

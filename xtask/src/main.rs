@@ -528,6 +528,8 @@ fn test_tools() -> Result<()> {
         ("podman", "podman"),
         ("runc", "runc"),
         ("file", "file"),
+        // The benchmark's real-application arm loads nginx with it (`cargo xtask bench`).
+        ("wrk", "wrk"),
     ])?;
     nginx()
 }

@@ -17,7 +17,8 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use toa_common::probe::{
-    ProbeConfig, PROBE_ON_DATA, PROBE_ON_MASK, PROBE_ON_SYN, PROBE_OPTIONS, PROBE_OPTION_MAX, PROBE_PORT_FROM_SOURCE,
+    ProbeConfig, PROBE_CLIENT_FROM_SERIAL, PROBE_ON_DATA, PROBE_ON_MASK, PROBE_ON_SYN, PROBE_OPTIONS, PROBE_OPTION_MAX,
+    PROBE_PORT_FROM_SOURCE,
 };
 
 const TCP_FLAG_SYN: u32 = 0x02;
@@ -136,10 +137,17 @@ fn write_options(ops: *mut bpf_sock_ops, config: &mut ProbeConfig) {
         let port = (unsafe { (*ops).local_port } as u16).to_be_bytes();
         opt[2] = port[0];
         opt[3] = port[1];
+        if config.on & PROBE_CLIENT_FROM_SERIAL != 0 {
+            let serial = config.serial.to_be_bytes();
+            opt[5] = serial[1];
+            opt[6] = serial[2];
+            opt[7] = serial[3];
+        }
         // SAFETY: 8 bytes on the stack.
         let rc = unsafe { bpf_store_hdr_opt(ops, opt.as_ptr().cast(), 8, 0) };
         if rc == 0 {
             config.written = config.written.wrapping_add(1);
+            config.serial = config.serial.wrapping_add(1);
         } else {
             config.refused = config.refused.wrapping_add(1);
         }

@@ -102,6 +102,7 @@ pub fn config(options: &ProbeOptions, client: SocketAddr) -> Result<ProbeConfig,
         written: 0,
         refused: 0,
         options: [[0; PROBE_OPTION_MAX]; PROBE_OPTIONS],
+        serial: 0,
     };
     for (i, opt) in list.iter().enumerate() {
         // The kernel writes an option only if its length byte matches what it is given.
