@@ -167,7 +167,7 @@ pub unsafe extern "C" fn accept4(fd: i32, addr: *mut u8, len: *mut u32, flags: i
     let conn = sys::result(unsafe { sys::accept4(fd, addr, len, flags) });
     if conn >= 0 && given > 0 {
         // SAFETY: the kernel just wrote the peer there (up to `given` bytes).
-        unsafe { rewrite(conn, addr, len, given) };
+        unsafe { rewrite(conn, addr, len, given, Some(fd)) };
     }
     conn
 }
@@ -183,7 +183,7 @@ pub unsafe extern "C" fn getpeername(fd: i32, addr: *mut u8, len: *mut u32) -> i
     let r = sys::result(unsafe { sys::getpeername(fd, addr, len) });
     if r == 0 && given > 0 {
         // SAFETY: as in accept4.
-        unsafe { rewrite(fd, addr, len, given) };
+        unsafe { rewrite(fd, addr, len, given, None) };
     }
     r
 }
@@ -223,8 +223,9 @@ unsafe fn read_sockaddr(p: *const u8, len: u32) -> Option<SockAddr> {
 }
 
 /// Replaces the peer the kernel wrote at `addr` (caller's buffer of `given` bytes) with the
-/// connection's client, when the table has one.
-unsafe fn rewrite(fd: i32, addr: *mut u8, len: *mut u32, given: u32) {
+/// connection's client, when the table has one. `listener`: the socket `fd` was just accepted
+/// from.
+unsafe fn rewrite(fd: i32, addr: *mut u8, len: *mut u32, given: u32, listener: Option<i32>) {
     // SAFETY: the kernel wrote min(given, *len) bytes; a truncated address is left alone.
     let full = unsafe { *len };
     if full > given {
@@ -248,7 +249,8 @@ unsafe fn rewrite(fd: i32, addr: *mut u8, len: *mut u32, given: u32) {
         return;
     };
     let key = Key { local: local.addr, remote: peer.addr, local_port: local.port, remote_port: peer.port };
-    let Some(client) = find(&table, &key, fd) else {
+    let isn = listener.and_then(|listener| syn_isn(fd, listener));
+    let Some(client) = find(&table, &key, fd, isn) else {
         return;
     };
     count(Count::Found);
@@ -256,16 +258,24 @@ unsafe fn rewrite(fd: i32, addr: *mut u8, len: *mut u32, given: u32) {
     unsafe { write_client(addr, peer.family, &client) };
 }
 
-/// The entry of `key` with a client. A young connection in the policy's scope is answered only
-/// once the reader has caught up, within a bounded wait. Its segments reached the reader's queue
-/// before it could be accepted (packet taps see a segment before TCP does), so the caught-up
-/// table is right about it: its option, none, or, where an older connection on the same 4-tuple
-/// (a port reused by the client or the balancer) left a client, the SYN that replaced it. Taken
-/// before the reader has seen that SYN, the older connection's client would be given to this one.
-fn find(table: &Table<'_>, key: &Key, fd: i32) -> Option<Entry> {
-    let found = || table.lookup(key).filter(Entry::has_client);
+/// The entry of `key` with a client. A young connection in the policy's scope is answered from
+/// an entry that carries its ISN (`isn`, from the SYN the kernel kept), or else only once the
+/// reader has caught up, within a bounded wait. Its segments reached the reader's queue before
+/// it could be accepted (packet taps see a segment before TCP does), so the caught-up table is
+/// right about it: its option, none, or, where an older connection on the same 4-tuple (a port
+/// reused by the client or the balancer) left a client, the SYN that replaced it. Taken before
+/// the reader has seen that SYN, the older connection's client would be given to this one.
+fn find(table: &Table<'_>, key: &Key, fd: i32, isn: Option<u32>) -> Option<Entry> {
+    // An entry that names another ISN than this connection's SYN is an older connection's.
+    let ours = |e: &Entry| !matches!(isn, Some(isn) if e.isn != 0 && e.isn != isn);
+    let found = || table.lookup(key).filter(|e| e.has_client() && ours(e));
     if !table.in_scope(key.local_port, &key.remote) || !young(fd) {
         return found();
+    }
+    if let (Some(isn), Some(entry)) = (isn, found()) {
+        if entry.isn == isn {
+            return Some(entry);
+        }
     }
     count(Count::Wait);
     let deadline = sys::monotonic_ns() + table.header.wait_us.load(Ordering::Relaxed) as u64 * 1000;
@@ -280,6 +290,45 @@ fn find(table: &Table<'_>, key: &Key, fd: i32) -> Option<Entry> {
             return None;
         }
     }
+}
+
+/// Set once the kernel has refused `TCP_SAVE_SYN` (before Linux 4.2): never asked again.
+static NO_SAVED_SYN: AtomicU64 = AtomicU64::new(0);
+
+/// The initial sequence number of connection `fd`, from the SYN its listener kept (which the
+/// kernel then forgets: the application reading `TCP_SAVED_SYN` itself gets nothing). When there
+/// is none, asks `listener` to keep the SYNs of the connections it accepts from now on.
+fn syn_isn(fd: i32, listener: i32) -> Option<u32> {
+    if NO_SAVED_SYN.load(Ordering::Relaxed) != 0 {
+        return None;
+    }
+    let mut buf = core::mem::MaybeUninit::<[u8; 256]>::uninit();
+    let base = buf.as_mut_ptr() as *mut u8;
+    let mut len = 256u32;
+    // SAFETY: a 256-byte buffer and its length.
+    let r = unsafe { sys::saved_syn(fd, base, &mut len) };
+    if r < 0 {
+        // ENOPROTOOPT: a kernel without saved SYNs.
+        NO_SAVED_SYN.store(1, Ordering::Relaxed);
+        return None;
+    }
+    if len == 0 {
+        if sys::save_syns(listener) < 0 {
+            NO_SAVED_SYN.store(1, Ordering::Relaxed);
+        }
+        return None;
+    }
+    // SAFETY: the kernel wrote the first `len` (≤ 256) bytes.
+    let syn = unsafe { core::slice::from_raw_parts(base, (len as usize).min(256)) };
+    let tcp = match syn.first()? >> 4 {
+        4 => (syn[0] & 0x0f) as usize * 4,
+        // A SYN carries no IPv6 extension header we would need to skip in practice; one that
+        // does is not read (the bounded wait decides).
+        6 if syn.get(6) == Some(&6) => 40,
+        _ => return None,
+    };
+    let seq = syn.get(tcp + 4..tcp + 8)?;
+    Some(u32::from_be_bytes([seq[0], seq[1], seq[2], seq[3]]))
 }
 
 /// Whether the reader has stored everything its socket received: its queue is empty (`Rmem` of

@@ -9,6 +9,7 @@ mod nr {
     pub const GETSOCKNAME: usize = 51;
     pub const GETPEERNAME: usize = 52;
     pub const GETSOCKOPT: usize = 55;
+    pub const SETSOCKOPT: usize = 54;
     pub const OPENAT: usize = 257;
     pub const CLOSE: usize = 3;
     pub const READ: usize = 0;
@@ -25,6 +26,7 @@ mod nr {
     pub const GETSOCKNAME: usize = 204;
     pub const GETPEERNAME: usize = 205;
     pub const GETSOCKOPT: usize = 209;
+    pub const SETSOCKOPT: usize = 208;
     pub const OPENAT: usize = 56;
     pub const CLOSE: usize = 57;
     pub const READ: usize = 63;
@@ -83,6 +85,25 @@ const TCP_INFO: usize = 11;
 pub unsafe fn tcp_info(fd: i32, buf: *mut u8, len: *mut u32) -> Ret {
     // SAFETY: forwarded from the caller.
     unsafe { syscall6(nr::GETSOCKOPT, [fd as usize, IPPROTO_TCP, TCP_INFO, buf as usize, len as usize, 0]) }
+}
+
+const TCP_SAVE_SYN: usize = 27;
+const TCP_SAVED_SYN: usize = 28;
+
+/// Makes listener `fd` keep the SYN of each connection it accepts from now on (Linux ≥ 4.2).
+pub fn save_syns(fd: i32) -> Ret {
+    let on: i32 = 1;
+    // SAFETY: a 4-byte option value on our stack.
+    unsafe {
+        syscall6(nr::SETSOCKOPT, [fd as usize, IPPROTO_TCP, TCP_SAVE_SYN, &on as *const i32 as usize, 4, 0])
+    }
+}
+
+/// The IP and TCP headers of the SYN the kernel kept for connection `fd` (and forgets once read):
+/// `*len` bytes of `buf`, 0 when it kept none.
+pub unsafe fn saved_syn(fd: i32, buf: *mut u8, len: *mut u32) -> Ret {
+    // SAFETY: forwarded from the caller.
+    unsafe { syscall6(nr::GETSOCKOPT, [fd as usize, IPPROTO_TCP, TCP_SAVED_SYN, buf as usize, len as usize, 0]) }
 }
 
 const AT_FDCWD: isize = -100;

@@ -5,7 +5,7 @@
 //! connection's 4-tuple, as the backend sees it, to the client address its TOA carried.
 //!
 //! Layout: a [`Header`] of [`HEADER_SIZE`] bytes (state, policy, counters), then `buckets`
-//! buckets of [`WAYS`] slots of 64 bytes. The table never grows: a full bucket gives up its
+//! buckets of [`WAYS`] slots of 72 bytes. The table never grows: a full bucket gives up its
 //! oldest slot, and entries older than their time to live are cleared by the writer.
 //!
 //! Each slot is a seqlock: the writer makes `seq` odd, writes, makes it even again; a reader
@@ -39,13 +39,13 @@ pub const DEFAULT_TABLE: &str = match DEFAULT_TABLE_C.split_last() {
 /// "TOATABL1", little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TOATABL1");
 /// Bumped on any change of the layout.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Bytes before the first bucket.
 pub const HEADER_SIZE: usize = 32 * 1024;
 /// Slots per bucket.
 pub const WAYS: usize = 8;
 /// Bytes per slot.
-pub const SLOT_SIZE: usize = 64;
+pub const SLOT_SIZE: usize = 72;
 /// Trust list entries the header holds (as many as the eBPF mode's trie).
 pub const TRUST_MAX: usize = 1024;
 /// The reader is running and refreshing `heartbeat`.
@@ -149,6 +149,10 @@ pub struct Entry {
     pub addr: [u8; 16],
     /// `CLOCK_MONOTONIC` seconds when written.
     pub stamp: u32,
+    /// The connection's initial sequence number, its SYN's (0: the reader did not see the SYN).
+    /// libtoa.so compares it with the SYN the kernel kept for the socket: an entry of an older
+    /// connection on the same 4-tuple has another.
+    pub isn: u32,
 }
 
 impl Entry {
@@ -157,12 +161,12 @@ impl Entry {
     }
 }
 
-/// One slot: `seq`, `stamp` (0: empty), then 14 words of key and value.
+/// One slot: `seq`, `stamp` (0: empty), then 16 words of key and value (the last unused).
 #[repr(C)]
 pub struct Slot {
     seq: AtomicU32,
     stamp: AtomicU32,
-    words: [AtomicU32; 14],
+    words: [AtomicU32; 16],
 }
 
 const _: () = assert!(core::mem::size_of::<Slot>() == SLOT_SIZE);
@@ -230,6 +234,7 @@ impl Slot {
         }
         let meta = u32::from_ne_bytes([e.port[0], e.port[1], e.family, (e.state & 0x0f) | (e.flags << 4)]);
         self.words[13].store(meta, Ordering::Relaxed);
+        self.words[14].store(e.isn, Ordering::Relaxed);
         self.stamp.store(e.stamp, Ordering::Relaxed);
         self.seq.store((seq.wrapping_add(1) | 1).wrapping_add(1), Ordering::Release);
     }
@@ -251,7 +256,7 @@ impl Slot {
                 continue;
             }
             let stamp = self.stamp.load(Ordering::Relaxed);
-            let mut w = [0u32; 14];
+            let mut w = [0u32; 16];
             for (i, slot) in self.words.iter().enumerate() {
                 w[i] = slot.load(Ordering::Relaxed);
             }
@@ -273,6 +278,7 @@ impl Slot {
             e.family = m[2];
             e.state = m[3] & 0x0f;
             e.flags = m[3] >> 4;
+            e.isn = w[14];
             return Some(e);
         }
         None
@@ -563,6 +569,7 @@ mod tests {
             port: n.to_be_bytes(),
             addr: [9; 16],
             stamp,
+            isn: 0x8000_0000 | n as u32,
         }
     }
 

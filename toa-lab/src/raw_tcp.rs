@@ -138,7 +138,10 @@ pub fn exchange_with(dst: Ipv4Addr, dport: u16, sport: u16, areas: &Areas, line:
         }
         Err(io::Error::new(io::ErrorKind::TimedOut, "no answer from the server"))
     };
-    let isn = 0x1000_0000u32;
+    // A new ISN for each connection, as real stacks choose them (RFC 6528): the userspace mode
+    // tells a connection from an older one on the same 4-tuple by it.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let isn = 0x1000_0000u32 ^ nanos ^ (u32::from(sport) << 16);
     send_seg(segment(dst, sport, dport, isn, 0, SYN, &areas.syn, &[]))?;
     let synack = wait(&|s| s.flags & (SYN | ACK) == SYN | ACK)?;
     let (seq, ack) = (isn + 1, synack.seq.wrapping_add(1));

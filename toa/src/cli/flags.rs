@@ -156,7 +156,7 @@ impl From<PolicyFlags> for PolicyOverrides {
 /// The userspace mode's settings (flags of `toa load` and `toa run`).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct TuningFlags {
-    /// Entries the shared table holds; it never grows (64 bytes each) [default: 65536].
+    /// Entries the shared table holds; it never grows (72 bytes each) [default: 65536].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(8..=16_777_216))]
     pub table_entries: Option<u32>,
     /// At most this many microseconds accept()/getpeername() wait for the reader to catch up

@@ -21,7 +21,7 @@ use std::{
 
 use serde::Serialize;
 use toa_common::{
-    table::{buckets_for, table_size, Table, TrustEntry, RUNNING, STOPPED, TRUST_MAX},
+    table::{buckets_for, table_size, Header, Table, TrustEntry, MAGIC, RUNNING, STOPPED, TRUST_MAX, VERSION},
     Counter,
 };
 
@@ -39,7 +39,7 @@ pub use toa_common::table::DEFAULT_TABLE;
 /// file's keys); what is not given takes its default in [`TuningOverrides::tuning`].
 #[derive(Clone, Debug, Default)]
 pub struct TuningOverrides {
-    /// Entries the shared table holds; it never grows (64 bytes each).
+    /// Entries the shared table holds; it never grows (72 bytes each).
     pub table_entries: Option<u32>,
     /// At most this many microseconds accept()/getpeername() wait for the reader.
     pub accept_wait_us: Option<u32>,
@@ -436,6 +436,7 @@ impl Userspace {
     fn prepare(&self, policy: &Policy, tuning: &Tuning) -> Result<Prepared, Error> {
         policy.validate().map_err(|detail| Error::Policy { detail })?;
         tuning.validate().map_err(|detail| Error::Policy { detail })?;
+        retire_older_table(&self.path)?;
         if let Some(mut t) = TableFile::open(&self.path, true)? {
             if t.live() {
                 t.set_policy(policy)?;
@@ -542,6 +543,10 @@ impl Userspace {
     }
 
     fn unload_locked(&self) -> Result<bool, Error> {
+        if retire_older_table(&self.path)? {
+            system::kernel_log("TOA: toa unloaded (userspace mode, a table of an older version)");
+            return Ok(true);
+        }
         let Some(t) = TableFile::open(&self.path, false)? else {
             return Ok(false);
         };
@@ -689,6 +694,47 @@ fn port_ranges(cfg: &toa_common::AgentConfig) -> Vec<[u16; 2]> {
 }
 
 /// Whether `pid` is a running toa capture reader.
+/// Stops the reader of a table an older toa wrote, and removes the table (an upgrade: from
+/// version 2, whose slots had no ISN). Versions 2 and 3 share the header, so its reader's PID
+/// and state are where this version's are. Applications that map it see it stopped and keep
+/// their real addresses until they map the new one, which their libtoa.so must be of this
+/// version to read (they need a restart). Returns whether there was one.
+fn retire_older_table(path: &Path) -> Result<bool, Error> {
+    use std::os::unix::fs::FileExt as _;
+    let Ok(file) = fs::OpenOptions::new().read(true).write(true).open(path) else {
+        return Ok(false);
+    };
+    let mut head = [0u8; 12];
+    if file.read_exact_at(&mut head, 0).is_err() {
+        return Ok(false);
+    }
+    let magic = u64::from_ne_bytes(head[..8].try_into().expect("8 bytes"));
+    let version = u32::from_ne_bytes(head[8..].try_into().expect("4 bytes"));
+    if magic != MAGIC || !(2..VERSION).contains(&version) {
+        return Ok(false);
+    }
+    let mut pid = [0u8; 4];
+    file.read_exact_at(&mut pid, core::mem::offset_of!(Header, reader_pid) as u64)?;
+    let pid = u32::from_ne_bytes(pid);
+    file.write_all_at(&STOPPED.to_ne_bytes(), core::mem::offset_of!(Header, state) as u64)?;
+    if pid > 0 && is_reader(pid) {
+        // SAFETY: signalling the reader whose PID its table holds (checked to be a reader).
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+            libc::kill(pid as i32, libc::SIGCONT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && is_reader(pid) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    Ok(true)
+}
+
 fn is_reader(pid: u32) -> bool {
     fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == b"userspace-reader"))
         && system::process_alive(pid)
@@ -697,6 +743,38 @@ fn is_reader(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::TableReaders;
+
+    /// An older version's table (here version 2, whose reader is gone) is marked stopped and
+    /// removed; this version's and other files are left alone.
+    #[test]
+    fn an_older_tables_reader_is_retired() {
+        use toa_common::table::{Header, MAGIC, STOPPED, VERSION};
+        let dir = std::env::temp_dir().join(format!("toa-retire-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("table");
+        let mut old = vec![0u8; 64];
+        old[..8].copy_from_slice(&MAGIC.to_ne_bytes());
+        old[8..12].copy_from_slice(&2u32.to_ne_bytes());
+        let pid_at = core::mem::offset_of!(Header, reader_pid);
+        old[pid_at..pid_at + 4].copy_from_slice(&u32::MAX.to_ne_bytes());
+        std::fs::write(&path, &old).unwrap();
+        let mapped = std::fs::File::open(&path).unwrap();
+        assert!(super::retire_older_table(&path).unwrap());
+        assert!(!path.exists());
+        // A process that mapped it sees it stopped.
+        let mut state = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&mapped, &mut state, core::mem::offset_of!(Header, state) as u64)
+            .unwrap();
+        assert_eq!(u32::from_ne_bytes(state), STOPPED);
+        let mut current = old.clone();
+        current[8..12].copy_from_slice(&VERSION.to_ne_bytes());
+        std::fs::write(&path, &current).unwrap();
+        assert!(!super::retire_older_table(&path).unwrap());
+        std::fs::write(&path, b"not a table").unwrap();
+        assert!(!super::retire_older_table(&path).unwrap());
+        assert!(path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn table_group_names_gids_and_all() {

@@ -17,6 +17,8 @@ const TCP_ACK: u8 = 0x10;
 pub struct Segment<'p> {
     pub key: Key,
     pub flags: u8,
+    /// The sequence number.
+    pub seq: u32,
     pub options: &'p [u8],
     /// Bytes of data after the TCP header (from the IP length, not the captured length).
     pub payload: usize,
@@ -59,7 +61,8 @@ pub fn segment(pkt: &[u8]) -> Option<Segment<'_>> {
         local_port: u16::from_be_bytes([th[2], th[3]]),
         remote_port: u16::from_be_bytes([th[0], th[1]]),
     };
-    Some(Segment { key, flags: th[13], options, payload: ip_end.saturating_sub(tcp + doff) })
+    let seq = u32::from_be_bytes([th[4], th[5], th[6], th[7]]);
+    Some(Segment { key, flags: th[13], seq, options, payload: ip_end.saturating_sub(tcp + doff) })
 }
 
 /// The policy as the reader holds it between packets.
@@ -75,9 +78,9 @@ impl Policy {
     }
 }
 
-fn entry(key: Key, state: u8, client: &ClientAddr, now: u32) -> Entry {
+fn entry(key: Key, state: u8, client: &ClientAddr, now: u32, isn: u32) -> Entry {
     let flags = if client.flags & CLIENT_HAS_PORT != 0 { ENTRY_HAS_PORT } else { 0 };
-    Entry { key, state, family: client.family as u8, flags, port: client.port, addr: client.addr, stamp: now }
+    Entry { key, state, family: client.family as u8, flags, port: client.port, addr: client.addr, stamp: now, isn }
 }
 
 /// Updates the table from one captured segment at `now` (monotonic seconds). What the option
@@ -107,10 +110,16 @@ pub fn handle(table: &Table<'_>, policy: &Policy, seg: &Segment<'_>, now: u32) {
         (Verdict::Remember, Parsed::Found(client)) if syn => {
             // A new connection on this 4-tuple: whatever was known of an older one is gone.
             table.count(Counter::SynRecvSockToa, 1);
-            table.store(&entry(seg.key, FOUND_ON_SYN, &client, now));
+            table.store(&entry(seg.key, FOUND_ON_SYN, &client, now, seg.seq));
         }
         (Verdict::Remember, Parsed::Found(client)) => {
-            let known = table.lookup(&seg.key).map(|e| e.state);
+            let known = table.lookup(&seg.key);
+            // The ISN comes from the SYN the entry was made at; without one (the reader started
+            // after it), the option's segment is taken for the first after the SYN (it is, with
+            // balancers). A wrong guess only costs libtoa.so its fast path.
+            let isn = known.map_or(0, |e| e.isn);
+            let isn = if isn != 0 { isn } else { seg.seq.wrapping_sub(1) };
+            let known = known.map(|e| e.state);
             if known == Some(FOUND) {
                 // The first segment's option stands, as in the eBPF mode (which stops looking).
                 return;
@@ -119,13 +128,13 @@ pub fn handle(table: &Table<'_>, policy: &Policy, seg: &Segment<'_>, now: u32) {
                 let counter = if seg.payload == 0 { Counter::SynRecvSockToa } else { Counter::DataSegmentToa };
                 table.count(counter, 1);
             }
-            table.store(&entry(seg.key, FOUND, &client, now));
+            table.store(&entry(seg.key, FOUND, &client, now, isn));
         }
         (Verdict::Untrusted, _) => table.count(Counter::UntrustedOption, 1),
         (Verdict::KeepLooking, _) if syn => {
             // In scope, no client yet: accept() may wait for the option of a later segment. A new
             // connection on this 4-tuple: whatever was known of an older one is gone.
-            table.store(&Entry { key: seg.key, state: PENDING, stamp: now, ..Entry::default() });
+            table.store(&Entry { key: seg.key, state: PENDING, stamp: now, isn: seg.seq, ..Entry::default() });
         }
         // GiveUp on a SYN: an untrusted source gets no entry, so its connections never wait in
         // accept(). Later segments without a client change nothing.
@@ -203,6 +212,32 @@ mod tests {
             // A new SYN on the same 4-tuple forgets the old connection.
             handle(t, pol, &segment(&v4(TCP_SYN, &[2, 4, 5, 0xb4], 0)).unwrap(), 20);
             assert_eq!(t.lookup(&key()).unwrap().state, PENDING);
+        });
+    }
+
+    /// `v4` with sequence number `seq`.
+    fn v4_seq(flags: u8, options: &[u8], payload: usize, seq: u32) -> Vec<u8> {
+        let mut p = v4(flags, options, payload);
+        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn entries_carry_the_connections_isn() {
+        with_table(|t, pol| {
+            handle(t, pol, &segment(&v4_seq(TCP_SYN, &[2, 4, 5, 0xb4], 0, 1000)).unwrap(), 10);
+            assert_eq!(t.lookup(&key()).unwrap().isn, 1000, "from the SYN");
+            handle(t, pol, &segment(&v4_seq(TCP_ACK, &TOA, 0, 1001)).unwrap(), 10);
+            assert_eq!(t.lookup(&key()).unwrap().isn, 1000, "kept from the pending entry");
+            // A new connection on the same 4-tuple: its own ISN.
+            handle(t, pol, &segment(&v4_seq(TCP_SYN, &[2, 4, 5, 0xb4], 0, 7_000_000)).unwrap(), 20);
+            handle(t, pol, &segment(&v4_seq(TCP_ACK, &TOA, 0, 7_000_001)).unwrap(), 20);
+            assert_eq!(t.lookup(&key()).unwrap().isn, 7_000_000);
+        });
+        with_table(|t, pol| {
+            // No SYN seen: the option's segment is taken for the first after it.
+            handle(t, pol, &segment(&v4_seq(TCP_ACK, &TOA, 0, 0)).unwrap(), 10);
+            assert_eq!(t.lookup(&key()).unwrap().isn, u32::MAX);
         });
     }
 
