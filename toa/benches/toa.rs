@@ -5,6 +5,8 @@
 //! the load balancer (it acts on the client's, active, sockets). Server threads live in one
 //! network namespace, client threads in another, joined by a veth pair. Every figure is a ratio
 //! to a baseline measured in the same run, interleaved A B A B …, with the spread over repeats.
+//! The real-application arm (`real_app`) runs Debian's nginx and wrk as separate processes in
+//! the same namespaces and cgroup. `TOA_BENCH_ONLY=agent_cpu|real_app|faults` runs one part.
 //!
 //! `--quick` (or TOA_BENCH_QUICK=1) runs every measurement briefly: the CI smoke run, no
 //! thresholds. Results: a table on stdout, `target/bench/results.json`, `target/bench/*.svg`.
@@ -23,11 +25,11 @@ use std::{
 };
 
 use serde_json::{json, Value};
+use toa::{cgroup::TempCgroup, policy::Policy, probe, Agent, Backend};
+use toa_lab::{self as support, Lab};
 
 #[path = "toa/real_app.rs"]
 mod real_app;
-use toa::{cgroup::TempCgroup, policy::Policy, probe, Agent, Backend};
-use toa_lab::{self as support, Lab};
 
 struct Settings {
     quick: bool,
@@ -557,8 +559,8 @@ impl<'a> Bench<'a> {
     /// Where the time goes: the kernel's own accounting of the agent's programs
     /// (BPF_ENABLE_STATS, held only for this measurement), with and without a TOA on the
     /// connections. Programs that return at once ride along on the same hooks: their cost per
-    /// run is what the statistics charge any program (the clock reads and the call), the floor
-    /// the agent's own figures are given above.
+    /// run is what the statistics charge any program (the clock reads and the call), and the
+    /// agent's cost is also given above that floor.
     fn agent_cpu(&self, s: &Settings) -> Value {
         println!("\nagent CPU per connection (kernel BPF run-time statistics)");
         let _server = start_server(self, 8087, Server::Echo);
