@@ -24,7 +24,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use toa_common::{
     config::v4_mapped,
     table::{Entry, Key, Table, DEFAULT_TABLE_C, ENTRY_HAS_PORT},
-    AF_INET, AF_INET6,
+    Counter, AF_INET, AF_INET6,
 };
 
 const PATH_MAX: usize = 256;
@@ -278,19 +278,33 @@ fn find(table: &Table<'_>, key: &Key, fd: i32, isn: Option<u32>) -> Option<Entry
         }
     }
     count(Count::Wait);
-    let deadline = sys::monotonic_ns() + table.header.wait_us.load(Ordering::Relaxed) as u64 * 1000;
+    // The bound runs from the reader's last progress: a reader working through a backlog is
+    // waited for (up to `MAX_BOUNDS` bounds in all), a stuck one only one bound.
+    let bound = table.header.wait_us.load(Ordering::Relaxed) as u64 * 1000;
+    let start = sys::monotonic_ns();
+    let (mut deadline, cap) = (start + bound, start + MAX_BOUNDS * bound);
+    let mut packets = table.counter(Counter::TablePackets);
     loop {
         if caught_up(table) {
             count(Count::WaitCaughtUp);
             return found();
         }
         sys::sleep_us(20);
-        if sys::monotonic_ns() >= deadline {
+        let now = sys::monotonic_ns();
+        let read = table.counter(Counter::TablePackets);
+        if read != packets {
+            packets = read;
+            deadline = (now + bound).min(cap);
+        }
+        if now >= deadline {
             count(Count::WaitTimedOut);
             return None;
         }
     }
 }
+
+/// A wait that sees the reader progress lasts at most this many `accept_wait_us`.
+const MAX_BOUNDS: u64 = 8;
 
 /// Set once the kernel has refused `TCP_SAVE_SYN` (before Linux 4.2): never asked again.
 static NO_SAVED_SYN: AtomicU64 = AtomicU64::new(0);

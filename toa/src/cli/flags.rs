@@ -159,8 +159,9 @@ pub struct TuningFlags {
     /// Entries the shared table holds; it never grows (72 bytes each) [default: 65536].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(8..=16_777_216))]
     pub table_entries: Option<u32>,
-    /// At most this many microseconds accept()/getpeername() wait for the reader to catch up
-    /// with a new connection (it usually takes tens) [default: 5000].
+    /// How many microseconds accept()/getpeername() wait for the reader to catch up with a new
+    /// connection after it last made progress (it usually takes tens; 8 times this in all at
+    /// most) [default: 5000].
     #[arg(long, value_name = "US", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub accept_wait_us: Option<u32>,
     /// Seconds a client address stays in the table for getpeername() [default: 300].
