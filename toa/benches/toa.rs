@@ -164,6 +164,11 @@ impl<'a> Bench<'a> {
         done as f64 / elapsed.as_secs_f64()
     }
 
+    /// Connections made in `s.repeats` runs of [`Bench::connections`].
+    fn connections_repeated(&self, s: &Settings, port: u16) -> u64 {
+        (0..s.repeats).map(|_| self.connections(s, port, false).0).sum()
+    }
+
     /// Connections made by `clients` threads for `run_time`, and how long they ran.
     fn connections(&self, s: &Settings, port: u16, proxy_v2: bool) -> (u64, Duration) {
         let target: SocketAddr = format!("198.18.0.1:{port}").parse().unwrap();
@@ -573,22 +578,14 @@ impl<'a> Bench<'a> {
                 self.agent.status().map(|st| st.programs.iter().map(|p| (p.name.clone(), p.id)).collect()).unwrap();
             ids.extend(floor.programs());
             let counter = probe::CallbackCounter::attach(&self.cgroup).expect("attach the callback counter");
-            let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time statistics");
-            let before = program_stats(&ids);
-            let mut made = 0;
-            for _ in 0..s.repeats {
-                made += self.connections(s, 8087, false).0;
-            }
-            let after = program_stats(&ids);
-            drop(stats);
+            let (made, spent) = run_time_during(&ids, || self.connections_repeated(s, 8087));
             let callbacks = callbacks_per_connection(&counter, made);
             drop(counter);
             let made = made as f64;
             let per = |name: &str| -> (f64, f64) {
-                let (t0, c0) = before[name];
-                let (t1, c1) = after[name];
-                let calls = (c1 - c0) as f64;
-                (if calls > 0.0 { (t1 - t0) as f64 / calls } else { 0.0 }, calls / made)
+                let (ns, calls) = spent[name];
+                let calls = calls as f64;
+                (if calls > 0.0 { ns as f64 / calls } else { 0.0 }, calls / made)
             };
             let floor_of =
                 |name: &str| per(if name == "toa_sock_ops" { "toa_floor_sockops" } else { "toa_floor_getpeer4" }).0;
@@ -632,17 +629,9 @@ impl<'a> Bench<'a> {
         let storing = probe::Floor::attach(&self.cgroup, true).expect("attach the storage floor");
         let mut ids = plain.programs();
         ids.extend(storing.programs().into_iter().filter(|(n, _)| n == "toa_floor_storage"));
-        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time statistics");
-        let before = program_stats(&ids);
-        let mut made = 0;
-        for _ in 0..s.repeats {
-            made += self.connections(s, 8087, false).0;
-        }
-        let after = program_stats(&ids);
-        drop(stats);
-        let delta = |name: &str| (after[name].0 - before[name].0, after[name].1 - before[name].1);
-        let (floor_ns, floor_runs) = delta("toa_floor_sockops");
-        let (store_ns, store_runs) = delta("toa_floor_storage");
+        let (made, spent) = run_time_during(&ids, || self.connections_repeated(s, 8087));
+        let (floor_ns, floor_runs) = spent["toa_floor_sockops"];
+        let (store_ns, store_runs) = spent["toa_floor_storage"];
         let per_conn = (store_ns as f64 - floor_ns as f64 / floor_runs as f64 * store_runs as f64) / made as f64;
         println!("  creating one socket-storage record (kernel, no agent): {per_conn:.0} ns per connection");
         per_conn
@@ -857,15 +846,32 @@ impl<'a> Bench<'a> {
     }
 }
 
-/// (run time in ns, runs) of each program in `ids`, by name.
-fn program_stats(ids: &[(String, u32)]) -> std::collections::HashMap<String, (u64, u64)> {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter_map(|p| {
-            let (name, _) = ids.iter().find(|(_, id)| *id == p.id())?;
-            Some((name.clone(), (p.run_time().as_nanos() as u64, p.run_count())))
-        })
-        .collect()
+/// Runs `work` with the kernel's BPF run-time statistics on (only then: they cost time of their
+/// own); returns its result and the (run time in ns, runs) each program of `ids` spent in it,
+/// by name.
+fn run_time_during<T>(
+    ids: &[(String, u32)],
+    work: impl FnOnce() -> T,
+) -> (T, std::collections::HashMap<String, (u64, u64)>) {
+    let totals = || -> std::collections::HashMap<String, (u64, u64)> {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter_map(|p| {
+                let (name, _) = ids.iter().find(|(_, id)| *id == p.id())?;
+                Some((name.clone(), (p.run_time().as_nanos() as u64, p.run_count())))
+            })
+            .collect()
+    };
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time statistics");
+    let before = totals();
+    let result = work();
+    let after = totals();
+    drop(stats);
+    let spent = after.into_iter().map(|(name, (ns, runs))| {
+        let (ns0, runs0) = before[&name];
+        (name, (ns - ns0, runs - runs0))
+    });
+    (result, spent.collect())
 }
 
 /// The sock_ops callbacks `counter` saw per connection, by kind: a line to print and the JSON.

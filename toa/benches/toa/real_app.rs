@@ -274,13 +274,9 @@ pub(super) fn real_app(bench: &Bench<'_>, s: &Settings) -> Value {
     bench.set_agent(true);
     let ids: Vec<(String, u32)> =
         bench.agent.status().map(|st| st.programs.iter().map(|p| (p.name.clone(), p.id)).collect()).unwrap();
-    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF run-time statistics");
-    let before = program_stats(&ids);
-    let r = run(bench, &plain, secs, None);
-    let after = program_stats(&ids);
-    drop(stats);
+    let (r, spent) = run_time_during(&ids, || run(bench, &plain, secs, None));
     bench.set_agent(false);
-    let agent_ns: f64 = after.iter().map(|(n, (t, _))| (t - before[n].0) as f64).sum::<f64>() / r.log.lines as f64;
+    let agent_ns = spent.values().map(|(ns, _)| *ns as f64).sum::<f64>() / r.log.lines as f64;
     println!("  agent BPF time per accepted connection (kernel statistics, one run): {agent_ns:.0} ns");
 
     // Userspace mode: plain nginx, no reader / preloaded nginx with its reader.

@@ -550,20 +550,8 @@ impl Userspace {
         let Some(t) = TableFile::open(&self.path, false)? else {
             return Ok(false);
         };
-        let pid = t.table().header.reader_pid.load(Ordering::Relaxed);
         // Live or not: a reader that was stopped (SIGSTOP) has a stale heartbeat but must go too.
-        if pid > 0 && is_reader(pid) {
-            // SAFETY: signalling the reader whose PID its table holds (checked to be a reader);
-            // SIGCONT too, or a stopped reader would never see the SIGTERM.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
-                libc::kill(pid as i32, libc::SIGCONT);
-            }
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline && is_reader(pid) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }
+        stop_reader(t.table().header.reader_pid.load(Ordering::Relaxed));
         // The reader removes its table; if it was dead, mark and remove it here. Mapped copies in
         // applications see STOPPED and stop answering.
         drop(t);
@@ -717,22 +705,29 @@ fn retire_older_table(path: &Path) -> Result<bool, Error> {
     file.read_exact_at(&mut pid, core::mem::offset_of!(Header, reader_pid) as u64)?;
     let pid = u32::from_ne_bytes(pid);
     file.write_all_at(&STOPPED.to_ne_bytes(), core::mem::offset_of!(Header, state) as u64)?;
-    if pid > 0 && is_reader(pid) {
-        // SAFETY: signalling the reader whose PID its table holds (checked to be a reader).
-        unsafe {
-            libc::kill(pid as i32, libc::SIGTERM);
-            libc::kill(pid as i32, libc::SIGCONT);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline && is_reader(pid) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
+    stop_reader(pid);
     match fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
         _ => {}
     }
     Ok(true)
+}
+
+/// Ends the reader `pid` a table names, if it is one, and returns once it is gone (5 s at most).
+fn stop_reader(pid: u32) {
+    if pid == 0 || !is_reader(pid) {
+        return;
+    }
+    // SAFETY: signalling the reader whose PID its table holds (checked to be a reader); SIGCONT
+    // too, or a stopped reader would never see the SIGTERM.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGTERM);
+        libc::kill(pid as i32, libc::SIGCONT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && is_reader(pid) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 fn is_reader(pid: u32) -> bool {
