@@ -219,21 +219,9 @@ impl<'a> Bench<'a> {
     }
 
     /// Interleaved runs of `a` and `b`; the ratio b/a per repeat, summarised.
-    fn compare(&self, s: &Settings, label: &str, mut a: impl FnMut() -> f64, mut b: impl FnMut() -> f64) -> Value {
-        let (mut ra, mut rb, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for r in 0..s.repeats {
-            // A B, then B A: a drift within a pair does not always favour the same side.
-            let (x, y) = if r % 2 == 0 {
-                let x = a();
-                (x, b())
-            } else {
-                let y = b();
-                (a(), y)
-            };
-            ra.push(x);
-            rb.push(y);
-            ratios.push(y / x);
-        }
+    fn compare(&self, s: &Settings, label: &str, a: impl FnMut() -> f64, b: impl FnMut() -> f64) -> Value {
+        let (ra, rb) = alternate(s.repeats, a, b);
+        let ratios: Vec<f64> = ra.iter().zip(&rb).map(|(x, y)| y / x).collect();
         let summary = spread(&ratios);
         println!(
             "{label:<58} {:>10.0} vs {:>10.0}   ratio {:.3} (min {:.3}, max {:.3})",
@@ -844,6 +832,24 @@ impl<'a> Bench<'a> {
             move || toa::conns::list(&pins).map(|c| c.len()).unwrap_or(usize::MAX)
         })
     }
+}
+
+/// `pairs` pairs of runs of `a` (the baseline) and `b`, alternating A B, then B A, so that a
+/// drift within a pair does not always favour the same side: (the a results, the b results).
+fn alternate<T>(pairs: usize, mut a: impl FnMut() -> T, mut b: impl FnMut() -> T) -> (Vec<T>, Vec<T>) {
+    let (mut ra, mut rb) = (Vec::new(), Vec::new());
+    for r in 0..pairs {
+        let (x, y) = if r % 2 == 0 {
+            let x = a();
+            (x, b())
+        } else {
+            let y = b();
+            (a(), y)
+        };
+        ra.push(x);
+        rb.push(y);
+    }
+    (ra, rb)
 }
 
 /// Runs `work` with the kernel's BPF run-time statistics on (only then: they cost time of their

@@ -200,19 +200,8 @@ fn mean_ci(v: &[f64]) -> (f64, f64, f64) {
 }
 
 /// `pairs` alternating pairs of `a` (baseline) and `b`; prints and returns the comparison.
-fn compare_runs(label: &str, pairs: usize, mut a: impl FnMut() -> Run, mut b: impl FnMut() -> Run) -> Value {
-    let (mut base, mut measured) = (Vec::new(), Vec::new());
-    for i in 0..pairs {
-        let (x, y) = if i % 2 == 0 {
-            let x = a();
-            (x, b())
-        } else {
-            let y = b();
-            (a(), y)
-        };
-        base.push(x);
-        measured.push(y);
-    }
+fn compare_runs(label: &str, pairs: usize, a: impl FnMut() -> Run, b: impl FnMut() -> Run) -> Value {
+    let (base, measured) = alternate(pairs, a, b);
     let rates: Vec<f64> = base.iter().zip(&measured).map(|(x, y)| y.rate / x.rate).collect();
     let cpus: Vec<f64> = base.iter().zip(&measured).map(|(x, y)| y.cpu_ns / x.cpu_ns).collect();
     let (rate, rate_lo, rate_hi) = mean_ci(&rates);
