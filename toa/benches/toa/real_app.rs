@@ -42,6 +42,8 @@ impl Nginx {
 
     /// With `table`, started with libtoa.so preloaded, reading that table.
     fn start(bench: &Bench<'_>, port: u16, table: Option<&Path>) -> Self {
+        // Found before anything is made, so that its absence leaves nothing behind.
+        let mut cmd = Command::new(Self::binary());
         let prefix = PathBuf::from(format!("/tmp/toa-bench-{}-nginx-{port}", std::process::id()));
         fs::create_dir_all(prefix.join("tmp")).unwrap();
         let conf = format!(
@@ -60,14 +62,19 @@ impl Nginx {
             p = prefix.display()
         );
         fs::write(prefix.join("nginx.conf"), conf).unwrap();
-        let mut cmd = Command::new(Self::binary());
         cmd.arg("-p").arg(&prefix).arg("-c").arg(prefix.join("nginx.conf")).args(["-e", "stderr"]);
         cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
         if let Some(table) = table {
             cmd.env("LD_PRELOAD", support::libtoa()).env("TOA_TABLE", table);
         }
         support::in_netns_and_cgroup(&mut cmd, &bench.lab.netns_path(&bench.lab.server_ns), None);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&prefix);
+                panic!("{cmd:?}: {e}");
+            }
+        };
         let nginx = Self { child, prefix, port };
         let up = support::eventually(support::DEADLINE, || {
             bench.in_server(move || TcpStream::connect(("198.18.0.1", port)).is_ok()) && nginx.worker().is_some()
