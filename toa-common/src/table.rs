@@ -695,22 +695,28 @@ mod tests {
     fn readers_never_see_torn_entries() {
         let (_m, t) = table(1);
         let stop = std::sync::atomic::AtomicBool::new(false);
+        let seen = AtomicU64::new(0);
         std::thread::scope(|s| {
             s.spawn(|| {
-                for i in 0..200_000u32 {
+                // At least 200 000 writes, and on until the reader has raced 1 000 of them: a
+                // loaded machine may run this thread to its end before the reader's first look.
+                // The deadline only bounds a hang.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                let mut i = 0u32;
+                while i < 200_000 || (seen.load(Ordering::Relaxed) < 1_000 && std::time::Instant::now() < deadline) {
                     let b = (i % 251) as u8;
                     t.store(&Entry { addr: [b; 16], port: [b, b], ..found(7, 1 + i) });
+                    i += 1;
                 }
                 stop.store(true, Ordering::Relaxed);
             });
-            let mut seen = 0;
             while !stop.load(Ordering::Relaxed) {
                 if let Some(e) = t.lookup(&key(7)) {
                     assert!(e.addr.iter().all(|b| *b == e.addr[0]) && e.port == [e.addr[0]; 2], "torn: {e:?}");
-                    seen += 1;
+                    seen.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            assert!(seen > 0);
+            assert!(seen.load(Ordering::Relaxed) >= 1_000, "the reader found no whole entry while the writer ran");
         });
     }
 }
