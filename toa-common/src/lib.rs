@@ -13,6 +13,7 @@ pub mod probe;
 pub mod reference;
 #[cfg(not(target_arch = "bpf"))]
 pub mod table;
+pub mod udp;
 
 pub use config::AgentConfig;
 pub use counters::Counter;
@@ -85,4 +86,9 @@ mod user {
     unsafe impl aya::Pod for super::SockState {}
     unsafe impl aya::Pod for super::probe::ProbeConfig {}
     unsafe impl aya::Pod for super::config::AgentConfig {}
+    unsafe impl aya::Pod for super::udp::FlowKey {}
+    unsafe impl aya::Pod for super::udp::Flow {}
+    unsafe impl aya::Pod for super::udp::ReplyKey {}
+    unsafe impl aya::Pod for super::udp::Reply {}
+    unsafe impl aya::Pod for super::udp::UdpConfig {}
 }

@@ -1,0 +1,264 @@
+//! The UDP path's shared types: DPVS's UDP Option of Address (UOA) in a datagram's IPv4
+//! options, and the flow and reply records the eBPF programs keep.
+//!
+//! A UOA is an IPv4 option of type 31 with the classic TOA layouts (length 8: port + IPv4,
+//! length 20: port + IPv6), so the TCP option parser reads it: [`uoa_config`] is the agent's
+//! configuration with kind 31 as the only kind and no TCP dialect.
+
+use crate::{
+    config::{AgentConfig, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE},
+    ClientAddr,
+};
+
+/// `IPOPT_UOA`: DPVS's IPv4 option type.
+pub const UOA_KIND: u8 = 31;
+
+/// How long a flow's client is kept after its last datagram, unless configured (DPVS's
+/// `uoa_map_timeout`).
+pub const UDP_TTL_DEFAULT_SECS: u32 = 360;
+/// Flows and replies the kernel keeps at most (each an LRU map: the least recently used goes).
+pub const UDP_FLOWS: u32 = 65_536;
+
+/// The parser's configuration for a datagram's IP options: the agent's, with kind 31 as the only
+/// kind and without the TCP dialects (their kinds mean nothing in an IP header).
+#[inline(always)]
+pub fn uoa_config(agent: &AgentConfig) -> AgentConfig {
+    let mut cfg = *agent;
+    cfg.kinds = [0; 32];
+    cfg.kinds[(UOA_KIND >> 3) as usize] = 1 << (UOA_KIND & 7);
+    cfg.flags &= !(FLAG_DIALECT_BYTEDANCE | FLAG_DIALECT_ALIBABA_CDN);
+    cfg
+}
+
+/// A flow as one socket sees it: the balancer's address and port, and the socket (its cookie).
+/// The socket, not the local port: two network namespaces (containers) can receive flows from
+/// the same balancer address and port on the same local port, and the local address is not
+/// known at `recvmsg()` for a socket bound to the wildcard address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowKey {
+    /// The balancer's address, IPv4 as `::ffff:a.b.c.d`.
+    pub peer_addr: [u8; 16],
+    /// Network byte order.
+    pub peer_port: [u8; 2],
+    pub _pad: [u8; 6],
+    /// `bpf_get_socket_cookie()` of the receiving socket.
+    pub socket: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 32);
+
+/// A flow's client, from the last datagram that carried one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Flow {
+    pub client: ClientAddr,
+    /// The datagram's destination, IPv4 as `::ffff:a.b.c.d`.
+    pub local_addr: [u8; 16],
+    /// `bpf_ktime_get_ns()` of the last datagram with the option, or of the last `recvmsg()`
+    /// that showed the client.
+    pub seen_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Flow>() == 56);
+
+/// Where a reply to a client goes: the client as the application saw it, the local port it is
+/// answered from and the network namespace (any socket of the service may answer).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReplyKey {
+    /// IPv4 as `::ffff:a.b.c.d`.
+    pub client_addr: [u8; 16],
+    pub client_port: [u8; 2],
+    pub local_port: [u8; 2],
+    pub _pad: [u8; 4],
+    /// `bpf_get_netns_cookie()`.
+    pub netns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<ReplyKey>() == 32);
+
+/// The balancer that forwards a client's flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Reply {
+    /// IPv4 as `::ffff:a.b.c.d`.
+    pub peer_addr: [u8; 16],
+    pub peer_port: [u8; 2],
+    pub _pad: [u8; 6],
+    pub seen_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Reply>() == 32);
+
+/// The UDP path's settings (the one slot of `TOA_UDP_CONFIG`); the trust list and the port
+/// scope are the agent's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UdpConfig {
+    /// 1: record flows and rewrite addresses (the UDP programs are attached only then).
+    pub enabled: u32,
+    /// Seconds a flow is honoured after its last datagram with the option.
+    pub ttl_secs: u32,
+}
+
+impl UdpConfig {
+    #[inline(always)]
+    pub fn ttl_ns(&self) -> u64 {
+        self.ttl_secs as u64 * 1_000_000_000
+    }
+
+    /// Whether a record last refreshed at `seen_ns` is still honoured at `now_ns`.
+    #[inline(always)]
+    pub fn fresh(&self, seen_ns: u64, now_ns: u64) -> bool {
+        now_ns.wrapping_sub(seen_ns) <= self.ttl_ns()
+    }
+}
+
+/// The UDP path's counters (`TOA_UDP_STATS`, one per-CPU slot each).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdpCounter {
+    /// A datagram's UOA recorded as its flow's client.
+    UdpOption = 0,
+    /// A malformed UOA or IPv4 option list (nothing recorded; the real address is kept).
+    UdpOptionMalformed,
+    /// A valid UOA from a source outside the trust list (ignored).
+    UdpUntrustedOption,
+    /// `recvfrom()`/`recvmsg()` answered with the client instead of the balancer.
+    UdpRecvClient,
+    /// A client the socket's family cannot hold (IPv6 client, IPv4 socket): the balancer kept.
+    UdpRecvMismatch,
+    /// A reply to a client sent to its balancer instead.
+    UdpReplyRedirected,
+    /// A flow or reply found but older than the TTL: left alone.
+    UdpExpired,
+    /// A client's reply route changed to another balancer while its old one was fresh (two
+    /// balancers forwarding the same client address and port to the same local port).
+    UdpReplyConflict,
+}
+
+pub const UDP_COUNTERS: u32 = 8;
+
+impl UdpCounter {
+    pub const ALL: [UdpCounter; UDP_COUNTERS as usize] = [
+        UdpCounter::UdpOption,
+        UdpCounter::UdpOptionMalformed,
+        UdpCounter::UdpUntrustedOption,
+        UdpCounter::UdpRecvClient,
+        UdpCounter::UdpRecvMismatch,
+        UdpCounter::UdpReplyRedirected,
+        UdpCounter::UdpExpired,
+        UdpCounter::UdpReplyConflict,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            UdpCounter::UdpOption => "udp_option",
+            UdpCounter::UdpOptionMalformed => "udp_option_malformed",
+            UdpCounter::UdpUntrustedOption => "udp_untrusted_option",
+            UdpCounter::UdpRecvClient => "udp_recv_client",
+            UdpCounter::UdpRecvMismatch => "udp_recv_mismatch",
+            UdpCounter::UdpReplyRedirected => "udp_reply_redirected",
+            UdpCounter::UdpExpired => "udp_expired",
+            UdpCounter::UdpReplyConflict => "udp_reply_conflict",
+        }
+    }
+
+    pub const fn help(self) -> &'static str {
+        match self {
+            UdpCounter::UdpOption => "UDP datagrams whose UOA was recorded as their flow's client",
+            UdpCounter::UdpOptionMalformed => "malformed UOA or IPv4 option list seen (real address kept)",
+            UdpCounter::UdpUntrustedOption => "valid UOAs from sources outside the trust list (ignored)",
+            UdpCounter::UdpRecvClient => "recvfrom()/recvmsg() answered with the client",
+            UdpCounter::UdpRecvMismatch => "UDP client that the socket's family cannot hold (balancer kept)",
+            UdpCounter::UdpReplyRedirected => "replies to a client sent to its balancer",
+            UdpCounter::UdpExpired => "UDP flows or replies found older than the TTL (left alone)",
+            UdpCounter::UdpReplyConflict => "clients whose reply route moved to another balancer while fresh",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::{FLAG_PICK_LAST, FLAG_TRUST_REQUIRED},
+        find_toa, OptionArea, Parsed, AF_INET, AF_INET6, CLIENT_HAS_PORT,
+    };
+
+    const PORT: [u8; 2] = [0x30, 0x39];
+    const V4: [u8; 4] = [198, 18, 0, 7];
+
+    fn parse(options: &[u8]) -> Parsed {
+        let cfg = uoa_config(&AgentConfig::classic());
+        find_toa(&mut OptionArea::from_slice(options), &cfg)
+    }
+
+    fn v4(port: [u8; 2], addr: [u8; 4]) -> Parsed {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&addr);
+        Parsed::Found(ClientAddr { family: AF_INET, port, addr: a, flags: CLIENT_HAS_PORT, ..Default::default() })
+    }
+
+    #[test]
+    fn the_config_reads_kind_31_only_and_keeps_the_policy() {
+        let mut agent = AgentConfig::classic();
+        agent.flags = FLAG_TRUST_REQUIRED | FLAG_PICK_LAST | FLAG_DIALECT_BYTEDANCE | FLAG_DIALECT_ALIBABA_CDN;
+        let cfg = uoa_config(&agent);
+        assert!(cfg.kind_enabled(UOA_KIND));
+        assert_eq!((0..=255u8).filter(|k| cfg.kind_enabled(*k)).count(), 1);
+        assert_eq!(cfg.flags, FLAG_TRUST_REQUIRED | FLAG_PICK_LAST);
+    }
+
+    #[test]
+    fn uoa_ipv4_and_ipv6() {
+        let o = [UOA_KIND, 8, PORT[0], PORT[1], V4[0], V4[1], V4[2], V4[3]];
+        assert_eq!(parse(&o), v4(PORT, V4));
+        let mut o6 = [0u8; 20];
+        o6[..4].copy_from_slice(&[UOA_KIND, 20, PORT[0], PORT[1]]);
+        o6[4..].copy_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
+        let Parsed::Found(c) = parse(&o6) else { panic!("{:?}", parse(&o6)) };
+        assert_eq!((c.family, c.port, c.addr), (AF_INET6, PORT, o6[4..].try_into().unwrap()));
+    }
+
+    /// Other IPv4 options around it (record route, NOPs) are stepped over; the TCP kind 254 is
+    /// not a UOA.
+    #[test]
+    fn other_ip_options_are_not_uoa() {
+        let rr = [7u8, 7, 4, 0, 0, 0, 0];
+        let o = [&rr[..], &[1], &[UOA_KIND, 8, PORT[0], PORT[1], V4[0], V4[1], V4[2], V4[3]]].concat();
+        assert_eq!(parse(&o), v4(PORT, V4));
+        assert_eq!(parse(&[254, 8, PORT[0], PORT[1], V4[0], V4[1], V4[2], V4[3]]), Parsed::Absent);
+        assert_eq!(parse(&rr), Parsed::Absent);
+    }
+
+    #[test]
+    fn malformed_uoas() {
+        // Wrong lengths, a length running past the options, a missing length byte, length < 2.
+        for o in [
+            &[UOA_KIND, 6, 0, 0, 0, 0][..],
+            &[UOA_KIND, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[UOA_KIND, 8, 0, 0, 0, 0],
+            &[1, 1, 1, UOA_KIND],
+            &[UOA_KIND, 0, 0, 0],
+        ] {
+            assert_eq!(parse(o), Parsed::Malformed, "{o:?}");
+        }
+    }
+
+    #[test]
+    fn freshness() {
+        let cfg = UdpConfig { enabled: 1, ttl_secs: 2 };
+        assert!(cfg.fresh(1_000, 1_000 + 2_000_000_000));
+        assert!(!cfg.fresh(1_000, 1_001 + 2_000_000_000));
+    }
+
+    #[test]
+    fn counter_names_are_unique_and_in_slot_order() {
+        for (i, c) in UdpCounter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            assert!(UdpCounter::ALL[i + 1..].iter().all(|d| d.name() != c.name()));
+        }
+    }
+}
