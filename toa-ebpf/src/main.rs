@@ -2,8 +2,9 @@
 //!
 //! One module per kernel hook: `sock_ops` finds the option on incoming connections and keeps the
 //! address in socket storage; `getpeername` hands it to applications, `getsockname` the virtual
-//! IP where the option carries one, `getsockopt` answers the NAT64 lookup. `maps` holds the state
-//! they share with userspace.
+//! IP where the option carries one, `getsockopt` answers the NAT64 lookup,
+//! `udp` is the UDP path (attached only with `--udp`). `maps` holds the state they share with
+//! userspace.
 #![no_std]
 #![no_main]
 
@@ -12,6 +13,7 @@ mod getsockname;
 mod getsockopt;
 mod maps;
 mod sock_ops;
+mod udp;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -2,12 +2,13 @@
 //! writes `TOA_CONFIG` and `TOA_TRUST` to (re)configure a loaded agent.
 
 use aya_ebpf::{
-    btf_maps::{lpm_trie::Key, Array, LpmTrie, PerCpuArray, SkStorage},
+    btf_maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray, SkStorage},
     macros::btf_map,
 };
 use toa_common::{
     config::{v4_mapped, TRUST_ENTRIES},
     counters::COUNTERS,
+    udp::{Flow, FlowKey, Reply, ReplyKey, UdpConfig, UdpCounter, UDP_COUNTERS, UDP_FLOWS},
     AgentConfig, Counter, OptionArea, SockState,
 };
 
@@ -61,4 +62,40 @@ pub fn mapped(ip4: u32) -> [u8; 16] {
 #[inline(always)]
 pub fn socks() -> *mut core::ffi::c_void {
     core::ptr::addr_of!(TOA_SOCKS) as *mut core::ffi::c_void
+}
+
+/// UDP: each flow's client (balancer address and port + local port → client), from datagrams
+/// that carried a UOA. LRU: a full map drops the least recently used flow, never a new one.
+#[btf_map]
+pub static TOA_UDP_FLOWS: LruHashMap<FlowKey, Flow, { UDP_FLOWS as usize }> = LruHashMap::new();
+
+/// UDP: where replies to a client go (client as the application saw it + local port → balancer).
+#[btf_map]
+pub static TOA_UDP_REPLIES: LruHashMap<ReplyKey, Reply, { UDP_FLOWS as usize }> = LruHashMap::new();
+
+/// UDP settings; one slot, rewritten in place like `TOA_CONFIG`.
+#[btf_map]
+pub static TOA_UDP_CONFIG: Array<UdpConfig, 1> = Array::new();
+
+/// UDP counters, one slot per CPU.
+#[btf_map]
+pub static TOA_UDP_STATS: PerCpuArray<u64, { UDP_COUNTERS as usize }> = PerCpuArray::new();
+
+/// A datagram's IPv4 options, parsed here. Not `TOA_SCRATCH`: the ingress hook runs in softirq
+/// context and may interrupt a sock_ops program that is parsing on the same CPU.
+#[btf_map]
+pub static TOA_UDP_SCRATCH: PerCpuArray<OptionArea, 1> = PerCpuArray::new();
+
+#[inline(always)]
+pub fn count_udp(counter: UdpCounter) {
+    if let Some(slot) = TOA_UDP_STATS.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU slot; programs on this CPU do not preempt each other.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// The UDP settings, when the UDP path is on.
+#[inline(always)]
+pub fn udp_config() -> Option<&'static UdpConfig> {
+    TOA_UDP_CONFIG.get(0).filter(|c| c.enabled != 0)
 }

@@ -56,6 +56,8 @@ pub struct ConfigFile {
     /// Ports or ranges: `port = [80, "8000-8100"]`.
     #[serde(default)]
     pub port: Vec<PortRange>,
+    pub udp: Option<bool>,
+    pub udp_ttl: Option<u32>,
     /// The userspace mode's keys, named like the flags.
     pub table: Option<PathBuf>,
     pub table_entries: Option<u32>,
@@ -80,6 +82,8 @@ pub struct PolicyOverrides {
     /// Local ports whose connections are served (both lists empty: all).
     pub ports: Vec<u16>,
     pub port_ranges: Vec<PortRange>,
+    pub udp: bool,
+    pub udp_ttl: Option<u32>,
 }
 
 impl PolicyOverrides {
@@ -95,6 +99,8 @@ impl PolicyOverrides {
             pick: self.pick.or(file.pick).unwrap_or_default(),
             trust: pick(&self.trust, &file.trust),
             ports: pick(&ports, &file.port),
+            udp: self.udp || file.udp.unwrap_or(false),
+            udp_ttl: self.udp_ttl.or(file.udp_ttl),
         }
     }
 }

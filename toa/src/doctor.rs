@@ -153,6 +153,7 @@ fn programs_load() -> Check {
                 Program::SockOps(p) => p.load().and_then(|()| p.info()),
                 Program::CgroupSockAddr(p) => p.load().and_then(|()| p.info()),
                 Program::CgroupSockopt(p) => p.load().and_then(|()| p.info()),
+                Program::CgroupSkb(p) => p.load().and_then(|()| p.info()),
                 _ => return Err(format!("{name}: unexpected program type")),
             }
             .map_err(|e| chain(&e))?;
@@ -180,7 +181,8 @@ fn attach_scratch(mount: &Path) -> Check {
     let result = (|| -> Result<usize, String> {
         fs::create_dir(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         fs::create_dir_all(&pins).map_err(|e| format!("create {}: {e}", pins.display()))?;
-        let (_ebpf, links) = attach(&dir, &pins, Some(&Policy::default())).map_err(|e| e.to_string())?;
+        let (_ebpf, links) =
+            attach(&dir, &pins, Some(&Policy { udp: true, ..Policy::default() })).map_err(|e| e.to_string())?;
         Ok(links.len())
         // Dropping the links detaches them.
     })();

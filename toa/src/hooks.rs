@@ -12,6 +12,18 @@ pub enum HookKind {
     SockAddr,
     /// `BPF_PROG_TYPE_CGROUP_SOCKOPT` (aya 0.14 cannot attach it as a link: see `backend::ebpf::attach`).
     Sockopt,
+    /// `BPF_PROG_TYPE_CGROUP_SKB`, on ingress.
+    SkbIngress,
+}
+
+/// Which part of the agent a hook belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// TCP: always attached.
+    Tcp,
+    /// UDP: attached only when the policy turns it on (`--udp`), so that hosts without UDP
+    /// balancers pay nothing for it (the ingress hook runs for every packet of the cgroup).
+    Udp,
 }
 
 /// One program of the agent and the cgroup link that attaches it.
@@ -26,17 +38,26 @@ pub struct Hook {
     pub kind: HookKind,
     /// The hook, as operators read it (`toa doctor`, test output).
     pub label: &'static str,
+    pub path: Path,
 }
 
 /// Every program of the agent, in attach order (sock_ops first: it fills what the others read).
-pub const HOOKS: [Hook; 6] = [
-    Hook { pin: "link_sock_ops", program: "toa_sock_ops", attach_type: 3, kind: HookKind::SockOps, label: "sock_ops" },
+pub const HOOKS: [Hook; 9] = [
+    Hook {
+        pin: "link_sock_ops",
+        program: "toa_sock_ops",
+        attach_type: 3,
+        kind: HookKind::SockOps,
+        label: "sock_ops",
+        path: Path::Tcp,
+    },
     Hook {
         pin: "link_getpeername4",
         program: "toa_getpeer4",
         attach_type: 29,
         kind: HookKind::SockAddr,
         label: "getpeername4",
+        path: Path::Tcp,
     },
     Hook {
         pin: "link_getpeername6",
@@ -44,6 +65,7 @@ pub const HOOKS: [Hook; 6] = [
         attach_type: 30,
         kind: HookKind::SockAddr,
         label: "getpeername6",
+        path: Path::Tcp,
     },
     Hook {
         pin: "link_getsockname4",
@@ -51,6 +73,7 @@ pub const HOOKS: [Hook; 6] = [
         attach_type: 31,
         kind: HookKind::SockAddr,
         label: "getsockname4",
+        path: Path::Tcp,
     },
     Hook {
         pin: "link_getsockname6",
@@ -58,6 +81,7 @@ pub const HOOKS: [Hook; 6] = [
         attach_type: 32,
         kind: HookKind::SockAddr,
         label: "getsockname6",
+        path: Path::Tcp,
     },
     Hook {
         pin: "link_getsockopt",
@@ -65,8 +89,43 @@ pub const HOOKS: [Hook; 6] = [
         attach_type: 21,
         kind: HookKind::Sockopt,
         label: "getsockopt",
+        path: Path::Tcp,
+    },
+    Hook {
+        pin: "link_udp_ingress",
+        program: "toa_udp_in",
+        attach_type: 0,
+        kind: HookKind::SkbIngress,
+        label: "udp ingress",
+        path: Path::Udp,
+    },
+    Hook {
+        pin: "link_udp_recvmsg4",
+        program: "toa_udp_recv4",
+        attach_type: 19,
+        kind: HookKind::SockAddr,
+        label: "recvmsg4",
+        path: Path::Udp,
+    },
+    Hook {
+        pin: "link_udp_sendmsg4",
+        program: "toa_udp_send4",
+        attach_type: 14,
+        kind: HookKind::SockAddr,
+        label: "sendmsg4",
+        path: Path::Udp,
     },
 ];
+
+/// The hooks that are always attached.
+pub fn tcp_hooks() -> impl Iterator<Item = &'static Hook> {
+    HOOKS.iter().filter(|h| h.path == Path::Tcp)
+}
+
+/// The hooks attached for a policy.
+pub fn hooks_for(udp: bool) -> impl Iterator<Item = &'static Hook> {
+    HOOKS.iter().filter(move |h| h.path == Path::Tcp || udp)
+}
 
 /// One map of the agent that is pinned (kept across loads, relocations and upgrades).
 #[derive(Clone, Copy, Debug)]
@@ -86,12 +145,25 @@ pub const CONFIG: PinnedMap = PinnedMap { pin: "config", name: "TOA_CONFIG" };
 /// The trust list (LPM trie).
 pub const TRUST: PinnedMap = PinnedMap { pin: "trust", name: "TOA_TRUST" };
 
+/// UDP: each flow's client (LRU hash).
+pub const UDP_FLOWS: PinnedMap = PinnedMap { pin: "udp_flows", name: "TOA_UDP_FLOWS" };
+/// UDP: the way back to each client's balancer (LRU hash).
+pub const UDP_REPLIES: PinnedMap = PinnedMap { pin: "udp_replies", name: "TOA_UDP_REPLIES" };
+/// UDP settings (one slot).
+pub const UDP_CONFIG: PinnedMap = PinnedMap { pin: "udp_config", name: "TOA_UDP_CONFIG" };
+/// UDP counters (per-CPU array, `UdpCounter::ALL` order).
+pub const UDP_STATS: PinnedMap = PinnedMap { pin: "udp_stats", name: "TOA_UDP_STATS" };
+
 /// Every pinned map.
-pub const MAPS: [PinnedMap; 4] = [SOCKS, STATS, CONFIG, TRUST];
+pub const MAPS: [PinnedMap; 8] = [SOCKS, STATS, CONFIG, TRUST, UDP_FLOWS, UDP_REPLIES, UDP_CONFIG, UDP_STATS];
+
+/// The UDP path's maps sized by the policy (one entry while UDP is off: an LRU map is allocated
+/// in full when created).
+pub const UDP_SIZED_MAPS: [PinnedMap; 2] = [UDP_FLOWS, UDP_REPLIES];
 
 /// Maps of the object that are deliberately not pinned: per-run scratch memory, recreated by
 /// every load.
-pub const UNPINNED_MAPS: [&str; 1] = ["TOA_SCRATCH"];
+pub const UNPINNED_MAPS: [&str; 2] = ["TOA_SCRATCH", "TOA_UDP_SCRATCH"];
 
 /// The hook with this program name.
 pub fn by_program(program: &str) -> Option<&'static Hook> {
@@ -102,7 +174,7 @@ pub fn by_program(program: &str) -> Option<&'static Hook> {
 mod tests {
     use std::collections::BTreeSet;
 
-    use aya_obj::{generated::bpf_attach_type, Object, ProgramSection};
+    use aya_obj::{generated::bpf_attach_type, programs::CgroupSkbAttachType, Object, ProgramSection};
 
     use super::*;
     use crate::programs;
@@ -125,6 +197,7 @@ mod tests {
                 ProgramSection::SockOps => HookKind::SockOps,
                 ProgramSection::CgroupSockAddr { .. } => HookKind::SockAddr,
                 ProgramSection::CgroupSockopt { .. } => HookKind::Sockopt,
+                ProgramSection::CgroupSkb { attach_type: Some(CgroupSkbAttachType::Ingress) } => HookKind::SkbIngress,
                 other => panic!("{}: unexpected section {other:?}", hook.program),
             };
             assert_eq!(kind, hook.kind, "{}", hook.program);
@@ -147,6 +220,9 @@ mod tests {
                 ProgramSection::SockOps => 3,
                 ProgramSection::CgroupSockAddr { attach_type } => bpf_attach_type::from(*attach_type) as u32,
                 ProgramSection::CgroupSockopt { attach_type } => bpf_attach_type::from(*attach_type) as u32,
+                ProgramSection::CgroupSkb { attach_type: Some(CgroupSkbAttachType::Ingress) } => {
+                    bpf_attach_type::BPF_CGROUP_INET_INGRESS as u32
+                }
                 other => panic!("{other:?}"),
             };
             assert_eq!(hook.attach_type, expected, "{}", hook.program);

@@ -43,6 +43,10 @@ impl Collector for AgentCollector {
                 }
             }
         }
+        for (counter, value) in self.backend.udp_stats().unwrap_or_default() {
+            let metric = ConstCounter::new(value);
+            metric.encode(encoder.encode_descriptor(counter.name(), counter.help(), None, metric.metric_type())?)?;
+        }
         Ok(())
     }
 }

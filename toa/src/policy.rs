@@ -10,8 +10,12 @@ use toa_common::{
         v4_mapped, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_PICK_LAST, FLAG_PORTS, FLAG_READ_SYN,
         FLAG_REWRITE_SOCKNAME, FLAG_TRUST_REQUIRED, PORT_RANGES, TRUST_ENTRIES,
     },
+    udp::{UdpConfig, UDP_TTL_DEFAULT_SECS},
     AgentConfig, TOA_KIND,
 };
+
+/// The longest `--udp-ttl`: a day.
+pub const UDP_TTL_MAX: u32 = 86_400;
 
 /// A wire format that differs from the classic `port + address` layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -110,6 +114,12 @@ pub struct Policy {
     /// Local ports whose connections are read; empty means all.
     #[serde(default)]
     pub ports: Vec<PortRange>,
+    /// Read DPVS's UOA on UDP datagrams and show their clients (eBPF mode).
+    #[serde(default)]
+    pub udp: bool,
+    /// Seconds a UDP flow's client is honoured after its last datagram (with `udp`; default 360).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_ttl: Option<u32>,
 }
 
 impl Policy {
@@ -130,7 +140,18 @@ impl Policy {
                 self.trust.len()
             ));
         }
+        if self.udp_ttl.is_some() && !self.udp {
+            return Err("--udp-ttl is given without --udp: add --udp, or drop --udp-ttl".into());
+        }
+        if let Some(ttl) = self.udp_ttl.filter(|t| !(1..=UDP_TTL_MAX).contains(t)) {
+            return Err(format!("--udp-ttl {ttl}: give 1 to {UDP_TTL_MAX} seconds"));
+        }
         Ok(())
+    }
+
+    /// The `TOA_UDP_CONFIG` slot for this policy.
+    pub fn to_udp_config(&self) -> UdpConfig {
+        UdpConfig { enabled: self.udp as u32, ttl_secs: self.udp_ttl.unwrap_or(UDP_TTL_DEFAULT_SECS) }
     }
 
     /// The kinds in effect (254 when none is given).
@@ -187,7 +208,16 @@ impl Policy {
             pick: if cfg.has(FLAG_PICK_LAST) { Pick::Last } else { Pick::First },
             trust,
             ports,
+            udp: false,
+            udp_ttl: None,
         }
+    }
+
+    /// The UDP settings read back from the kernel's slot.
+    pub fn with_udp(mut self, udp: &UdpConfig) -> Self {
+        self.udp = udp.enabled != 0;
+        self.udp_ttl = self.udp.then_some(udp.ttl_secs);
+        self
     }
 
     /// The same policy in canonical form (what reading it back from the kernel gives).
@@ -195,7 +225,7 @@ impl Policy {
         let mut trust: Vec<IpNet> = self.trust.iter().map(IpNet::trunc).collect();
         trust.sort();
         trust.dedup();
-        Self::from_kernel(&self.to_config(), trust)
+        Self::from_kernel(&self.to_config(), trust).with_udp(&self.to_udp_config())
     }
 }
 
@@ -239,10 +269,16 @@ mod tests {
             pick: Pick::Last,
             trust: vec!["100.125.0.0/16".parse().unwrap(), "fd00::/8".parse().unwrap()],
             ports: vec![PortRange(80, 80), PortRange(8000, 8100)],
+            udp: true,
+            udp_ttl: Some(30),
         };
-        let back = Policy::from_kernel(&p.to_config(), p.trust.clone());
-        assert_eq!(back, Policy { kinds: vec![200, 253, 254], ..p });
+        let back = Policy::from_kernel(&p.to_config(), p.trust.clone()).with_udp(&p.to_udp_config());
+        assert_eq!(back, Policy { kinds: vec![200, 253, 254], ..p.clone() });
         assert_eq!(Policy::default().normalized().kinds, vec![254]);
+        // The TTL in effect is shown once UDP is on; off, neither is.
+        let on = Policy { udp: true, ..Default::default() }.normalized();
+        assert_eq!((on.udp, on.udp_ttl), (true, Some(360)));
+        assert_eq!(Policy::default().normalized().udp_ttl, None);
     }
 
     #[test]
@@ -267,5 +303,11 @@ mod tests {
         assert!(Policy { kinds: vec![1], ..Default::default() }.validate().unwrap_err().contains("use 2 to 255"));
         let many = vec![PortRange(1, 1); 17];
         assert!(Policy { ports: many, ..Default::default() }.validate().is_err());
+        let ttl_alone = Policy { udp_ttl: Some(10), ..Default::default() };
+        assert!(ttl_alone.validate().unwrap_err().contains("add --udp"));
+        for ttl in [0, UDP_TTL_MAX + 1] {
+            let p = Policy { udp: true, udp_ttl: Some(ttl), ..Default::default() };
+            assert!(p.validate().unwrap_err().contains("give 1 to 86400 seconds"), "{ttl}");
+        }
     }
 }

@@ -23,6 +23,7 @@ fn metrics() -> Vec<String> {
             Kind::Counter => format!("toa_{}_total", c.name()),
             Kind::Gauge => format!("toa_{}", c.name()),
         })
+        .chain(toa_common::udp::UdpCounter::ALL.iter().map(|c| format!("toa_{}_total", c.name())))
         .chain(["toa_loaded".to_owned(), "toa_build_info".to_owned()])
         .collect()
 }
@@ -1249,6 +1250,8 @@ const CONFIG_KEYS: &[&str] = &[
     "entry_ttl",
     "search_secs",
     "table_group",
+    "udp",
+    "udp_ttl",
 ];
 
 fn check_config_example(path: &Path) -> Checked {
@@ -1302,6 +1305,9 @@ fn check_config_example(path: &Path) -> Checked {
             );
             if shown != defaults {
                 errors.push(format!("userspace settings shown as {shown:?}, the defaults are {defaults:?}"));
+            }
+            if (c.udp, c.udp_ttl) != (Some(false), Some(toa_common::udp::UDP_TTL_DEFAULT_SECS)) {
+                errors.push(format!("udp/udp_ttl shown as {:?}/{:?}, not the defaults", c.udp, c.udp_ttl));
             }
             if c.table.as_deref() != Some(Path::new(toa::backend::userspace::DEFAULT_TABLE))
                 || c.mode != Some(Default::default())

@@ -481,6 +481,12 @@ fn bad_input_fails_clearly_and_starts_nothing() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--cgroup applies to the eBPF mode only"));
     assert!(!lab.table.exists());
+    // UDP is the eBPF mode's.
+    let out = lab.load_cmd(&["--udp"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--udp needs the eBPF mode") && err.contains("drop --udp"), "{err}");
+    assert!(!lab.table.exists());
     // Values out of range.
     for args in [["--table-entries", "0"], ["--accept-wait-us", "5000000"], ["--entry-ttl", "0"]] {
         let out = lab.load_cmd(&args).output().unwrap();

@@ -16,18 +16,23 @@ use std::{
 
 use aya::{
     maps::{lpm_trie::Key, Array, LpmTrie, Map, MapData, PerCpuArray},
-    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, CgroupSockopt, SockOps},
+    programs::{
+        links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, CgroupSockopt, SockOps,
+    },
     Ebpf, EbpfLoader,
 };
 use serde::Serialize;
-use toa_common::{AgentConfig, Counter};
+use toa_common::{
+    udp::{UdpConfig, UdpCounter, UDP_FLOWS},
+    AgentConfig, Counter,
+};
 
 use super::{Loaded, Status};
 use crate::{
     backend::Mode,
     cgroup,
     error::{chain, Error},
-    hooks::{self, HookKind, HOOKS, MAPS},
+    hooks::{self, hooks_for, tcp_hooks, HookKind, HOOKS, MAPS, UDP_SIZED_MAPS},
     link_info,
     lock::DirLock,
     policy::{trust_key, trust_net, Policy},
@@ -67,9 +72,14 @@ impl Agent {
         Self { pin_dir: pin_dir.into() }
     }
 
-    /// Whether every link pin is there (what `Backend::live` asks).
+    /// Whether every link pin of the TCP path is there (what `Backend::live` asks).
     pub fn has_pins(&self) -> bool {
-        HOOKS.iter().all(|h| self.pin_dir.join(h.pin).exists())
+        tcp_hooks().all(|h| self.pin_dir.join(h.pin).exists())
+    }
+
+    /// Whether the loaded agent has its UDP path on (false when nothing is loaded).
+    fn udp_on(&self) -> bool {
+        read_udp_config(&self.pin_dir).is_ok_and(|c| c.enabled != 0)
     }
 
     /// Loads the programs, attaches them to the cgroup and pins everything. Idempotent: when the
@@ -89,6 +99,17 @@ impl Agent {
             if status.cgroup.as_deref() == Some(cgroup.as_path()) {
                 // Same place: only the policy may change, in place, for new connections.
                 let changed = status.policy.as_ref() != Some(&policy.normalized());
+                if policy.udp != self.udp_on() {
+                    let started = Instant::now();
+                    self.switch_udp(&cgroup, policy).inspect_err(|_| {
+                        // The old programs still run: give them back their settings.
+                        if let Some(old) = &status.policy {
+                            let _ = write_policy(&self.pin_dir, old);
+                        }
+                    })?;
+                    let load_time_ms = Some(ms(started.elapsed()));
+                    return Ok(Loaded { changed: true, status: self.status()?, load_time_ms });
+                }
                 if changed {
                     write_policy(&self.pin_dir, policy)?;
                 }
@@ -143,11 +164,39 @@ impl Agent {
         }
         let started = Instant::now();
         let (_ebpf, links) = attach(&cgroup, &self.pin_dir, None)?;
-        self.pin_links(links, REPLACING)?;
-        for hook in HOOKS {
-            fs::rename(self.pin_dir.join(format!("{}{REPLACING}", hook.pin)), self.pin_dir.join(hook.pin))?;
-        }
+        self.swap_in(links)?;
         Ok(Loaded { changed: true, status: self.status()?, load_time_ms: Some(ms(started.elapsed())) })
+    }
+
+    /// Pins `links` beside the current ones and renames them over them (which detaches the old
+    /// programs), then removes the pins of hooks that are no longer attached. The TCP path is
+    /// attached throughout.
+    fn swap_in(&self, links: Vec<NamedLink>) -> Result<(), Error> {
+        let pins: Vec<&'static str> = links.iter().map(|(pin, _)| *pin).collect();
+        self.pin_links(links, REPLACING)?;
+        for pin in &pins {
+            fs::rename(self.pin_dir.join(format!("{pin}{REPLACING}")), self.pin_dir.join(pin))?;
+        }
+        for hook in HOOKS.iter().filter(|h| !pins.contains(&h.pin)) {
+            match fs::remove_file(self.pin_dir.join(hook.pin)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns the UDP path on or off as `policy` says, keeping the TCP path and what it knows:
+    /// the UDP maps are made anew at their size (one entry while off), the programs replaced.
+    fn switch_udp(&self, cgroup: &Path, policy: &Policy) -> Result<(), Error> {
+        for map in UDP_SIZED_MAPS {
+            match fs::remove_file(self.pin_dir.join(map.pin)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        let (_ebpf, links) = attach(cgroup, &self.pin_dir, Some(policy))?;
+        self.swap_in(links)
     }
 
     /// Rewrites what the running programs honour; connections already established keep the
@@ -156,6 +205,15 @@ impl Agent {
         policy.validate().map_err(|detail| Error::Policy { detail })?;
         let _lock = DirLock::acquire(&self.pin_dir, false)?
             .ok_or_else(|| Error::NotLoaded { pin_dir: self.pin_dir.clone() })?;
+        if policy.udp != self.udp_on() {
+            let status = self.status()?;
+            let cgroup = status.cgroup.ok_or_else(|| Error::NotLoaded { pin_dir: self.pin_dir.clone() })?;
+            return self.switch_udp(&cgroup, policy).inspect_err(|_| {
+                if let Some(old) = &status.policy {
+                    let _ = write_policy(&self.pin_dir, old);
+                }
+            });
+        }
         write_policy(&self.pin_dir, policy)
     }
 
@@ -172,9 +230,10 @@ impl Agent {
         Ok(())
     }
 
-    /// True while every link pin is there and still names a program (for health checks).
+    /// True while every link pin the policy needs is there and still names a program (for
+    /// health checks).
     pub fn is_attached(&self) -> bool {
-        HOOKS.iter().all(|h| link_info::pinned_link(&self.pin_dir.join(h.pin)).is_ok())
+        hooks_for(self.udp_on()).all(|h| link_info::pinned_link(&self.pin_dir.join(h.pin)).is_ok())
     }
 
     /// Detaches everything by removing the pins, and returns once the kernel no longer runs the
@@ -234,7 +293,7 @@ impl Agent {
             return Ok(status);
         }
         let infos: Vec<_> = aya::programs::loaded_programs().filter_map(Result::ok).collect();
-        for hook in HOOKS {
+        for hook in hooks_for(self.udp_on()) {
             let path = self.pin_dir.join(hook.pin);
             let facts = link_info::pinned_link(&path)
                 .map_err(|e| Error::Read { what: path.display().to_string(), detail: e.to_string() })?;
@@ -274,6 +333,24 @@ impl Agent {
             })
             .collect()
     }
+
+    /// The UDP path's counters, summed over CPUs; none while the UDP path is off.
+    pub fn udp_stats(&self) -> Result<Vec<(UdpCounter, u64)>, Error> {
+        let path = self.pin_dir.join(hooks::UDP_STATS.pin);
+        if !self.udp_on() {
+            return Ok(Vec::new());
+        }
+        let err = map_err(&path);
+        let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+        let array = PerCpuArray::<_, u64>::try_from(map).map_err(|e| err(&e))?;
+        UdpCounter::ALL
+            .iter()
+            .map(|c| {
+                let per_cpu = array.get(&(*c as u32), 0).map_err(|e| err(&e))?;
+                Ok((*c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
 }
 
 /// Loads the agent object on the maps pinned in `pin_dir` (created and pinned there if absent),
@@ -282,9 +359,18 @@ impl Agent {
 pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> Result<(Ebpf, Vec<NamedLink>), Error> {
     programs::require_embedded()?;
     let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
+    // Upgrades and relocations keep the UDP path as it is.
+    let udp = match policy {
+        Some(policy) => policy.udp,
+        None => read_udp_config(pin_dir).is_ok_and(|c| c.enabled != 0),
+    };
     let mut loader = EbpfLoader::new();
     for map in MAPS {
         loader.map_pin_path(map.name, pin_dir.join(map.pin));
+    }
+    // A map already pinned keeps its size; these are made only when absent.
+    for map in UDP_SIZED_MAPS {
+        loader.map_max_entries(map.name, if udp { UDP_FLOWS } else { 1 });
     }
     let mut ebpf = loader.load(programs::AGENT).map_err(|e| load_err(&e))?;
     if let Some(policy) = policy {
@@ -292,7 +378,7 @@ pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> 
     }
     let cgroup_dir = fs::File::open(cgroup)?;
     let mut links = Vec::new();
-    for hook in HOOKS {
+    for hook in hooks_for(udp) {
         let name = hook.program;
         let attach_err =
             |e: &dyn std::error::Error| Error::Attach { program: name, cgroup: cgroup.to_owned(), detail: chain(e) };
@@ -321,6 +407,14 @@ pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> 
                 let program: &mut CgroupSockAddr = program.try_into().map_err(|e| load_err(&e))?;
                 program.load().map_err(|e| load_err(&e))?;
                 let id = program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| attach_err(&e))?;
+                program.take_link(id).map_err(|e| attach_err(&e))?.try_into().map_err(|e| attach_err(&e))?
+            }
+            HookKind::SkbIngress => {
+                let program: &mut CgroupSkb = program.try_into().map_err(|e| load_err(&e))?;
+                program.load().map_err(|e| load_err(&e))?;
+                let id = program
+                    .attach(&cgroup_dir, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+                    .map_err(|e| attach_err(&e))?;
                 program.take_link(id).map_err(|e| attach_err(&e))?.try_into().map_err(|e| attach_err(&e))?
             }
         };
@@ -358,6 +452,11 @@ fn write_policy(pin_dir: &Path, policy: &Policy) -> Result<(), Error> {
         trust.insert(&Key::new(*len, *addr), 1, 0).map_err(|e| err(&e))?;
     }
     config.set(0, policy.to_config(), 0).map_err(|e| err(&e))?;
+    let path = pin_dir.join(hooks::UDP_CONFIG.pin);
+    let err = map_err(&path);
+    let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let mut udp = Array::<_, UdpConfig>::try_from(map).map_err(|e| err(&e))?;
+    udp.set(0, policy.to_udp_config(), 0).map_err(|e| err(&e))?;
     let stale: Vec<Key<[u8; 16]>> =
         trust.keys().filter_map(Result::ok).filter(|k| !wanted.contains(&(k.prefix_len(), k.data()))).collect();
     for key in stale {
@@ -379,7 +478,18 @@ fn read_policy(pin_dir: &Path) -> Result<Policy, Error> {
     let mut nets: Vec<_> =
         trust.keys().filter_map(Result::ok).filter_map(|k| trust_net(k.prefix_len(), k.data())).collect();
     nets.sort();
-    Ok(Policy::from_kernel(&cfg, nets))
+    let udp = read_udp_config(pin_dir).unwrap_or_default();
+    Ok(Policy::from_kernel(&cfg, nets).with_udp(&udp))
+}
+
+/// The UDP settings slot (an error when it is not pinned: nothing loaded, or an agent from
+/// before the UDP path).
+fn read_udp_config(pin_dir: &Path) -> Result<UdpConfig, Error> {
+    let path = pin_dir.join(hooks::UDP_CONFIG.pin);
+    let err = map_err(&path);
+    let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let config = Array::<_, UdpConfig>::try_from(map).map_err(|e| err(&e))?;
+    config.get(&0, 0).map_err(|e| err(&e))
 }
 
 fn ms(d: Duration) -> f64 {

@@ -15,7 +15,7 @@ pub mod userspace;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use toa_common::Counter;
+use toa_common::{udp::UdpCounter, Counter};
 
 use self::{
     ebpf::{Agent, ProgramStatus},
@@ -209,6 +209,15 @@ impl Backend {
         match &self.active {
             Active::Ebpf(agent) => agent.stats(),
             Active::Userspace(userspace) => userspace.stats(),
+        }
+    }
+
+    /// The UDP path's counters, in `UdpCounter::ALL` order; none while it is off (and in the
+    /// userspace mode, which has no UDP path).
+    pub fn udp_stats(&self) -> Result<Vec<(UdpCounter, u64)>, Error> {
+        match &self.active {
+            Active::Ebpf(agent) => agent.udp_stats(),
+            Active::Userspace(_) => Ok(Vec::new()),
         }
     }
 

@@ -136,6 +136,13 @@ pub struct PolicyFlags {
     /// Honour options only on these local ports; repeatable.
     #[arg(long = "port-range", value_name = "FIRST-LAST")]
     pub port_ranges: Vec<PortRange>,
+    /// Also read DPVS's UOA (IPv4 option 31) on UDP datagrams: recvfrom() shows the client and
+    /// replies to it go back through the balancer (eBPF mode).
+    #[arg(long)]
+    pub udp: bool,
+    /// Seconds a UDP flow's client is honoured after its last datagram [default: 360].
+    #[arg(long, value_name = "SECS")]
+    pub udp_ttl: Option<u32>,
 }
 
 impl From<PolicyFlags> for PolicyOverrides {
@@ -149,6 +156,8 @@ impl From<PolicyFlags> for PolicyOverrides {
             trust: f.trust,
             ports: f.ports,
             port_ranges: f.port_ranges,
+            udp: f.udp,
+            udp_ttl: f.udp_ttl,
         }
     }
 }

@@ -435,6 +435,13 @@ impl Userspace {
     /// Reconfigures a live reader, or creates a fresh table for a new one.
     fn prepare(&self, policy: &Policy, tuning: &Tuning) -> Result<Prepared, Error> {
         policy.validate().map_err(|detail| Error::Policy { detail })?;
+        if policy.udp {
+            return Err(Error::Policy {
+                detail: "--udp needs the eBPF mode (Linux >= 5.10); the userspace mode reads TCP only: drop --udp \
+                         (and `udp` from toa.toml) or run on a newer kernel"
+                    .into(),
+            });
+        }
         tuning.validate().map_err(|detail| Error::Policy { detail })?;
         retire_older_table(&self.path)?;
         if let Some(mut t) = TableFile::open(&self.path, true)? {
