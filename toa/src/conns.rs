@@ -1,11 +1,13 @@
-//! `toa conns`: the live TCP connections that carry a client address.
+//! `toa conns`: the live TCP connections that carry a client address, and the UDP flows whose
+//! client the agent shows.
 //!
 //! The kernel's socket diagnostics (`NETLINK_SOCK_DIAG`, what `ss` uses) can return the content
 //! of BPF socket storage with each socket (`INET_DIAG_REQ_SK_BPF_STORAGES`, Linux ≥ 5.2): one
 //! dump per address family gives every socket of this network namespace together with what the
 //! agent stored for it, with no extra program and no per-socket lookup. The owning process is
 //! found by matching socket inodes in /proc/*/fd. In the userspace mode each socket is looked up
-//! in the shared table by its 4-tuple instead.
+//! in the shared table by its 4-tuple instead. UDP flows are the agent's flow map, joined to the
+//! sockets of this namespace by socket cookie (which the same dump reports).
 
 use std::{
     collections::HashMap,
@@ -15,11 +17,12 @@ use std::{
     path::Path,
 };
 
-use aya::maps::MapData;
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use serde::Serialize;
 use toa_common::{
     table::{Entry, Key, ENTRY_HAS_PORT},
-    SockState, AF_INET, AF_INET6, STATE_FOUND,
+    udp::{Flow, FlowKey, UdpConfig},
+    ClientAddr, SockState, AF_INET, AF_INET6, STATE_FOUND,
 };
 
 use crate::{backend::userspace::TableFile, error::chain, Error};
@@ -37,16 +40,18 @@ const SK_DIAG_BPF_STORAGE_MAP_VALUE: u16 = 3;
 /// sizeof(struct inet_diag_msg).
 const DIAG_MSG_LEN: usize = 72;
 
-/// One connection with a client address.
+/// One connection (or UDP flow) with a client address.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Conn {
+    /// `tcp` or `udp`.
+    pub proto: &'static str,
     /// Our end.
     pub local: SocketAddr,
     /// The other end as the network sees it: the load balancer.
     pub balancer: SocketAddr,
     /// The client the balancer announced.
     pub client: SocketAddr,
-    /// TCP state, as `ss` names it.
+    /// TCP state, as `ss` names it (`UDP` for a UDP flow).
     pub state: &'static str,
     /// Owning process, when one holds the socket open.
     pub pid: Option<u32>,
@@ -65,18 +70,91 @@ pub fn list(pin_dir: &Path) -> Result<Vec<Conn>, Error> {
     let owners = socket_owners();
     let mut conns = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        dump(family, Some(map_fd), |msg, storage| {
+        dump(family, libc::IPPROTO_TCP as u8, Some(map_fd), |msg, storage| {
             let Some(state) = storage else { return };
             if state.state != STATE_FOUND {
                 return;
             }
-            let Some(client) = client_addr(&state) else { return };
+            let Some(client) = client_addr(&state.client) else { return };
             conns.push(Conn::of(msg, client, &owners));
         })
         .map_err(diag_error)?;
     }
-    conns.sort_by_key(|c| (c.local, c.balancer));
+    conns.extend(udp_flows(pin_dir, &owners)?);
+    conns.sort_by_key(|c| (c.proto, c.local, c.balancer));
     Ok(conns)
+}
+
+/// The UDP flows of sockets of this namespace whose client is still honoured (none while the
+/// UDP path is off).
+fn udp_flows(pin_dir: &Path, owners: &HashMap<u32, (u32, String)>) -> Result<Vec<Conn>, Error> {
+    let (config, flows) = (pin_dir.join(crate::hooks::UDP_CONFIG.pin), pin_dir.join(crate::hooks::UDP_FLOWS.pin));
+    if !config.exists() || !flows.exists() {
+        return Ok(Vec::new());
+    }
+    let read = |path: &Path| {
+        let err = |e: &dyn std::error::Error| Error::Read { what: path.display().to_string(), detail: chain(e) };
+        Map::from_map_data(MapData::from_pin(path).map_err(|e| err(&e))?).map_err(|e| err(&e))
+    };
+    let config = aya::maps::Array::<_, UdpConfig>::try_from(read(&config)?)
+        .and_then(|a| a.get(&0, 0))
+        .map_err(|e| Error::Read { what: "the UDP settings".into(), detail: chain(&e) })?;
+    if config.enabled == 0 {
+        return Ok(Vec::new());
+    }
+    let map = BpfHashMap::<_, FlowKey, Flow>::try_from(read(&flows)?)
+        .map_err(|e| Error::Read { what: "the UDP flows".into(), detail: chain(&e) })?;
+    let Some(sockets) = udp_sockets().map_err(diag_error)? else {
+        tracing::warn!("UDP flows not listed: this kernel has no UDP socket diagnostics (modprobe udp_diag)");
+        return Ok(Vec::new());
+    };
+    let now = monotonic_ns();
+    let mut conns = Vec::new();
+    for (key, flow) in map.iter().filter_map(Result::ok) {
+        let (Some(socket), Some(client)) = (sockets.get(&key.socket), client_addr(&flow.client)) else { continue };
+        if !config.fresh(flow.seen_ns, now) {
+            continue;
+        }
+        let balancer = SocketAddr::new(unmapped(key.peer_addr), u16::from_be_bytes(key.peer_port));
+        let local = SocketAddr::new(unmapped(flow.local_addr), socket.local.port());
+        let (pid, process) = owners.get(&socket.inode).cloned().map_or((None, None), |(p, c)| (Some(p), Some(c)));
+        conns.push(Conn { proto: "udp", local, balancer, client, state: "UDP", pid, process });
+    }
+    Ok(conns)
+}
+
+/// The UDP sockets of this namespace by cookie; `None` when the kernel has no UDP socket
+/// diagnostics (CONFIG_INET_UDP_DIAG, the `udp_diag` module).
+fn udp_sockets() -> io::Result<Option<HashMap<u64, DiagMsg>>> {
+    let mut sockets = HashMap::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        match dump(family, libc::IPPROTO_UDP as u8, None, |msg, _| {
+            sockets.insert(msg.cookie, msg.clone());
+        }) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            other => other?,
+        }
+    }
+    Ok(Some(sockets))
+}
+
+/// Whether `toa conns` can list UDP flows on this kernel.
+pub fn udp_diag_available() -> bool {
+    matches!(udp_sockets(), Ok(Some(_)))
+}
+
+/// `::ffff:a.b.c.d` as the IPv4 address, other addresses as they are.
+fn unmapped(addr: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(addr);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
+/// The clock `bpf_ktime_get_ns()` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The same list in the userspace mode: each TCP socket of this namespace looked up in the
@@ -92,7 +170,7 @@ pub fn list_userspace(table: &Path) -> Result<Vec<Conn>, Error> {
         IpAddr::V6(v6) => v6.octets(),
     };
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        dump(family, None, |msg, _| {
+        dump(family, libc::IPPROTO_TCP as u8, None, |msg, _| {
             let key = Key {
                 local: mapped(msg.local),
                 remote: mapped(msg.remote),
@@ -120,7 +198,7 @@ impl Conn {
     /// The socket `msg` with its `client`, and its owner if a process holds it.
     fn of(msg: &DiagMsg, client: SocketAddr, owners: &HashMap<u32, (u32, String)>) -> Self {
         let (pid, process) = owners.get(&msg.inode).cloned().map_or((None, None), |(p, c)| (Some(p), Some(c)));
-        Conn { local: msg.local, balancer: msg.remote, client, state: tcp_state(msg.state), pid, process }
+        Conn { proto: "tcp", local: msg.local, balancer: msg.remote, client, state: tcp_state(msg.state), pid, process }
     }
 }
 
@@ -133,26 +211,33 @@ fn diag_error(e: io::Error) -> Error {
     Error::Read { what: "socket diagnostics (NETLINK_SOCK_DIAG)".into(), detail }
 }
 
-fn client_addr(state: &SockState) -> Option<SocketAddr> {
-    let port = u16::from_be_bytes(state.client.port);
-    let a = state.client.addr;
-    match state.client.family {
+fn client_addr(client: &ClientAddr) -> Option<SocketAddr> {
+    let port = u16::from_be_bytes(client.port);
+    let a = client.addr;
+    match client.family {
         AF_INET => Some(SocketAddr::new(Ipv4Addr::new(a[0], a[1], a[2], a[3]).into(), port)),
         AF_INET6 => Some(SocketAddr::new(Ipv6Addr::from(a).into(), port)),
         _ => None,
     }
 }
 
+#[derive(Clone)]
 struct DiagMsg {
     state: u8,
     local: SocketAddr,
     remote: SocketAddr,
     inode: u32,
+    cookie: u64,
 }
 
-/// Dumps every TCP socket of `family`, asking for the storage of map `map_fd` with each (none:
-/// the request old kernels also understand).
-fn dump(family: u8, map_fd: Option<i32>, mut each: impl FnMut(&DiagMsg, Option<SockState>)) -> io::Result<()> {
+/// Dumps every socket of `family` and `protocol`, asking for the storage of map `map_fd` with
+/// each (none: the request old kernels also understand).
+fn dump(
+    family: u8,
+    protocol: u8,
+    map_fd: Option<i32>,
+    mut each: impl FnMut(&DiagMsg, Option<SockState>),
+) -> io::Result<()> {
     // SAFETY: plain socket(2); the descriptor is owned right away.
     let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
     if fd < 0 {
@@ -162,7 +247,7 @@ fn dump(family: u8, map_fd: Option<i32>, mut each: impl FnMut(&DiagMsg, Option<S
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
 
     // struct inet_diag_req_v2: family, protocol, ext, pad, states (u32), then the zeroed id (48).
-    let mut req = vec![family, libc::IPPROTO_TCP as u8, 0, 0];
+    let mut req = vec![family, protocol, 0, 0];
     req.extend_from_slice(&u32::MAX.to_ne_bytes());
     req.extend_from_slice(&[0u8; 48]);
     if let Some(map_fd) = map_fd {
@@ -250,7 +335,11 @@ fn parse_diag(b: &[u8]) -> Option<DiagMsg> {
         }
     };
     let inode = u32::from_ne_bytes(b[68..72].try_into().ok()?);
-    Some(DiagMsg { state: b[1], local: SocketAddr::new(ip(8), sport), remote: SocketAddr::new(ip(24), dport), inode })
+    // The cookie: two u32 halves, low first.
+    let half = |off: usize| u64::from(u32::from_ne_bytes(b[off..off + 4].try_into().expect("4 bytes")));
+    let cookie = half(44) | half(48) << 32;
+    let (local, remote) = (SocketAddr::new(ip(8), sport), SocketAddr::new(ip(24), dport));
+    Some(DiagMsg { state: b[1], local, remote, inode, cookie })
 }
 
 /// Walks the reply's attributes down to the storage value of our map.
@@ -339,7 +428,7 @@ mod tests {
         let nested = attr(SK_DIAG_BPF_STORAGE | NLA_F_NESTED, &inner);
         let attrs = [attr(5, &[0; 4]), attr(INET_DIAG_SK_BPF_STORAGES | NLA_F_NESTED, &nested)].concat();
         let state = find_storage(&attrs).expect("found");
-        assert_eq!(client_addr(&state), Some("203.0.113.7:4242".parse().unwrap()));
+        assert_eq!(client_addr(&state.client), Some("203.0.113.7:4242".parse().unwrap()));
         assert_eq!(find_storage(&attr(5, &[0; 4])), None);
     }
 }

@@ -18,8 +18,8 @@
 //!
 //! What the end-to-end tests need from these kernels that they build as modules (all three
 //! kernels build af_packet, ipv6, cgroup BPF, BTF in; only these are modules), in load order:
-//! `kernel/drivers/net/veth`, `kernel/net/ipv4/inet_diag`, `kernel/net/ipv4/tcp_diag` (tcp_diag
-//! depends on inet_diag; veth on nothing). The packages ship no modules.dep (depmod writes it on
+//! `kernel/drivers/net/veth`, `kernel/net/ipv4/inet_diag`, `kernel/net/ipv4/tcp_diag`,
+//! `kernel/net/ipv4/udp_diag` (tcp_diag and udp_diag depend on inet_diag; veth on nothing). The packages ship no modules.dep (depmod writes it on
 //! install): the order comes from each module's `depends=` field. Debian 11's 5.10 and Debian
 //! 12's arm64 6.1 ship them as plain `.ko`, the arm64 6.12 as `.ko.xz` (its kernel could load
 //! those itself, CONFIG_MODULE_DECOMPRESS, but 6.1 could not: decompress them on the host, as
