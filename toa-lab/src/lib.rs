@@ -42,6 +42,7 @@ mod mount_ns;
 mod netns;
 pub mod option_areas;
 pub mod raw_tcp;
+pub mod raw_udp;
 mod service;
 
 pub use cgroup::*;

@@ -127,9 +127,9 @@ struct Kernel {
     arch: Arch,
 }
 
-/// What the tests need when a kernel does not build it in: veth pairs, and the TCP socket
-/// diagnostics `toa conns` uses (tcp_diag needs inet_diag).
-const MODULES: [&str; 3] = ["drivers/net/veth", "net/ipv4/inet_diag", "net/ipv4/tcp_diag"];
+/// What the tests need when a kernel does not build it in: veth pairs, and the TCP and UDP
+/// socket diagnostics `toa conns` uses (tcp_diag and udp_diag need inet_diag).
+const MODULES: [&str; 4] = ["drivers/net/veth", "net/ipv4/inet_diag", "net/ipv4/tcp_diag", "net/ipv4/udp_diag"];
 
 /// The binaries of one architecture.
 struct Built {
@@ -144,7 +144,7 @@ struct Built {
 }
 
 /// Test binaries run in each guest, and the examples they start.
-const TESTS: [&str; 4] = ["e2e", "policy", "service", "userspace"];
+const TESTS: [&str; 5] = ["e2e", "policy", "service", "udp", "userspace"];
 const EXAMPLES: [&str; 2] = ["peer_echo", "client_addr"];
 
 /// Runs the matrix; fails unless every case passes on every kernel that ran.
@@ -549,7 +549,7 @@ fn init_script(root: &Path, kernel: &Kernel, built: &Built) -> String {
     };
     let mut runs = String::new();
     if kernel.modes.ebpf {
-        for t in ["e2e", "policy", "service"] {
+        for t in ["e2e", "policy", "service", "udp"] {
             runs.push_str(&format!("{} --test-threads=2 --skip userspace:: 2>&1 || status=$?\n", test(t)));
         }
     }
@@ -600,7 +600,7 @@ grep -q '"mode": "{expected_mode}"' /tmp/auto.json; case_ toa_load_picks_{expect
 echo "{MARK} tests-exit $status"
 if [ {expected_mode} = ebpf ]; then
   mkdir /sys/fs/cgroup/toa-insns
-  {toa} load --cgroup /sys/fs/cgroup/toa-insns >/dev/null
+  {toa} load --udp --cgroup /sys/fs/cgroup/toa-insns >/dev/null
   echo "{MARK} status-begin"; {toa} status --json; echo "{MARK} status-end"
   {toa} unload >/dev/null
 fi

@@ -1,0 +1,162 @@
+//! A UDP balancer written by hand: datagrams with IPv4 options (DPVS's UOA), sent through a raw
+//! socket from the client namespace's own address, and a plain UDP socket on the same address
+//! and port that receives the server's replies, as the balancer would.
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    sync::Arc,
+};
+
+use crate::DEADLINE;
+
+/// DPVS's UOA for an IPv4 client: type 31, length 8, port, address.
+pub fn uoa4(client: SocketAddrV4) -> Vec<u8> {
+    let p = client.port().to_be_bytes();
+    let a = client.ip().octets();
+    vec![31, 8, p[0], p[1], a[0], a[1], a[2], a[3]]
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for chunk in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 datagram from `from` to `to` whose header carries `options` (padded with
+/// end-of-list bytes to whole words), with both checksums.
+pub fn datagram(from: SocketAddrV4, to: SocketAddrV4, options: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut opts = options.to_vec();
+    while !opts.len().is_multiple_of(4) {
+        opts.push(0);
+    }
+    assert!(opts.len() <= 40, "an IPv4 header has at most 40 bytes of options");
+    let udp_len = 8 + payload.len();
+    let mut udp = Vec::with_capacity(udp_len);
+    udp.extend_from_slice(&from.port().to_be_bytes());
+    udp.extend_from_slice(&to.port().to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&from.ip().octets());
+    pseudo.extend_from_slice(&to.ip().octets());
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    pseudo.extend_from_slice(&udp);
+    let sum = match checksum(&pseudo) {
+        0 => 0xffff,
+        s => s,
+    };
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+
+    let header_len = 20 + opts.len();
+    let mut ip = vec![0x40 | (header_len / 4) as u8, 0];
+    ip.extend_from_slice(&((header_len + udp_len) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend_from_slice(&from.ip().octets());
+    ip.extend_from_slice(&to.ip().octets());
+    ip.extend_from_slice(&opts);
+    let sum = checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip.extend_from_slice(&udp);
+    ip
+}
+
+/// The balancer: sends from `addr` (an address of the namespace it is made in) and receives the
+/// replies sent to it.
+pub struct Balancer {
+    pub addr: SocketAddrV4,
+    replies: UdpSocket,
+    raw: Arc<OwnedFd>,
+}
+
+impl Balancer {
+    /// Binds `addr`; call it in the namespace that owns the address.
+    pub fn bind(addr: SocketAddrV4) -> io::Result<Self> {
+        let replies = UdpSocket::bind(addr)?;
+        replies.set_read_timeout(Some(DEADLINE))?;
+        // SAFETY: plain socket(2); the descriptor is owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nobody else owns.
+        let raw = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(Self { addr, replies, raw })
+    }
+
+    /// Another port of the same balancer (sharing its raw socket).
+    pub fn another(&self, port: u16) -> io::Result<Self> {
+        let addr = SocketAddrV4::new(*self.addr.ip(), port);
+        let replies = UdpSocket::bind(addr)?;
+        replies.set_read_timeout(Some(DEADLINE))?;
+        Ok(Self { addr, replies, raw: Arc::clone(&self.raw) })
+    }
+
+    /// Sends one datagram to `to` carrying `options` in its IPv4 header.
+    pub fn send(&self, to: SocketAddrV4, options: &[u8], payload: &[u8]) -> io::Result<()> {
+        let packet = datagram(self.addr, to, options, payload);
+        let dst = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.ip().octets()) },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: the buffer and the address outlive the call.
+        let sent = unsafe {
+            libc::sendto(
+                self.raw.as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&dst as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The next reply: who sent it and what it says (an error after `DEADLINE` without one).
+    pub fn recv(&self) -> io::Result<(SocketAddr, String)> {
+        let mut buf = [0u8; 2048];
+        let (n, from) = self.replies.recv_from(&mut buf)?;
+        Ok((from, String::from_utf8_lossy(&buf[..n]).into_owned()))
+    }
+
+    /// Sends and waits for the reply.
+    pub fn ask(&self, to: SocketAddrV4, options: &[u8], payload: &str) -> (SocketAddr, String) {
+        self.send(to, options, payload.as_bytes()).expect("send a datagram");
+        self.recv().unwrap_or_else(|e| panic!("no reply to {payload:?} within {DEADLINE:?}: {e}"))
+    }
+}
+
+/// An address of the client namespace, which the balancer sends from.
+pub fn balancer_addr(port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(crate::CLIENT_V4.parse::<Ipv4Addr>().expect("an IPv4 address"), port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datagrams_check_out() {
+        let from = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40000);
+        let to = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 5353);
+        let p = datagram(from, to, &uoa4("203.0.113.7:4242".parse().unwrap()), b"hi");
+        assert_eq!(p[0], 0x47, "IHL 7: 8 bytes of options");
+        assert_eq!(checksum(&p[..28]), 0, "IPv4 header checksum");
+        assert_eq!(&p[20..28], &[31, 8, 0x10, 0x92, 203, 0, 113, 7]);
+        // A 6-byte option is padded with end-of-list bytes.
+        assert_eq!(&datagram(from, to, &[31, 6, 0, 0, 0, 0], b"")[20..28], &[31, 6, 0, 0, 0, 0, 0, 0]);
+    }
+}

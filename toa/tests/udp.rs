@@ -1,0 +1,287 @@
+//! The UDP path, end to end (eBPF mode): a hand-written balancer in the client namespace sends
+//! datagrams carrying DPVS's UOA in their IPv4 options to an unmodified Python UDP server; the
+//! server answers whoever recvfrom() names, and the balancer must get every answer back. Run as
+//! root.
+
+use std::net::{SocketAddr, SocketAddrV4};
+
+use toa_lab as support;
+
+use support::{
+    raw_udp::{balancer_addr, uoa4, Balancer},
+    *,
+};
+
+const PORT: u16 = 5353;
+
+fn server() -> SocketAddrV4 {
+    SocketAddrV4::new(SERVER_V4.parse().unwrap(), PORT)
+}
+
+fn client() -> SocketAddrV4 {
+    CLIENT.parse().unwrap()
+}
+
+fn from_server() -> SocketAddr {
+    SocketAddr::V4(server())
+}
+
+/// Runs `f` with a balancer bound on the client namespace's address and `port`.
+fn with_balancer<T: Send + 'static>(lab: &Lab, port: u16, f: impl FnOnce(&Balancer) -> T + Send + 'static) -> T {
+    lab.in_client_ns(move || f(&Balancer::bind(balancer_addr(port)).expect("bind the balancer")))
+}
+
+fn udp_server(lab: &mut Lab) {
+    lab.script_server("udp_echo.py", SERVER_V4, PORT, &[]);
+}
+
+#[test]
+fn server_sees_the_client_and_replies_reach_the_balancer() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--udp"]);
+    udp_server(&mut lab);
+    let replies = with_balancer(&lab, 40000, |b| {
+        [
+            b.ask(server(), &uoa4(client()), "first"),
+            // Later datagrams of the flow carry no option (DPVS sends it on the first ones).
+            b.ask(server(), &[], "second"),
+        ]
+    });
+    for (reply, data) in replies.iter().zip(["first", "second"]) {
+        assert_eq!(reply, &(from_server(), format!("from={CLIENT} data={data}")));
+    }
+    // Another flow of the same balancer, without an option, keeps its address.
+    let other = with_balancer(&lab, 40001, |b| b.ask(server(), &[], "other"));
+    assert_eq!(other, (from_server(), format!("from={CLIENT_V4}:40001 data=other")));
+
+    // `toa conns` lists the flow, with the server's process (where the kernel has UDP socket
+    // diagnostics: the matrix's own 5.15 build leaves them out).
+    if lab.in_server_ns(toa::conns::udp_diag_available) {
+        let udp: Vec<_> = lab.conns().into_iter().filter(|c| c["proto"] == "udp").collect();
+        assert_eq!(udp.len(), 1, "{udp:?}");
+        assert_eq!(udp[0]["client"], CLIENT);
+        assert_eq!(udp[0]["balancer"], format!("{CLIENT_V4}:40000"));
+        assert_eq!(udp[0]["local"], format!("{SERVER_V4}:{PORT}"));
+        assert_eq!(udp[0]["process"], "python3", "{:?}", udp[0]);
+    }
+    let stats = lab.stats();
+    assert_eq!(stats["udp_option"], 1, "{stats}");
+    assert_eq!(stats["udp_recv_client"], 2, "{stats}");
+    assert_eq!(stats["udp_reply_redirected"], 2, "{stats}");
+    let status = lab.status_json();
+    assert_eq!(status["policy"]["udp"], true, "{status}");
+    assert_eq!(status["programs"].as_array().unwrap().len(), 9, "{status}");
+
+    // Unloading removes the UDP path too: no pin, no program on the cgroup.
+    let out = lab.unload();
+    assert!(out.status.success());
+    assert!(!lab.pin_dir.exists(), "pins left behind");
+    let attached = cgroup_attachments(&lab.cgroup);
+    assert!(attached.is_empty(), "still attached: {attached}");
+}
+
+#[test]
+fn without_udp_nothing_changes() {
+    let mut lab = Lab::new();
+    lab.load();
+    udp_server(&mut lab);
+    let reply = with_balancer(&lab, 40000, |b| b.ask(server(), &uoa4(client()), "hi"));
+    assert_eq!(reply, (from_server(), format!("from={CLIENT_V4}:40000 data=hi")));
+    let stats = lab.stats();
+    assert!(stats.get("udp_option").is_none(), "no UDP counters while UDP is off: {stats}");
+    assert_eq!(lab.status_json()["programs"].as_array().unwrap().len(), 6);
+    assert!(!lab.pin_dir.join("link_udp_ingress").exists());
+}
+
+/// `toa load --udp` on a loaded agent attaches the UDP path, and without it detaches it again;
+/// the TCP path keeps its connections' clients throughout.
+#[test]
+fn udp_is_switched_on_and_off_in_place() {
+    let mut lab = Lab::new();
+    lab.load();
+    lab.python_server(SERVER_V4, 8080);
+    udp_server(&mut lab);
+    let mut conn = LiveConn::open(&lab, "198.18.0.1:8080");
+    assert_eq!(conn.ask(), answer(CLIENT, CLIENT));
+
+    lab.load_with(&["--udp"]);
+    assert!(lab.pin_dir.join("link_udp_ingress").exists());
+    let reply = with_balancer(&lab, 40000, |b| b.ask(server(), &uoa4(client()), "on"));
+    assert_eq!(reply, (from_server(), format!("from={CLIENT} data=on")));
+    assert_eq!(conn.ask(), answer(CLIENT, CLIENT), "the open connection keeps its client");
+
+    lab.load();
+    assert!(!lab.pin_dir.join("link_udp_ingress").exists());
+    let reply = with_balancer(&lab, 40001, |b| b.ask(server(), &uoa4(client()), "off"));
+    assert_eq!(reply, (from_server(), format!("from={CLIENT_V4}:40001 data=off")));
+    assert_eq!(conn.ask(), answer(CLIENT, CLIENT), "the open connection keeps its client");
+    conn.close();
+    assert!(lab.stats().get("udp_option").is_none());
+}
+
+/// A UOA of the wrong length: nothing is recorded, the balancer's address is kept, and the
+/// datagram is still delivered. A broken IPv4 option list the kernel itself drops (with an ICMP
+/// parameter problem) before any hook: the server never sees it and the next datagram is served
+/// as usual.
+#[test]
+fn malformed_uoas_keep_the_real_address() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--udp"]);
+    udp_server(&mut lab);
+    let wrong_lengths: Vec<(&str, Vec<u8>)> = vec![
+        ("length 6", vec![31, 6, 0x10, 0x92, 203, 0]),
+        ("length 12", vec![31, 12, 0x10, 0x92, 203, 0, 113, 7, 0, 0, 0, 0]),
+        ("length 16", vec![31, 16, 0x10, 0x92, 203, 0, 113, 7, 0, 0, 0, 0, 0, 0, 0, 0]),
+        ("length 8 after a wrong one", vec![31, 6, 0, 0, 0, 0, 1, 1, 31, 7, 0x10, 0x92, 203, 0, 113, 1]),
+    ];
+    let broken_lists: Vec<(&str, Vec<u8>)> = vec![
+        ("length running past the options", vec![1, 1, 1, 1, 31, 12, 0x10, 0x92]),
+        ("length below 2", vec![31, 1, 0x10, 0x92, 203, 0, 113, 7]),
+        ("length byte missing", vec![1, 1, 1, 31]),
+    ];
+    let n = wrong_lengths.len() as u64;
+    let (kept, after) = with_balancer(&lab, 40000, move |b| {
+        let kept: Vec<_> = wrong_lengths.into_iter().map(|(what, o)| (what, b.ask(server(), &o, what))).collect();
+        let after: Vec<_> = broken_lists
+            .into_iter()
+            .map(|(what, o)| {
+                b.send(server(), &o, b"dropped").expect("send");
+                (what, b.ask(server(), &[], "after"))
+            })
+            .collect();
+        (kept, after)
+    });
+    for (what, reply) in kept {
+        assert_eq!(reply, (from_server(), format!("from={CLIENT_V4}:40000 data={what}")), "{what}");
+    }
+    for (what, reply) in after {
+        assert_eq!(reply, (from_server(), format!("from={CLIENT_V4}:40000 data=after")), "{what}");
+    }
+    let stats = lab.stats();
+    assert_eq!(stats["udp_option_malformed"], n, "{stats}");
+    assert_eq!(stats["udp_option"], 0, "{stats}");
+    // Other IPv4 options, and the TCP kind 254, are not a UOA.
+    let others = with_balancer(&lab, 40001, |b| {
+        [
+            b.ask(server(), &[7, 7, 4, 0, 0, 0, 0], "record route"),
+            b.ask(server(), &[254, 8, 0x10, 0x92, 203, 0, 113, 7], "kind 254"),
+        ]
+    });
+    for (reply, what) in others.iter().zip(["record route", "kind 254"]) {
+        assert_eq!(reply, &(from_server(), format!("from={CLIENT_V4}:40001 data={what}")));
+    }
+    assert_eq!(lab.stats()["udp_option"], 0);
+}
+
+#[test]
+fn trust_list_and_port_scope() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--udp", "--trust", "100.125.0.0/16"]);
+    udp_server(&mut lab);
+    let reply = with_balancer(&lab, 40000, |b| b.ask(server(), &uoa4(client()), "untrusted"));
+    assert_eq!(reply, (from_server(), format!("from={CLIENT_V4}:40000 data=untrusted")));
+    assert_eq!(lab.stats()["udp_untrusted_option"], 1);
+
+    lab.load_with(&["--udp", "--trust", &format!("{CLIENT_V4}/32"), "--port", "53"]);
+    let reply = with_balancer(&lab, 40001, |b| b.ask(server(), &uoa4(client()), "out of scope"));
+    assert_eq!(reply, (from_server(), format!("from={CLIENT_V4}:40001 data=out of scope")));
+    lab.load_with(&["--udp", "--trust", &format!("{CLIENT_V4}/32"), "--port", &PORT.to_string()]);
+    let reply = with_balancer(&lab, 40002, |b| b.ask(server(), &uoa4(client()), "trusted"));
+    assert_eq!(reply, (from_server(), format!("from={CLIENT} data=trusted")));
+}
+
+/// A flow's client is honoured for `--udp-ttl` seconds after its last use. The test lets the
+/// monotonic clock (the one the kernel stamps flows with) pass the TTL, then looks: it waits for
+/// time to pass, it never measures how long anything took.
+#[test]
+fn flows_expire() {
+    let mut lab = Lab::new();
+    // A TTL well above what a slow guest takes between a datagram's arrival and recvfrom().
+    lab.load_with(&["--udp", "--udp-ttl", "3"]);
+    udp_server(&mut lab);
+    let (first, later) = with_balancer(&lab, 40000, move |b| {
+        let first = b.ask(server(), &uoa4(client()), "first");
+        // The reply is sent after the server's last use of the flow.
+        let used = std::time::Instant::now();
+        while used.elapsed() < std::time::Duration::from_millis(3500) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        (first, b.ask(server(), &[], "later"))
+    });
+    assert_eq!(first.1, format!("from={CLIENT} data=first"));
+    assert_eq!(later.1, format!("from={CLIENT_V4}:40000 data=later"));
+    assert_eq!(lab.stats()["udp_expired"], 1);
+}
+
+/// Lets this process hold `n` descriptors (a balancer port each), within the hard limit.
+fn raise_open_files_limit(n: u64) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        if limit.rlim_cur < n {
+            assert!(limit.rlim_max >= n, "the hard limit on open files ({}) is below {n}", limit.rlim_max);
+            limit.rlim_cur = n;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+    }
+}
+
+/// 1,000 flows, each from its own balancer port with its own client, 100 datagrams each
+/// (100,000 in all): every reply comes back to its flow's port and names its flow's client.
+#[test]
+fn many_flows_each_get_their_own_client() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--udp"]);
+    udp_server(&mut lab);
+    raise_open_files_limit(2100);
+    let wrong = with_balancer(&lab, 41000, |first| {
+        let mut wrong = Vec::new();
+        let flows: Vec<(Balancer, SocketAddrV4)> = (0..1000u16)
+            .map(|i| {
+                let b = first.another(42000 + i).expect("bind a balancer port");
+                let c = SocketAddrV4::new(std::net::Ipv4Addr::new(203, 0, (i >> 8) as u8, i as u8), 10000 + i);
+                (b, c)
+            })
+            .collect();
+        for round in 0..100 {
+            // In windows of 50 flows, so that the server's receive queue never overflows (UDP
+            // would drop, and the lost reply would look like a hang).
+            for window in flows.chunks(50) {
+                for (b, c) in window {
+                    let options = if round == 0 { uoa4(*c) } else { Vec::new() };
+                    b.send(server(), &options, format!("{round}").as_bytes()).expect("send");
+                }
+                for (b, c) in window {
+                    let (from, said) = b.recv().expect("a reply within the deadline");
+                    if from != from_server() || said != format!("from={c} data={round}") {
+                        wrong.push(format!("{} → {c}: {from} {said}", b.addr));
+                    }
+                }
+            }
+        }
+        wrong
+    });
+    assert!(wrong.is_empty(), "{} wrong, first: {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
+    let stats = lab.stats();
+    assert_eq!(stats["udp_option"], 1000, "{stats}");
+    assert_eq!(stats["udp_recv_client"], 100_000, "{stats}");
+    assert_eq!(stats["udp_reply_redirected"], 100_000, "{stats}");
+}
+
+#[test]
+fn bad_udp_flags_fail_clearly_and_attach_nothing() {
+    let lab = Lab::new();
+    for (args, says) in [
+        (&["--udp-ttl", "5"][..], "--udp-ttl is given without --udp: add --udp"),
+        (&["--udp", "--udp-ttl", "0"][..], "--udp-ttl 0: give 1 to 86400 seconds"),
+        (&["--udp", "--udp-ttl", "86401"][..], "--udp-ttl 86401: give 1 to 86400 seconds"),
+    ] {
+        let out = lab.load_cmd(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(cgroup_attachments(&lab.cgroup).is_empty(), "{args:?} left programs attached");
+        assert!(!lab.pin_dir.join("link_sock_ops").exists());
+    }
+}
