@@ -2,8 +2,8 @@
 //!
 //! - `toa_udp_in` (cgroup ingress) reads the options of each UDP datagram delivered to a socket
 //!   of the cgroup and records the flow's client for that socket;
-//! - `toa_udp_recv4` makes `recvfrom()`/`recvmsg()` return the client instead of the balancer,
-//!   and records the way back to the balancer for that client;
+//! - `toa_udp_recv4/6` make `recvfrom()`/`recvmsg()` return the client instead of the balancer
+//!   (on IPv4, dual-stack and IPv6 sockets), and record the way back to the balancer for it;
 //! - `toa_udp_send4` sends a reply addressed to that client to its balancer instead, so an
 //!   unmodified server answers through the balancer as before.
 //!
@@ -19,9 +19,10 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockAddrContext},
 };
 use toa_common::{
+    config::v4_mapped,
     scan_toa,
     udp::{uoa_config, Flow, FlowKey, Reply, ReplyKey, UdpCounter},
-    Outcome, AF_INET, CLIENT_HAS_PORT, OPTION_AREA_MAX,
+    ClientAddr, Outcome, AF_INET, CLIENT_HAS_PORT, OPTION_AREA_MAX,
 };
 
 use crate::{
@@ -116,19 +117,77 @@ fn local_port(sa: *mut bpf_sock_addr) -> Option<[u8; 2]> {
 
 #[cgroup_sock_addr(recvmsg4)]
 pub fn toa_udp_recv4(ctx: SockAddrContext) -> i32 {
-    show_client(ctx.sock_addr);
+    show_client(ctx.sock_addr, Family::V4);
     // recvmsg programs must allow the call.
     1
 }
 
+/// Dual-stack and IPv6 sockets: an IPv4 datagram's source is `::ffff:a.b.c.d` there.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn toa_udp_recv6(ctx: SockAddrContext) -> i32 {
+    show_client(ctx.sock_addr, Family::V6);
+    1
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+/// The context's address (`user_ip4` as `::ffff:a.b.c.d`, or `user_ip6`) and port, network order.
+#[inline(always)]
+fn user_addr(sa: *mut bpf_sock_addr, family: Family) -> ([u8; 16], [u8; 2]) {
+    // SAFETY: user_ip4/user_ip6 and user_port are readable in recvmsg and sendmsg programs; one
+    // 4-byte load at a constant offset per word, the only access the verifier allows.
+    unsafe {
+        let port = ((*sa).user_port as u16).to_ne_bytes();
+        if family == Family::V4 {
+            return (mapped((*sa).user_ip4), port);
+        }
+        let w = |i: usize| core::ptr::read_volatile(core::ptr::addr_of!((*sa).user_ip6[i])).to_ne_bytes();
+        let (a, b, c, d) = (w(0), w(1), w(2), w(3));
+        ([a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3]], port)
+    }
+}
+
+/// Writes the context's address and port: IPv4 sockets take only an IPv4 address (false
+/// otherwise, and nothing is written).
+#[inline(always)]
+fn set_user_addr(sa: *mut bpf_sock_addr, family: Family, addr: &[u8; 16], port: [u8; 2]) -> bool {
+    let v4 = v4_mapped([addr[12], addr[13], addr[14], addr[15]]) == *addr;
+    if family == Family::V4 && !v4 {
+        return false;
+    }
+    let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    // SAFETY: user_ip4/user_ip6 and user_port are writable in recvmsg and sendmsg programs.
+    unsafe {
+        if family == Family::V4 {
+            (*sa).user_ip4 = w(12);
+        } else {
+            (*sa).user_ip6 = [w(0), w(4), w(8), w(12)];
+        }
+        (*sa).user_port = u16::from_ne_bytes(port) as u32;
+    }
+    true
+}
+
+/// A client as the socket API shows it: IPv4 as `::ffff:a.b.c.d`, IPv6 as is.
+#[inline(always)]
+fn shown(client: &ClientAddr) -> [u8; 16] {
+    if client.family == AF_INET {
+        v4_mapped(ipv4(&client.addr))
+    } else {
+        client.addr
+    }
+}
+
 /// Replaces the balancer that sent a datagram with the flow's client, and records the way back.
 #[inline(always)]
-fn show_client(sa: *mut bpf_sock_addr) -> Option<()> {
+fn show_client(sa: *mut bpf_sock_addr, family: Family) -> Option<()> {
     let udp = udp_config()?;
     let local_port = local_port(sa)?;
-    // SAFETY: user_ip4 and user_port (the datagram's source) are readable in recvmsg4.
-    let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
-    let (peer_addr, peer_port) = (mapped(ip), (port as u16).to_ne_bytes());
+    let (peer_addr, peer_port) = user_addr(sa, family);
     // SAFETY: the context of a sock_addr program.
     let socket = unsafe { bpf_get_socket_cookie(sa.cast()) };
     let flow = TOA_UDP_FLOWS.get_ptr_mut(FlowKey { peer_addr, peer_port, _pad: [0; 6], socket })?;
@@ -141,6 +200,12 @@ fn show_client(sa: *mut bpf_sock_addr) -> Option<()> {
         return None;
     }
     let client = flow.client;
+    let client_addr = shown(&client);
+    // The client is shown only where a reply to it can be sent back to the balancer: an IPv4
+    // client of an IPv4 balancer. An IPv6 client does not fit an IPv4 socket, and on a
+    // dual-stack one the kernel refuses a reply whose IPv6 destination a program turns into an
+    // IPv4-mapped one (udpv6_sendmsg: ENOTSUPP), so the application would see a client it cannot
+    // answer. (Kind 31 always carries a port.)
     if client.family != AF_INET || client.flags & CLIENT_HAS_PORT == 0 {
         count_udp(UdpCounter::UdpRecvMismatch);
         return None;
@@ -148,21 +213,21 @@ fn show_client(sa: *mut bpf_sock_addr) -> Option<()> {
     // The way back first: a reply may follow as soon as the application has the client.
     // SAFETY: the context of a sock_addr program.
     let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
-    let client_addr = mapped(u32::from_ne_bytes(ipv4(&client.addr)));
     let key = ReplyKey { client_addr, client_port: client.port, local_port, _pad: [0; 4], netns };
-    if let Some(old) = TOA_UDP_REPLIES.get_ptr(key) {
-        // SAFETY: a value of this map.
-        let old = unsafe { &*old };
-        if (old.peer_addr != peer_addr || old.peer_port != peer_port) && udp.fresh(old.seen_ns, now) {
-            count_udp(UdpCounter::UdpReplyConflict);
+    match TOA_UDP_REPLIES.get_ptr_mut(key) {
+        // SAFETY: a value of this map. The usual case: only the time to refresh, in place.
+        Some(old) if unsafe { (*old).peer_addr == peer_addr && (*old).peer_port == peer_port } => unsafe {
+            (*old).seen_ns = now;
+        },
+        old => {
+            // SAFETY: a value of this map.
+            if old.is_some_and(|old| udp.fresh(unsafe { (*old).seen_ns }, now)) {
+                count_udp(UdpCounter::UdpReplyConflict);
+            }
+            TOA_UDP_REPLIES.insert(key, Reply { peer_addr, peer_port, _pad: [0; 6], seen_ns: now }, 0).ok()?;
         }
     }
-    TOA_UDP_REPLIES.insert(key, Reply { peer_addr, peer_port, _pad: [0; 6], seen_ns: now }, 0).ok()?;
-    // SAFETY: user_ip4 and user_port are writable in recvmsg4.
-    unsafe {
-        (*sa).user_ip4 = u32::from_ne_bytes(ipv4(&client.addr));
-        (*sa).user_port = u16::from_ne_bytes(client.port) as u32;
-    }
+    set_user_addr(sa, family, &client_addr, client.port);
     // A flow stays alive while it is used, as DPVS's module does on lookups.
     flow.seen_ns = now;
     count_udp(UdpCounter::UdpRecvClient);
@@ -171,22 +236,23 @@ fn show_client(sa: *mut bpf_sock_addr) -> Option<()> {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn toa_udp_send4(ctx: SockAddrContext) -> i32 {
-    to_balancer(ctx.sock_addr);
+    to_balancer(ctx.sock_addr, Family::V4);
     // 1: send (0 would fail the call with EPERM).
     1
 }
 
+// No sendmsg6 program: the only clients shown are IPv4 clients of IPv4 balancers, and a
+// dual-stack socket's reply to `::ffff:a.b.c.d` goes through the IPv4 path and its sendmsg4 hook.
+
 /// Sends a reply addressed to a client of a recorded flow to its balancer.
 #[inline(always)]
-fn to_balancer(sa: *mut bpf_sock_addr) -> Option<()> {
+fn to_balancer(sa: *mut bpf_sock_addr, family: Family) -> Option<()> {
     let udp = udp_config()?;
     let local_port = local_port(sa)?;
-    // SAFETY: user_ip4 and user_port (the destination) are readable in sendmsg4.
-    let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
+    let (client_addr, client_port) = user_addr(sa, family);
     // SAFETY: the context of a sock_addr program.
     let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
-    let key =
-        ReplyKey { client_addr: mapped(ip), client_port: (port as u16).to_ne_bytes(), local_port, _pad: [0; 4], netns };
+    let key = ReplyKey { client_addr, client_port, local_port, _pad: [0; 4], netns };
     let reply = TOA_UDP_REPLIES.get_ptr_mut(key)?;
     // SAFETY: a value of this map.
     let reply = unsafe { &mut *reply };
@@ -196,13 +262,9 @@ fn to_balancer(sa: *mut bpf_sock_addr) -> Option<()> {
         count_udp(UdpCounter::UdpExpired);
         return None;
     }
-    let peer = reply.peer_addr;
-    // SAFETY: user_ip4 and user_port are writable in sendmsg4.
-    unsafe {
-        (*sa).user_ip4 = u32::from_ne_bytes([peer[12], peer[13], peer[14], peer[15]]);
-        (*sa).user_port = u16::from_ne_bytes(reply.peer_port) as u32;
+    if set_user_addr(sa, family, &reply.peer_addr, reply.peer_port) {
+        reply.seen_ns = now;
+        count_udp(UdpCounter::UdpReplyRedirected);
     }
-    reply.seen_ns = now;
-    count_udp(UdpCounter::UdpReplyRedirected);
     Some(())
 }

@@ -17,6 +17,12 @@ pub fn uoa4(client: SocketAddrV4) -> Vec<u8> {
     vec![31, 8, p[0], p[1], a[0], a[1], a[2], a[3]]
 }
 
+/// DPVS's UOA for an IPv6 client (in an IPv4 header): type 31, length 20, port, address.
+pub fn uoa6(client: std::net::SocketAddrV6) -> Vec<u8> {
+    let p = client.port().to_be_bytes();
+    [&[31, 20, p[0], p[1]][..], &client.ip().octets()].concat()
+}
+
 fn checksum(data: &[u8]) -> u16 {
     let mut sum = 0u32;
     for chunk in data.chunks(2) {

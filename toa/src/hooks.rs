@@ -42,7 +42,7 @@ pub struct Hook {
 }
 
 /// Every program of the agent, in attach order (sock_ops first: it fills what the others read).
-pub const HOOKS: [Hook; 9] = [
+pub const HOOKS: [Hook; 10] = [
     Hook {
         pin: "link_sock_ops",
         program: "toa_sock_ops",
@@ -105,6 +105,14 @@ pub const HOOKS: [Hook; 9] = [
         attach_type: 19,
         kind: HookKind::SockAddr,
         label: "recvmsg4",
+        path: Path::Udp,
+    },
+    Hook {
+        pin: "link_udp_recvmsg6",
+        program: "toa_udp_recv6",
+        attach_type: 20,
+        kind: HookKind::SockAddr,
+        label: "recvmsg6",
         path: Path::Udp,
     },
     Hook {

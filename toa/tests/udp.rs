@@ -8,7 +8,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use toa_lab as support;
 
 use support::{
-    raw_udp::{balancer_addr, uoa4, Balancer},
+    raw_udp::{balancer_addr, uoa4, uoa6, Balancer},
     *,
 };
 
@@ -70,7 +70,7 @@ fn server_sees_the_client_and_replies_reach_the_balancer() {
     assert_eq!(stats["udp_reply_redirected"], 2, "{stats}");
     let status = lab.status_json();
     assert_eq!(status["policy"]["udp"], true, "{status}");
-    assert_eq!(status["programs"].as_array().unwrap().len(), 9, "{status}");
+    assert_eq!(status["programs"].as_array().unwrap().len(), 10, "{status}");
 
     // Unloading removes the UDP path too: no pin, no program on the cgroup.
     let out = lab.unload();
@@ -78,6 +78,35 @@ fn server_sees_the_client_and_replies_reach_the_balancer() {
     assert!(!lab.pin_dir.exists(), "pins left behind");
     let attached = cgroup_attachments(&lab.cgroup);
     assert!(attached.is_empty(), "still attached: {attached}");
+}
+
+/// A dual-stack server (bound to `::`) sees an IPv4 client as `::ffff:a.b.c.d`, as the TCP path
+/// shows it. An IPv6 client behind an IPv4 balancer is never shown (the reply could not be sent
+/// back to the balancer: see toa-ebpf/src/udp.rs), on either kind of socket: the balancer is
+/// kept and counted. Replies reach the balancer in every case.
+#[test]
+fn dual_stack_sockets_and_ipv6_clients() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--udp"]);
+    lab.script_server("udp_echo.py", "::", PORT, &[]);
+    lab.script_server("udp_echo.py", SERVER_V4, PORT + 1, &[]);
+    let v4_only = SocketAddrV4::new(SERVER_V4.parse().unwrap(), PORT + 1);
+    let client6: std::net::SocketAddrV6 = CLIENT6.parse().unwrap();
+    let replies = with_balancer(&lab, 40000, move |b| {
+        [
+            b.ask(server(), &uoa4(client()), "v4 client"),
+            b.another(40001).unwrap().ask(server(), &uoa6(client6), "v6 client"),
+            b.another(40002).unwrap().ask(v4_only, &uoa6(client6), "v6 client, v4 socket"),
+        ]
+    });
+    assert_eq!(replies[0], (from_server(), "from=[::ffff:203.0.113.7]:4242 data=v4 client".to_owned()));
+    assert_eq!(replies[1], (from_server(), format!("from=[::ffff:{CLIENT_V4}]:40001 data=v6 client")));
+    assert_eq!(replies[2], (SocketAddr::V4(v4_only), format!("from={CLIENT_V4}:40002 data=v6 client, v4 socket")));
+    let stats = lab.stats();
+    assert_eq!(stats["udp_option"], 3, "{stats}");
+    assert_eq!(stats["udp_recv_client"], 1, "{stats}");
+    assert_eq!(stats["udp_recv_mismatch"], 2, "{stats}");
+    assert_eq!(stats["udp_reply_redirected"], 1, "{stats}");
 }
 
 #[test]
@@ -89,7 +118,7 @@ fn without_udp_nothing_changes() {
     assert_eq!(reply, (from_server(), format!("from={CLIENT_V4}:40000 data=hi")));
     let stats = lab.stats();
     assert!(stats.get("udp_option").is_none(), "no UDP counters while UDP is off: {stats}");
-    assert_eq!(lab.status_json()["programs"].as_array().unwrap().len(), 6);
+    assert_eq!(lab.status_json()["programs"].as_array().unwrap().len(), 6, "the TCP path's programs only");
     assert!(!lab.pin_dir.join("link_udp_ingress").exists());
 }
 
@@ -284,4 +313,21 @@ fn bad_udp_flags_fail_clearly_and_attach_nothing() {
         assert!(cgroup_attachments(&lab.cgroup).is_empty(), "{args:?} left programs attached");
         assert!(!lab.pin_dir.join("link_sock_ops").exists());
     }
+}
+
+/// Two balancer ports forwarding the same client address and port to one service: the replies
+/// follow the flow the client last arrived through, and the overlap is counted.
+#[test]
+fn the_same_client_through_two_balancers_is_counted() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--udp"]);
+    udp_server(&mut lab);
+    let (first, second) = with_balancer(&lab, 40000, |b| {
+        let other = b.another(40001).unwrap();
+        (b.ask(server(), &uoa4(client()), "through 40000"), other.ask(server(), &uoa4(client()), "through 40001"))
+    });
+    assert_eq!(first, (from_server(), format!("from={CLIENT} data=through 40000")));
+    // Received on port 40001's socket: the reply went to the second balancer port.
+    assert_eq!(second, (from_server(), format!("from={CLIENT} data=through 40001")));
+    assert_eq!(lab.stats()["udp_reply_conflict"], 1);
 }
