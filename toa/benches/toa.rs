@@ -6,7 +6,7 @@
 //! network namespace, client threads in another, joined by a veth pair. Every figure is a ratio
 //! to a baseline measured in the same run, interleaved A B A B …, with the spread over repeats.
 //! The real-application arm (`real_app`) runs Debian's nginx and wrk as separate processes in
-//! the same namespaces and cgroup. `TOA_BENCH_ONLY=agent_cpu|real_app|faults` runs one part.
+//! the same namespaces and cgroup. `TOA_BENCH_ONLY=agent_cpu|real_app|udp|faults` runs one part.
 //!
 //! `--quick` (or TOA_BENCH_QUICK=1) runs every measurement briefly: the CI smoke run, no
 //! thresholds. Results: a table on stdout, `target/bench/results.json`, `target/bench/*.svg`.
@@ -30,6 +30,8 @@ use toa_lab::{self as support, Lab};
 
 #[path = "toa/real_app.rs"]
 mod real_app;
+#[path = "toa/udp.rs"]
+mod udp;
 
 struct Settings {
     quick: bool,
@@ -77,6 +79,7 @@ fn main() {
         // One part, for development.
         Ok("agent_cpu") => return drop(bench.agent_cpu(&s)),
         Ok("real_app") => return drop(real_app::real_app(&bench, &s)),
+        Ok("udp") => return drop(udp::udp_cost(&bench, &s)),
         _ => {}
     }
     let rates = bench.connection_rates(&s);
@@ -84,6 +87,7 @@ fn main() {
     results.insert("modes".into(), bench.modes(&s));
     results.insert("agent_cpu".into(), bench.agent_cpu(&s));
     results.insert("real_app".into(), real_app::real_app(&bench, &s));
+    results.insert("udp".into(), udp::udp_cost(&bench, &s));
     results.insert("getpeername".into(), bench.getpeername_cost(&s));
     results.insert("proxy_protocol_v2".into(), bench.proxy_v2(&s));
     results.insert("scaling".into(), bench.scaling(&s));

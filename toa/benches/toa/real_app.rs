@@ -192,7 +192,7 @@ fn run(bench: &Bench<'_>, nginx: &Nginx, secs: u64, reader: Option<u32>) -> Run 
 }
 
 /// Mean and 95% confidence interval (Student's t) of `v`.
-fn mean_ci(v: &[f64]) -> (f64, f64, f64) {
+pub(super) fn mean_ci(v: &[f64]) -> (f64, f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
     if v.len() < 2 {
