@@ -15,6 +15,9 @@ pub const FLAG_READ_SYN: u32 = 1 << 4;
 pub const FLAG_REWRITE_SOCKNAME: u32 = 1 << 5;
 /// Honour options only on the local ports in `ports`.
 pub const FLAG_PORTS: u32 = 1 << 6;
+/// UDP only (set by `udp::uoa_config`, never by a policy): ByteDance's UOA layouts, IPv4 option
+/// types 31 and 30 (length 16 or 40) and 29 (length 16 or 32), beside DPVS's under type 31.
+pub const FLAG_UOA_BYTEDANCE: u32 = 1 << 7;
 
 /// Local port ranges that can be listed.
 pub const PORT_RANGES: usize = 16;

@@ -6,7 +6,7 @@
 //! kernel's verifier see that each read stays inside the buffer.
 
 use crate::{
-    config::{AgentConfig, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_PICK_LAST},
+    config::{AgentConfig, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_PICK_LAST, FLAG_UOA_BYTEDANCE},
     ClientAddr, AF_INET, AF_INET6, CLIENT_HAS_PORT, CLIENT_HAS_VIP,
 };
 
@@ -24,6 +24,16 @@ pub const ALIBABA_CDN_LEN_V4: u8 = 7;
 pub const ALIBABA_CDN_LEN_V6: u8 = 19;
 /// The only version of Alibaba CDN's layout.
 pub const ALIBABA_CDN_VERSION: u8 = 1;
+/// ByteDance's UOA (IPv4 options of UDP datagrams): types 31 and 30 with `type, length,
+/// operation (0: IPv4 inside, 1: IPv6), pad, client port, virtual port, client address, virtual
+/// address` (length 16, or 40 with IPv6 addresses); type 29 ("v2") with `type, length, operation,
+/// pad, VNI (4), client port, 2 pad, client address` (length 16, or 32 with IPv6 and 4 pad).
+pub const UOA_BYTEDANCE_KIND: u8 = 31;
+pub const UOA_BYTEDANCE_ASYM_KIND: u8 = 30;
+pub const UOA_BYTEDANCE_V2_KIND: u8 = 29;
+pub const UOA_BYTEDANCE_LEN_V4: u8 = 16;
+pub const UOA_BYTEDANCE_LEN_V6: u8 = 40;
+pub const UOA_BYTEDANCE_V2_LEN_V6: u8 = 32;
 /// A TCP header has at most 40 bytes of options (data offset 15 × 4 − 20).
 pub const OPTION_AREA_MAX: usize = 40;
 /// Every offset the parser computes is masked into `0..64`.
@@ -173,12 +183,17 @@ pub enum Parsed {
 /// search goes on; a broken option list ends the search, since nothing after it can be trusted
 /// to be an option boundary.
 pub fn find_toa(area: &mut OptionArea, cfg: &AgentConfig) -> Parsed {
-    match scan_toa(area, cfg) {
+    match scan_toa::<WITH_UOA>(area, cfg) {
         Outcome::Found => Parsed::Found(area.last),
         Outcome::Absent => Parsed::Absent,
         Outcome::Malformed => Parsed::Malformed,
     }
 }
+
+/// The parser with every layout (UDP's included): `find_toa`, the UDP program, the tests.
+pub const WITH_UOA: bool = true;
+/// The parser without ByteDance's UDP layouts: the TCP program.
+pub const TCP_ONLY: bool = false;
 
 /// [`Parsed`] without the address, which [`scan_toa`] leaves in `area.last`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,8 +208,12 @@ pub enum Outcome {
 /// where Linux 5.15's verifier keeps no value for its 2-byte tag: after `Absent` or `Malformed` it
 /// also walks the `Found` branch and rejects the read of address bytes that were never written
 /// ("invalid read from stack"). Kernels from 5.16 track such narrow stores.
+///
+/// `UOA`: whether this copy reads ByteDance's UDP layouts ([`WITH_UOA`]). The TCP program's copy
+/// does not ([`TCP_ONLY`]): the layouts would cost its verifier a copy routine each (about 3k
+/// instructions apiece on 6.18) for options a TCP configuration never asks for.
 #[inline(never)]
-pub fn scan_toa(area: &mut OptionArea, cfg: &AgentConfig) -> Outcome {
+pub fn scan_toa<const UOA: bool>(area: &mut OptionArea, cfg: &AgentConfig) -> Outcome {
     area.set_cursor(0);
     area.set_word(Word::HasLast, 0);
     area.set_word(Word::Malformed, 0);
@@ -224,7 +243,7 @@ pub fn scan_toa(area: &mut OptionArea, cfg: &AgentConfig) -> Outcome {
             area.set_word(Word::Malformed, 1);
             break;
         }
-        match read_option(area, off, kind, opt_len, cfg) {
+        match read_option::<UOA>(area, off, kind, opt_len, cfg) {
             Read::Found => {
                 area.set_word(Word::HasLast, 1);
                 // SAFETY: a plain field of the config; volatile so that it is not hoisted out of
@@ -269,6 +288,10 @@ const LAYOUT_CLASSIC_V6: u32 = 3;
 const LAYOUT_BYTEDANCE: u32 = 4;
 const LAYOUT_ALIBABA_V4: u32 = 5;
 const LAYOUT_ALIBABA_V6: u32 = 6;
+const LAYOUT_UOA_BYTEDANCE_V4: u32 = 7;
+const LAYOUT_UOA_BYTEDANCE_V6: u32 = 8;
+const LAYOUT_UOA_BYTEDANCE_V2_V4: u32 = 9;
+const LAYOUT_UOA_BYTEDANCE_V2_V6: u32 = 10;
 
 /// Which layout an option of `kind` and `len` is under a configuration whose `FLAG_*` bits are
 /// `flags` and whose kind bitmap byte for `kind` is `kinds_byte` (`cfg.kinds[kind / 8]`).
@@ -276,7 +299,7 @@ const LAYOUT_ALIBABA_V6: u32 = 6;
 /// Out of line on purpose: eBPF has no "set on condition" instruction, so every comparison that
 /// yields a bool is a branch, and the booleans combined here would multiply the paths the
 /// verifier walks through the rest of the parse loop. As a separate function only its result,
-/// one of seven values, reaches the caller. In the kernel it is a global function, which the
+/// one of eleven values, reaches the caller. In the kernel it is a global function, which the
 /// verifier checks once on its own instead of at each of the parse loop's rounds; global
 /// functions may take only numbers (pointers need Linux 5.12), hence the byte of the bitmap.
 #[cfg_attr(target_arch = "bpf", unsafe(no_mangle))]
@@ -284,6 +307,29 @@ const LAYOUT_ALIBABA_V6: u32 = 6;
 pub extern "C" fn toa_classify_option(kind: u8, len: u8, version: u8, kinds_byte: u8, flags: u32) -> u32 {
     let enabled = kinds_byte & (1 << (kind & 7)) != 0;
     let has = |flag: u32| flags & flag != 0;
+    // UDP only: the operation byte (`version` here) says which family is inside. DPVS's lengths
+    // under type 31 (8, 20) are not ByteDance's, so both are read side by side.
+    if has(FLAG_UOA_BYTEDANCE) {
+        if kind == UOA_BYTEDANCE_KIND || kind == UOA_BYTEDANCE_ASYM_KIND {
+            if len == UOA_BYTEDANCE_LEN_V4 && version == 0 {
+                return LAYOUT_UOA_BYTEDANCE_V4;
+            }
+            if len == UOA_BYTEDANCE_LEN_V6 && version == 1 {
+                return LAYOUT_UOA_BYTEDANCE_V6;
+            }
+        }
+        if kind == UOA_BYTEDANCE_V2_KIND {
+            if len == UOA_BYTEDANCE_LEN_V4 && version == 0 {
+                return LAYOUT_UOA_BYTEDANCE_V2_V4;
+            }
+            if len == UOA_BYTEDANCE_V2_LEN_V6 && version == 1 {
+                return LAYOUT_UOA_BYTEDANCE_V2_V6;
+            }
+        }
+        if kind == UOA_BYTEDANCE_ASYM_KIND || kind == UOA_BYTEDANCE_V2_KIND {
+            return LAYOUT_MALFORMED;
+        }
+    }
     if enabled {
         if len == TOA_LEN_V4 {
             return LAYOUT_CLASSIC_V4;
@@ -314,18 +360,23 @@ pub extern "C" fn toa_classify_option(kind: u8, len: u8, version: u8, kinds_byte
 /// kernel) rather than through registers and stack, which would differ from path to path and
 /// keep the verifier from merging the loop's states.
 #[inline(always)]
-fn read_option(area: &mut OptionArea, off: usize, kind: u8, len: usize, cfg: &AgentConfig) -> Read {
+fn read_option<const UOA: bool>(area: &mut OptionArea, off: usize, kind: u8, len: usize, cfg: &AgentConfig) -> Read {
     let version = area.bytes[(off + 2) & MASK];
     let kinds_byte = cfg.kinds[(kind as usize >> 3) & 31];
     // SAFETY: a plain field of the config; volatile for the reason given in `scan_toa`.
     let flags = unsafe { core::ptr::read_volatile(&cfg.flags) };
     match toa_classify_option(kind, len as u8, version, kinds_byte, flags) {
-        LAYOUT_CLASSIC_V4 => store(area, off, AF_INET, Some(2), 4, false),
-        LAYOUT_CLASSIC_V6 => store(area, off, AF_INET6, Some(2), 4, false),
-        LAYOUT_BYTEDANCE => store(area, off, AF_INET, Some(2), 4, true),
+        LAYOUT_CLASSIC_V4 => store(area, off, AF_INET, Some(2), 4, None),
+        LAYOUT_CLASSIC_V6 => store(area, off, AF_INET6, Some(2), 4, None),
+        LAYOUT_BYTEDANCE => store(area, off, AF_INET, Some(2), 4, Some((10, 12))),
         // No port in this layout: the kernel's stays.
-        LAYOUT_ALIBABA_V4 => store(area, off, AF_INET, None, 3, false),
-        LAYOUT_ALIBABA_V6 => store(area, off, AF_INET6, None, 3, false),
+        LAYOUT_ALIBABA_V4 => store(area, off, AF_INET, None, 3, None),
+        LAYOUT_ALIBABA_V6 => store(area, off, AF_INET6, None, 3, None),
+        LAYOUT_UOA_BYTEDANCE_V4 if UOA => store(area, off, AF_INET, Some(4), 8, Some((6, 12))),
+        // The virtual address is IPv6 here: more than a `ClientAddr` keeps.
+        LAYOUT_UOA_BYTEDANCE_V6 if UOA => store(area, off, AF_INET6, Some(4), 8, None),
+        LAYOUT_UOA_BYTEDANCE_V2_V4 if UOA => store(area, off, AF_INET, Some(8), 12, None),
+        LAYOUT_UOA_BYTEDANCE_V2_V6 if UOA => store(area, off, AF_INET6, Some(8), 12, None),
         LAYOUT_MALFORMED => return Read::Malformed,
         _ => return Read::NotOurs,
     }
@@ -334,9 +385,16 @@ fn read_option(area: &mut OptionArea, off: usize, kind: u8, len: usize, cfg: &Ag
 
 /// Writes the client of the option at `off` into `area.last`, field by field (a temporary
 /// struct's stack slots would differ from path to path): the port at `port_at`, the address at
-/// `addr_at`, and with `vip` ByteDance's virtual IP at 10..16.
+/// `addr_at`, and with `vip` ByteDance's virtual port and IPv4 address at these offsets.
 #[inline(always)]
-fn store(area: &mut OptionArea, off: usize, family: u16, port_at: Option<usize>, addr_at: usize, vip: bool) {
+fn store(
+    area: &mut OptionArea,
+    off: usize,
+    family: u16,
+    port_at: Option<usize>,
+    addr_at: usize,
+    vip: Option<(usize, usize)>,
+) {
     let at = |area: &OptionArea, i: usize| area.bytes[(off + i) & MASK];
     area.last.family = family;
     area.last.flags = 0;
@@ -347,9 +405,9 @@ fn store(area: &mut OptionArea, off: usize, family: u16, port_at: Option<usize>,
         area.last.port = [at(area, p), at(area, p + 1)];
         area.last.flags |= CLIENT_HAS_PORT;
     }
-    if vip {
-        area.last.vip_port = [at(area, 10), at(area, 11)];
-        area.last.vip_addr = [at(area, 12), at(area, 13), at(area, 14), at(area, 15)];
+    if let Some((port, addr)) = vip {
+        area.last.vip_port = [at(area, port), at(area, port + 1)];
+        area.last.vip_addr = [at(area, addr), at(area, addr + 1), at(area, addr + 2), at(area, addr + 3)];
         area.last.flags |= CLIENT_HAS_VIP;
     }
     let mut i = 0;

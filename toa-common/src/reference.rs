@@ -4,7 +4,7 @@
 //! (feature `reference`).
 
 use crate::{
-    config::{FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_PICK_LAST},
+    config::{FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_PICK_LAST, FLAG_UOA_BYTEDANCE},
     AgentConfig, ClientAddr, Parsed, AF_INET, AF_INET6, CLIENT_HAS_PORT, CLIENT_HAS_VIP,
 };
 
@@ -61,6 +61,34 @@ fn layout(opt: &[u8], cfg: &AgentConfig) -> Option<Option<ClientAddr>> {
         a[..bytes.len()].copy_from_slice(bytes);
         a
     };
+    // ByteDance's UOA (UDP): the operation byte says which family is inside.
+    if cfg.flags & FLAG_UOA_BYTEDANCE != 0 && matches!(kind, 29..=31) {
+        let op = opt.get(2).copied();
+        let client = |family, port_at: usize, addr_at: usize, vip: bool| {
+            let n = if family == AF_INET { 4 } else { 16 };
+            let mut c = ClientAddr {
+                family,
+                port: [opt[port_at], opt[port_at + 1]],
+                addr: addr(&opt[addr_at..addr_at + n]),
+                flags: CLIENT_HAS_PORT,
+                ..Default::default()
+            };
+            if vip {
+                c.vip_port = [opt[6], opt[7]];
+                c.vip_addr = [opt[12], opt[13], opt[14], opt[15]];
+                c.flags |= CLIENT_HAS_VIP;
+            }
+            c
+        };
+        match (kind, len, op) {
+            (30 | 31, 16, Some(0)) => return Some(Some(client(AF_INET, 4, 8, true))),
+            (30 | 31, 40, Some(1)) => return Some(Some(client(AF_INET6, 4, 8, false))),
+            (29, 16, Some(0)) => return Some(Some(client(AF_INET, 8, 12, false))),
+            (29, 32, Some(1)) => return Some(Some(client(AF_INET6, 8, 12, false))),
+            (29 | 30, _, _) => return Some(None),
+            _ => {}
+        }
+    }
     if classic && (len == 8 || len == 20) {
         let family = if len == 8 { AF_INET } else { AF_INET6 };
         return Some(Some(ClientAddr {

@@ -1,12 +1,13 @@
 //! The UDP path's shared types: DPVS's UDP Option of Address (UOA) in a datagram's IPv4
 //! options, and the flow and reply records the eBPF programs keep.
 //!
-//! A UOA is an IPv4 option of type 31 with the classic TOA layouts (length 8: port + IPv4,
-//! length 20: port + IPv6), so the TCP option parser reads it: [`uoa_config`] is the agent's
-//! configuration with kind 31 as the only kind and no TCP dialect.
+//! DPVS's UOA is an IPv4 option of type 31 with the classic TOA layouts (length 8: port + IPv4,
+//! length 20: port + IPv6), and IPv4 options share TCP's list format, so the TCP option parser
+//! reads it: [`uoa_config`] is the agent's configuration with kind 31 as the only classic kind,
+//! no TCP dialect, and ByteDance's UOA layouts (types 31, 30, 29; see `parse`) on.
 
 use crate::{
-    config::{AgentConfig, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE},
+    config::{AgentConfig, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_UOA_BYTEDANCE},
     ClientAddr,
 };
 
@@ -20,13 +21,15 @@ pub const UDP_TTL_DEFAULT_SECS: u32 = 360;
 pub const UDP_FLOWS: u32 = 65_536;
 
 /// The parser's configuration for a datagram's IP options: the agent's, with kind 31 as the only
-/// kind and without the TCP dialects (their kinds mean nothing in an IP header).
+/// classic kind, without the TCP dialects (their kinds mean nothing in an IP header), and with
+/// ByteDance's UOA layouts (their lengths differ from DPVS's: both are read side by side).
 #[inline(always)]
 pub fn uoa_config(agent: &AgentConfig) -> AgentConfig {
     let mut cfg = *agent;
     cfg.kinds = [0; 32];
     cfg.kinds[(UOA_KIND >> 3) as usize] = 1 << (UOA_KIND & 7);
     cfg.flags &= !(FLAG_DIALECT_BYTEDANCE | FLAG_DIALECT_ALIBABA_CDN);
+    cfg.flags |= FLAG_UOA_BYTEDANCE;
     cfg
 }
 
@@ -208,7 +211,7 @@ mod tests {
         let cfg = uoa_config(&agent);
         assert!(cfg.kind_enabled(UOA_KIND));
         assert_eq!((0..=255u8).filter(|k| cfg.kind_enabled(*k)).count(), 1);
-        assert_eq!(cfg.flags, FLAG_TRUST_REQUIRED | FLAG_PICK_LAST);
+        assert_eq!(cfg.flags, FLAG_TRUST_REQUIRED | FLAG_PICK_LAST | FLAG_UOA_BYTEDANCE);
     }
 
     #[test]
@@ -233,12 +236,40 @@ mod tests {
         assert_eq!(parse(&rr), Parsed::Absent);
     }
 
+    /// ByteDance's layouts: types 31 and 30 with the virtual address, type 29 with a VNI.
+    #[test]
+    fn bytedance_uoas() {
+        const VIP: [u8; 4] = [198, 51, 100, 9];
+        for kind in [31, 30] {
+            let o = [&[kind, 16, 0, 0][..], &PORT, &[0x00, 0x35], &V4, &VIP].concat();
+            let Parsed::Found(c) = parse(&o) else { panic!("{o:?}: {:?}", parse(&o)) };
+            assert_eq!((c.family, c.port, &c.addr[..4]), (AF_INET, PORT, &V4[..]), "type {kind}");
+            assert_eq!((c.vip_port, c.vip_addr, c.flags), ([0x00, 0x35], VIP, CLIENT_HAS_PORT | crate::CLIENT_HAS_VIP));
+            let v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+            let o = [&[kind, 40, 1, 0][..], &PORT, &[0x00, 0x35], &v6, &[0xfd; 16]].concat();
+            let Parsed::Found(c) = parse(&o) else { panic!("{o:?}") };
+            assert_eq!((c.family, c.port, c.addr, c.flags), (AF_INET6, PORT, v6, CLIENT_HAS_PORT), "type {kind}");
+        }
+        let o = [&[29, 16, 0, 0][..], &[0, 0, 0, 42], &PORT, &[0, 0], &V4].concat();
+        assert_eq!(parse(&o), v4(PORT, V4));
+        let v6 = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+        let o = [&[29, 32, 1, 0][..], &[0, 0, 0, 42], &PORT, &[0, 0], &v6, &[0; 4]].concat();
+        let Parsed::Found(c) = parse(&o) else { panic!("{o:?}") };
+        assert_eq!((c.family, c.port, c.addr), (AF_INET6, PORT, v6));
+    }
+
     #[test]
     fn malformed_uoas() {
-        // Wrong lengths, a length running past the options, a missing length byte, length < 2.
+        // Wrong lengths, a length running past the options, a missing length byte, length < 2;
+        // ByteDance's lengths with the other family's operation byte, or an unknown one.
         for o in [
             &[UOA_KIND, 6, 0, 0, 0, 0][..],
-            &[UOA_KIND, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[UOA_KIND, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[UOA_KIND, 16, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[30, 16, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[30, 8, 0, 0, 0, 0, 0, 0],
+            &[29, 16, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[29, 8, 0, 0, 0, 0, 0, 0],
             &[UOA_KIND, 8, 0, 0, 0, 0],
             &[1, 1, 1, UOA_KIND],
             &[UOA_KIND, 0, 0, 0],

@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use toa_common::{
-    config::FLAG_READ_SYN, decide, scan_toa, AgentConfig, ClientAddr, Counter, OptionArea, Outcome, SockState, Verdict,
-    AF_INET, SEARCH_SEGMENTS_IN, STATE_FOUND,
+    config::FLAG_READ_SYN, decide, parse::TCP_ONLY, scan_toa, AgentConfig, ClientAddr, Counter, OptionArea, Outcome,
+    SockState, Verdict, AF_INET, SEARCH_SEGMENTS_IN, STATE_FOUND,
 };
 use toa_ebpf::packet::{copy_options, copy_syn_options};
 
@@ -108,7 +108,7 @@ pub extern "C" fn toa_parse_scratch() -> u32 {
         return PARSED_ABSENT;
     };
     // Not `find_toa`: see `scan_toa` for why no `Parsed` may cross the stack.
-    match scan_toa(area, cfg) {
+    match scan_toa::<TCP_ONLY>(area, cfg) {
         Outcome::Found => PARSED_FOUND,
         Outcome::Absent => PARSED_ABSENT,
         Outcome::Malformed => PARSED_MALFORMED,

@@ -20,6 +20,7 @@ use aya_ebpf::{
 };
 use toa_common::{
     config::v4_mapped,
+    parse::WITH_UOA,
     scan_toa,
     udp::{uoa_config, Flow, FlowKey, Reply, ReplyKey, UdpCounter},
     ClientAddr, Outcome, AF_INET, CLIENT_HAS_PORT, OPTION_AREA_MAX,
@@ -77,7 +78,7 @@ fn record(ctx: &SkBuffContext) -> Option<()> {
     }
     area.set_len(options);
     let ucfg = uoa_config(cfg);
-    match scan_toa(area, &ucfg) {
+    match scan_toa::<WITH_UOA>(area, &ucfg) {
         Outcome::Found => {}
         Outcome::Absent => return None,
         Outcome::Malformed => {

@@ -109,6 +109,37 @@ fn dual_stack_sockets_and_ipv6_clients() {
     assert_eq!(stats["udp_reply_redirected"], 1, "{stats}");
 }
 
+/// ByteDance's UOA layouts: types 31 and 30 (client, then the virtual address), and type 29 (with
+/// a VNI), each recorded and shown; the IPv6-inside variant is recorded and, its client being
+/// IPv6 behind an IPv4 balancer, not shown.
+#[test]
+fn bytedance_layouts() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--udp"]);
+    udp_server(&mut lab);
+    // Client 203.0.113.7:4242, virtual address 198.51.100.9:53.
+    let (p, a, vip) = ([0x10, 0x92], [203, 0, 113, 7], [198, 51, 100, 9]);
+    let v1 = move |kind: u8| [&[kind, 16, 0, 0][..], &p, &[0, 53], &a, &vip].concat();
+    let v2 = [&[29, 16, 0, 0][..], &[0, 0, 0, 42], &p, &[0, 0], &a].concat();
+    let v6_inside = [&[31, 40, 1, 0][..], &p, &[0, 53], &[0x20, 1, 0xd, 0xb8], &[0; 11], &[7], &[0xfd; 16]].concat();
+    let replies = with_balancer(&lab, 40000, move |b| {
+        let mut replies = Vec::new();
+        let cases = [("type 31", v1(31)), ("type 30", v1(30)), ("type 29", v2), ("IPv6 inside", v6_inside)];
+        for (i, (what, option)) in cases.into_iter().enumerate() {
+            replies.push((what, b.another(40001 + i as u16).unwrap().ask(server(), &option, what)));
+        }
+        replies
+    });
+    for (i, (what, reply)) in replies.iter().enumerate() {
+        let shown = if *what == "IPv6 inside" { format!("{CLIENT_V4}:{}", 40001 + i) } else { CLIENT.to_owned() };
+        assert_eq!(reply, &(from_server(), format!("from={shown} data={what}")), "{what}");
+    }
+    let stats = lab.stats();
+    assert_eq!(stats["udp_option"], 4, "{stats}");
+    assert_eq!(stats["udp_recv_client"], 3, "{stats}");
+    assert_eq!(stats["udp_recv_mismatch"], 1, "{stats}");
+}
+
 #[test]
 fn without_udp_nothing_changes() {
     let mut lab = Lab::new();
@@ -162,6 +193,11 @@ fn malformed_uoas_keep_the_real_address() {
         ("length 12", vec![31, 12, 0x10, 0x92, 203, 0, 113, 7, 0, 0, 0, 0]),
         ("length 16", vec![31, 16, 0x10, 0x92, 203, 0, 113, 7, 0, 0, 0, 0, 0, 0, 0, 0]),
         ("length 8 after a wrong one", vec![31, 6, 0, 0, 0, 0, 1, 1, 31, 7, 0x10, 0x92, 203, 0, 113, 1]),
+        (
+            "ByteDance's length 16 with an unknown operation",
+            vec![31, 16, 2, 0, 0x10, 0x92, 0, 53, 203, 0, 113, 7, 0, 0, 0, 0],
+        ),
+        ("type 30 of a length of no layout", vec![30, 8, 0, 0, 0x10, 0x92, 0, 0]),
     ];
     let broken_lists: Vec<(&str, Vec<u8>)> = vec![
         ("length running past the options", vec![1, 1, 1, 1, 31, 12, 0x10, 0x92]),
