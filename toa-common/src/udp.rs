@@ -130,6 +130,10 @@ pub enum UdpCounter {
     UdpUntrustedOption,
     /// `recvfrom()`/`recvmsg()` answered with the client instead of the balancer.
     UdpRecvClient,
+    /// `connect()` of a UDP socket to a client it was shown sent to the client's balancer.
+    UdpConnected,
+    /// `getpeername()` of such a connected socket answered with the client.
+    UdpPeername,
     /// A client the socket's family cannot hold (IPv6 client, IPv4 socket): the balancer kept.
     UdpRecvMismatch,
     /// A reply to a client sent to its balancer instead.
@@ -141,7 +145,7 @@ pub enum UdpCounter {
     UdpReplyConflict,
 }
 
-pub const UDP_COUNTERS: u32 = 8;
+pub const UDP_COUNTERS: u32 = 10;
 
 impl UdpCounter {
     pub const ALL: [UdpCounter; UDP_COUNTERS as usize] = [
@@ -149,6 +153,8 @@ impl UdpCounter {
         UdpCounter::UdpOptionMalformed,
         UdpCounter::UdpUntrustedOption,
         UdpCounter::UdpRecvClient,
+        UdpCounter::UdpConnected,
+        UdpCounter::UdpPeername,
         UdpCounter::UdpRecvMismatch,
         UdpCounter::UdpReplyRedirected,
         UdpCounter::UdpExpired,
@@ -161,6 +167,8 @@ impl UdpCounter {
             UdpCounter::UdpOptionMalformed => "udp_option_malformed",
             UdpCounter::UdpUntrustedOption => "udp_untrusted_option",
             UdpCounter::UdpRecvClient => "udp_recv_client",
+            UdpCounter::UdpConnected => "udp_connected",
+            UdpCounter::UdpPeername => "udp_peername",
             UdpCounter::UdpRecvMismatch => "udp_recv_mismatch",
             UdpCounter::UdpReplyRedirected => "udp_reply_redirected",
             UdpCounter::UdpExpired => "udp_expired",
@@ -174,6 +182,8 @@ impl UdpCounter {
             UdpCounter::UdpOptionMalformed => "malformed UOA or IPv4 option list seen (real address kept)",
             UdpCounter::UdpUntrustedOption => "valid UOAs from sources outside the trust list (ignored)",
             UdpCounter::UdpRecvClient => "recvfrom()/recvmsg() answered with the client",
+            UdpCounter::UdpConnected => "UDP sockets connected to a client, sent to its balancer",
+            UdpCounter::UdpPeername => "getpeername() of such a connected UDP socket answered with the client",
             UdpCounter::UdpRecvMismatch => "UDP client that the socket's family cannot hold (balancer kept)",
             UdpCounter::UdpReplyRedirected => "replies to a client sent to its balancer",
             UdpCounter::UdpExpired => "UDP flows or replies found older than the TTL (left alone)",

@@ -8,13 +8,19 @@ use aya_ebpf::{
 };
 use toa_common::{Counter, SockState, AF_INET, AF_INET6, CLIENT_HAS_PORT, STATE_FOUND};
 
-use crate::maps::{count, socks};
+use crate::{
+    maps::{count, socks},
+    udp,
+};
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = toa_common::IPPROTO_TCP as u32;
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn toa_getpeer4(ctx: SockAddrContext) -> i32 {
+    if udp::show_udp_peer(ctx.sock_addr, udp::Family::V4) {
+        return 1;
+    }
     if let Some(state) = client_of(ctx.sock_addr, true) {
         let client = &state.client;
         if client.family == AF_INET {
@@ -38,6 +44,9 @@ pub fn toa_getpeer4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn toa_getpeer6(ctx: SockAddrContext) -> i32 {
+    if udp::show_udp_peer(ctx.sock_addr, udp::Family::V6) {
+        return 1;
+    }
     if let Some(state) = client_of(ctx.sock_addr, true) {
         let client = &state.client;
         // SAFETY: user_ip6 and user_port are writable in getpeername6.

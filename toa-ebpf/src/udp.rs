@@ -131,7 +131,7 @@ pub fn toa_udp_recv6(ctx: SockAddrContext) -> i32 {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Family {
+pub enum Family {
     V4,
     V6,
 }
@@ -267,5 +267,84 @@ fn to_balancer(sa: *mut bpf_sock_addr, family: Family) -> Option<()> {
         reply.seen_ns = now;
         count_udp(UdpCounter::UdpReplyRedirected);
     }
+    Some(())
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn toa_udp_connect4(ctx: SockAddrContext) -> i32 {
+    connect_to_balancer(ctx.sock_addr, Family::V4);
+    // 1: connect (0 would fail the call with EPERM).
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn toa_udp_connect6(ctx: SockAddrContext) -> i32 {
+    connect_to_balancer(ctx.sock_addr, Family::V6);
+    1
+}
+
+/// A UDP socket connected to a client it was shown (a server that opens a socket per client)
+/// is connected to the client's balancer instead, and gets the flow as its own: `recv()` and
+/// `getpeername()` on it show the client, and `send()` reaches the balancer.
+#[inline(always)]
+fn connect_to_balancer(sa: *mut bpf_sock_addr, family: Family) -> Option<()> {
+    let udp = udp_config()?;
+    let local_port = local_port(sa)?;
+    let (client_addr, client_port) = user_addr(sa, family);
+    // SAFETY: the context of a sock_addr program.
+    let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
+    let reply = TOA_UDP_REPLIES.get_ptr(ReplyKey { client_addr, client_port, local_port, _pad: [0; 4], netns })?;
+    // SAFETY: a value of this map.
+    let reply = unsafe { *reply };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !udp.fresh(reply.seen_ns, now) {
+        count_udp(UdpCounter::UdpExpired);
+        return None;
+    }
+    // Only IPv4 clients are ever shown (see show_client).
+    let client = ClientAddr {
+        family: AF_INET,
+        port: client_port,
+        addr: [client_addr[12], client_addr[13], client_addr[14], client_addr[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        vip_port: [0; 2],
+        vip_addr: [0; 4],
+        flags: CLIENT_HAS_PORT,
+        _pad: [0; 5],
+    };
+    // SAFETY: the context of a sock_addr program.
+    let socket = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    let key = FlowKey { peer_addr: reply.peer_addr, peer_port: reply.peer_port, _pad: [0; 6], socket };
+    TOA_UDP_FLOWS.insert(key, Flow { client, local_addr: [0; 16], seen_ns: now }, 0).ok()?;
+    if set_user_addr(sa, family, &reply.peer_addr, reply.peer_port) {
+        count_udp(UdpCounter::UdpConnected);
+    }
+    Some(())
+}
+
+/// `getpeername()` on a UDP socket connected to a balancer (by `connect_to_balancer`): the
+/// client of its flow. True when answered.
+#[inline(always)]
+pub fn show_udp_peer(sa: *mut bpf_sock_addr, family: Family) -> bool {
+    peer_client(sa, family).is_some()
+}
+
+#[inline(always)]
+fn peer_client(sa: *mut bpf_sock_addr, family: Family) -> Option<()> {
+    // The socket's type first: this runs in front of every getpeername(), TCP's included.
+    local_port(sa)?;
+    let udp = udp_config()?;
+    let (peer_addr, peer_port) = user_addr(sa, family);
+    // SAFETY: the context of a sock_addr program.
+    let socket = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    let flow = TOA_UDP_FLOWS.get_ptr(FlowKey { peer_addr, peer_port, _pad: [0; 6], socket })?;
+    // SAFETY: a value of this map.
+    let flow = unsafe { *flow };
+    // SAFETY: a helper without arguments.
+    if !udp.fresh(flow.seen_ns, unsafe { bpf_ktime_get_ns() }) || flow.client.family != AF_INET {
+        return None;
+    }
+    set_user_addr(sa, family, &shown(&flow.client), flow.client.port).then_some(())?;
+    count_udp(UdpCounter::UdpPeername);
     Some(())
 }

@@ -42,7 +42,7 @@ pub struct Hook {
 }
 
 /// Every program of the agent, in attach order (sock_ops first: it fills what the others read).
-pub const HOOKS: [Hook; 10] = [
+pub const HOOKS: [Hook; 12] = [
     Hook {
         pin: "link_sock_ops",
         program: "toa_sock_ops",
@@ -113,6 +113,22 @@ pub const HOOKS: [Hook; 10] = [
         attach_type: 20,
         kind: HookKind::SockAddr,
         label: "recvmsg6",
+        path: Path::Udp,
+    },
+    Hook {
+        pin: "link_udp_connect4",
+        program: "toa_udp_connect4",
+        attach_type: 10,
+        kind: HookKind::SockAddr,
+        label: "connect4",
+        path: Path::Udp,
+    },
+    Hook {
+        pin: "link_udp_connect6",
+        program: "toa_udp_connect6",
+        attach_type: 11,
+        kind: HookKind::SockAddr,
+        label: "connect6",
         path: Path::Udp,
     },
     Hook {

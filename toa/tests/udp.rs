@@ -70,7 +70,7 @@ fn server_sees_the_client_and_replies_reach_the_balancer() {
     assert_eq!(stats["udp_reply_redirected"], 2, "{stats}");
     let status = lab.status_json();
     assert_eq!(status["policy"]["udp"], true, "{status}");
-    assert_eq!(status["programs"].as_array().unwrap().len(), 10, "{status}");
+    assert_eq!(status["programs"].as_array().unwrap().len(), 12, "{status}");
 
     // Unloading removes the UDP path too: no pin, no program on the cgroup.
     let out = lab.unload();
@@ -138,6 +138,36 @@ fn bytedance_layouts() {
     assert_eq!(stats["udp_option"], 4, "{stats}");
     assert_eq!(stats["udp_recv_client"], 3, "{stats}");
     assert_eq!(stats["udp_recv_mismatch"], 1, "{stats}");
+}
+
+/// A server that connects a socket of its own to each client it is shown (IPv4 and dual-stack):
+/// the socket is connected to the client's balancer instead, its `send()` reaches the balancer,
+/// and `getpeername()` and `recv()` on it show the client.
+#[test]
+fn sockets_connected_to_a_client() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--udp"]);
+    lab.script_server("udp_echo.py", SERVER_V4, PORT, &["--connect"]);
+    lab.script_server("udp_echo.py", "::", PORT + 1, &["--connect"]);
+    let dual = SocketAddrV4::new(SERVER_V4.parse().unwrap(), PORT + 1);
+    let replies = with_balancer(&lab, 40000, move |b| {
+        let other = b.another(40001).unwrap();
+        [
+            b.ask(server(), &uoa4(client()), "first"),
+            // Arrives on the server's connected socket.
+            b.ask(server(), &[], "second"),
+            other.ask(dual, &uoa4(client()), "first"),
+            other.ask(dual, &[], "second"),
+        ]
+    });
+    let mapped = "[::ffff:203.0.113.7]:4242";
+    assert_eq!(replies[0], (from_server(), format!("from={CLIENT} peer={CLIENT} data=first")));
+    assert_eq!(replies[1], (from_server(), format!("from={CLIENT} peer={CLIENT} data=second")));
+    assert_eq!(replies[2], (SocketAddr::V4(dual), format!("from={mapped} peer={mapped} data=first")));
+    assert_eq!(replies[3], (SocketAddr::V4(dual), format!("from={mapped} peer={mapped} data=second")));
+    let stats = lab.stats();
+    assert_eq!(stats["udp_connected"], 2, "{stats}");
+    assert_eq!(stats["udp_peername"], 4, "{stats}");
 }
 
 #[test]
