@@ -284,7 +284,12 @@ fn dump(
             }
             let body = &rest[16..len];
             match kind {
-                NLMSG_DONE => return Ok(()),
+                // A dump that failed says so here (the kernel puts its error in the DONE message):
+                // no diagnostics module for this protocol gives ENOENT.
+                NLMSG_DONE => {
+                    let errno = i32::from_ne_bytes(body.get(0..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
+                    return if errno < 0 { Err(io::Error::from_raw_os_error(-errno)) } else { Ok(()) };
+                }
                 NLMSG_ERROR => {
                     let errno = i32::from_ne_bytes(body.get(0..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
                     if errno != 0 {
