@@ -195,12 +195,26 @@ pub const WITH_UOA: bool = true;
 /// The parser without ByteDance's UDP layouts: the TCP program.
 pub const TCP_ONLY: bool = false;
 
-/// [`Parsed`] without the address, which [`scan_toa`] leaves in `area.last`.
+/// [`Parsed`] without the address, which [`scan_toa`] leaves in `area.last`. As a number
+/// (`as u32`, [`Outcome::from_code`]) it is what a global BPF function can return.
+#[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    Found,
-    Absent,
-    Malformed,
+    Found = 0,
+    Absent = 1,
+    Malformed = 2,
+}
+
+impl Outcome {
+    /// The outcome a number (`outcome as u32`) stands for; anything else reads as `Absent`.
+    #[inline(always)]
+    pub const fn from_code(code: u32) -> Self {
+        match code {
+            0 => Outcome::Found,
+            2 => Outcome::Malformed,
+            _ => Outcome::Absent,
+        }
+    }
 }
 
 /// [`find_toa`] for the eBPF programs: the same search, but the result comes back in a register

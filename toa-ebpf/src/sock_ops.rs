@@ -56,7 +56,7 @@ pub fn toa_sock_ops(ctx: SockOpsContext) -> u32 {
     if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         on_established(&ctx, sk, cfg);
     } else {
-        on_later_segment(&ctx, sk, cfg);
+        on_later_segment(&ctx, sk);
     }
     1
 }
@@ -85,16 +85,8 @@ fn parse(ctx: &SockOpsContext, area: &mut OptionArea, syn: bool) -> Outcome {
     if !copied {
         return Outcome::Absent;
     }
-    match toa_parse_scratch() {
-        PARSED_FOUND => Outcome::Found,
-        PARSED_MALFORMED => Outcome::Malformed,
-        _ => Outcome::Absent,
-    }
+    Outcome::from_code(toa_parse_scratch())
 }
-
-const PARSED_FOUND: u32 = 0;
-const PARSED_ABSENT: u32 = 1;
-const PARSED_MALFORMED: u32 = 2;
 
 /// The one place the parser runs: `scan_toa` on this CPU's scratch slot, under the loaded
 /// configuration. A global function, so the kernel verifies it once, on its own, however many
@@ -105,14 +97,10 @@ const PARSED_MALFORMED: u32 = 2;
 #[inline(never)]
 pub extern "C" fn toa_parse_scratch() -> u32 {
     let (Some(area), Some(cfg)) = (scratch(), config()) else {
-        return PARSED_ABSENT;
+        return Outcome::Absent as u32;
     };
     // Not `find_toa`: see `scan_toa` for why no `Parsed` may cross the stack.
-    match scan_toa::<TCP_ONLY>(area, cfg) {
-        Outcome::Found => PARSED_FOUND,
-        Outcome::Absent => PARSED_ABSENT,
-        Outcome::Malformed => PARSED_MALFORMED,
-    }
+    scan_toa::<TCP_ONLY>(area, cfg) as u32
 }
 
 /// Whether the peer (the balancer) may speak for the client.
@@ -218,7 +206,7 @@ fn on_established(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
     }
 }
 
-fn on_later_segment(ctx: &SockOpsContext, sk: *mut bpf_sock, cfg: &AgentConfig) {
+fn on_later_segment(ctx: &SockOpsContext, sk: *mut bpf_sock) {
     // SAFETY: segs_in is readable in every callback of a full socket.
     let segs_in = unsafe { (*ctx.ops).segs_in };
     let Some(area) = scratch() else { return };
