@@ -248,14 +248,26 @@ pub fn toa_udp_send4(ctx: SockAddrContext) -> i32 {
 /// Sends a reply addressed to a client of a recorded flow to its balancer.
 #[inline(always)]
 fn to_balancer(sa: *mut bpf_sock_addr, family: Family) -> Option<()> {
+    let (reply, now) = reply_to(sa, family)?;
+    if set_user_addr(sa, family, &reply.peer_addr, reply.peer_port) {
+        reply.seen_ns = now;
+        count_udp(UdpCounter::UdpReplyRedirected);
+    }
+    Some(())
+}
+
+/// The way back to the balancer for the context's destination, when that is a client shown on
+/// this socket's port in this network namespace and the record is fresh (an expired one is
+/// counted and left alone); with the time.
+#[inline(always)]
+fn reply_to(sa: *mut bpf_sock_addr, family: Family) -> Option<(&'static mut Reply, u64)> {
     let udp = udp_config()?;
     let local_port = local_port(sa)?;
     let (client_addr, client_port) = user_addr(sa, family);
     // SAFETY: the context of a sock_addr program.
     let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
-    let key = ReplyKey { client_addr, client_port, local_port, _pad: [0; 4], netns };
-    let reply = TOA_UDP_REPLIES.get_ptr_mut(key)?;
-    // SAFETY: a value of this map.
+    let reply = TOA_UDP_REPLIES.get_ptr_mut(ReplyKey { client_addr, client_port, local_port, _pad: [0; 4], netns })?;
+    // SAFETY: a value of this map, valid for the rest of this program's run.
     let reply = unsafe { &mut *reply };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -263,11 +275,7 @@ fn to_balancer(sa: *mut bpf_sock_addr, family: Family) -> Option<()> {
         count_udp(UdpCounter::UdpExpired);
         return None;
     }
-    if set_user_addr(sa, family, &reply.peer_addr, reply.peer_port) {
-        reply.seen_ns = now;
-        count_udp(UdpCounter::UdpReplyRedirected);
-    }
-    Some(())
+    Some((reply, now))
 }
 
 #[cgroup_sock_addr(connect4)]
@@ -288,20 +296,9 @@ pub fn toa_udp_connect6(ctx: SockAddrContext) -> i32 {
 /// `getpeername()` on it show the client, and `send()` reaches the balancer.
 #[inline(always)]
 fn connect_to_balancer(sa: *mut bpf_sock_addr, family: Family) -> Option<()> {
-    let udp = udp_config()?;
-    let local_port = local_port(sa)?;
     let (client_addr, client_port) = user_addr(sa, family);
-    // SAFETY: the context of a sock_addr program.
-    let netns = unsafe { bpf_get_netns_cookie(sa.cast()) };
-    let reply = TOA_UDP_REPLIES.get_ptr(ReplyKey { client_addr, client_port, local_port, _pad: [0; 4], netns })?;
-    // SAFETY: a value of this map.
-    let reply = unsafe { *reply };
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    if !udp.fresh(reply.seen_ns, now) {
-        count_udp(UdpCounter::UdpExpired);
-        return None;
-    }
+    let (reply, now) = reply_to(sa, family)?;
+    let reply = *reply;
     // Only IPv4 clients are ever shown (see show_client).
     let client = ClientAddr {
         family: AF_INET,
