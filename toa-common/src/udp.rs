@@ -20,10 +20,10 @@ pub const UDP_TTL_DEFAULT_SECS: u32 = 360;
 /// Flows and replies the kernel keeps at most (each an LRU map: the least recently used goes).
 pub const UDP_FLOWS: u32 = 65_536;
 
-/// The parser's configuration for a datagram's IP options: the agent's, with kind 31 as the only
+/// The parser's configuration for a datagram's IP options (computed by userspace, kept in
+/// [`UdpConfig::parse`]): the agent's, with kind 31 as the only
 /// classic kind, without the TCP dialects (their kinds mean nothing in an IP header), and with
 /// ByteDance's UOA layouts (their lengths differ from DPVS's: both are read side by side).
-#[inline(always)]
 pub fn uoa_config(agent: &AgentConfig) -> AgentConfig {
     let mut cfg = *agent;
     cfg.kinds = [0; 32];
@@ -94,15 +94,25 @@ pub struct Reply {
 
 const _: () = assert!(core::mem::size_of::<Reply>() == 32);
 
-/// The UDP path's settings (the one slot of `TOA_UDP_CONFIG`); the trust list and the port
-/// scope are the agent's.
+/// The UDP path's settings (the one slot of `TOA_UDP_CONFIG`); the trust list is the agent's.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UdpConfig {
     /// 1: record flows and rewrite addresses (the UDP programs are attached only then).
     pub enabled: u32,
     /// Seconds a flow is honoured after its last datagram with the option.
     pub ttl_secs: u32,
+    /// What the ingress program parses with: [`uoa_config`] of the agent's configuration,
+    /// written here by userspace with the policy rather than derived again for every datagram.
+    pub parse: AgentConfig,
+}
+
+const _: () = assert!(core::mem::size_of::<UdpConfig>() == 8 + core::mem::size_of::<AgentConfig>());
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        Self { enabled: 0, ttl_secs: UDP_TTL_DEFAULT_SECS, parse: uoa_config(&AgentConfig::classic()) }
+    }
 }
 
 impl UdpConfig {
@@ -290,7 +300,7 @@ mod tests {
 
     #[test]
     fn freshness() {
-        let cfg = UdpConfig { enabled: 1, ttl_secs: 2 };
+        let cfg = UdpConfig { enabled: 1, ttl_secs: 2, ..UdpConfig::default() };
         assert!(cfg.fresh(1_000, 1_000 + 2_000_000_000));
         assert!(!cfg.fresh(1_000, 1_001 + 2_000_000_000));
     }

@@ -22,13 +22,13 @@ use toa_common::{
     config::v4_mapped,
     parse::WITH_UOA,
     scan_toa,
-    udp::{uoa_config, Flow, FlowKey, Reply, ReplyKey, UdpCounter},
+    udp::{Flow, FlowKey, Reply, ReplyKey, UdpCounter},
     ClientAddr, Outcome, AF_INET, CLIENT_HAS_PORT, OPTION_AREA_MAX,
 };
 
 use crate::{
     getpeername::ipv4,
-    maps::{config, count_udp, mapped, trusted, udp_config, TOA_UDP_FLOWS, TOA_UDP_REPLIES, TOA_UDP_SCRATCH},
+    maps::{count_udp, mapped, trusted, udp_config, TOA_UDP_FLOWS, TOA_UDP_REPLIES, TOA_UDP_SCRATCH},
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -46,7 +46,7 @@ pub fn toa_udp_in(ctx: SkBuffContext) -> i32 {
 /// Records the client of a UDP datagram that carries a UOA from a trusted balancer.
 #[inline(always)]
 fn record(ctx: &SkBuffContext) -> Option<()> {
-    udp_config()?;
+    let udp = udp_config()?;
     if u16::from_be(ctx.skb.protocol() as u16) != ETH_P_IP {
         return None;
     }
@@ -56,7 +56,8 @@ fn record(ctx: &SkBuffContext) -> Option<()> {
     if version_ihl >> 4 != 4 || header_len <= IPV4_HEADER_MIN || ctx.load::<u8>(9).ok()? != IPPROTO_UDP {
         return None;
     }
-    let cfg = config()?;
+    // The agent's policy as the UDP parse reads it (kind 31, ByteDance's layouts), in map memory.
+    let cfg = &udp.parse;
     let ports: [u8; 4] = ctx.load(header_len).ok()?;
     let (peer_port, local_port) = ([ports[0], ports[1]], [ports[2], ports[3]]);
     if !cfg.port_allowed(u16::from_be_bytes(local_port)) {
@@ -77,8 +78,7 @@ fn record(ctx: &SkBuffContext) -> Option<()> {
         return None;
     }
     area.set_len(options);
-    let ucfg = uoa_config(cfg);
-    match scan_toa::<WITH_UOA>(area, &ucfg) {
+    match scan_toa::<WITH_UOA>(area, cfg) {
         Outcome::Found => {}
         Outcome::Absent => return None,
         Outcome::Malformed => {
@@ -89,7 +89,7 @@ fn record(ctx: &SkBuffContext) -> Option<()> {
     let peer: [u8; 4] = ctx.load(12).ok()?;
     let local: [u8; 4] = ctx.load(16).ok()?;
     let peer = mapped(u32::from_ne_bytes(peer));
-    if !ucfg.trusts(|| trusted(peer)) {
+    if !cfg.trusts(|| trusted(peer)) {
         count_udp(UdpCounter::UdpUntrustedOption);
         return None;
     }
@@ -279,14 +279,14 @@ fn reply_to(sa: *mut bpf_sock_addr, family: Family) -> Option<(&'static mut Repl
 }
 
 #[cgroup_sock_addr(connect4)]
-pub fn toa_udp_connect4(ctx: SockAddrContext) -> i32 {
+pub fn toa_udp_conn4(ctx: SockAddrContext) -> i32 {
     connect_to_balancer(ctx.sock_addr, Family::V4);
     // 1: connect (0 would fail the call with EPERM).
     1
 }
 
 #[cgroup_sock_addr(connect6)]
-pub fn toa_udp_connect6(ctx: SockAddrContext) -> i32 {
+pub fn toa_udp_conn6(ctx: SockAddrContext) -> i32 {
     connect_to_balancer(ctx.sock_addr, Family::V6);
     1
 }

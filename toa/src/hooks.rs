@@ -117,7 +117,7 @@ pub const HOOKS: [Hook; 12] = [
     },
     Hook {
         pin: "link_udp_connect4",
-        program: "toa_udp_connect4",
+        program: "toa_udp_conn4",
         attach_type: 10,
         kind: HookKind::SockAddr,
         label: "connect4",
@@ -125,7 +125,7 @@ pub const HOOKS: [Hook; 12] = [
     },
     Hook {
         pin: "link_udp_connect6",
-        program: "toa_udp_connect6",
+        program: "toa_udp_conn6",
         attach_type: 11,
         kind: HookKind::SockAddr,
         label: "connect6",

@@ -10,7 +10,7 @@ use toa_common::{
         v4_mapped, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_PICK_LAST, FLAG_PORTS, FLAG_READ_SYN,
         FLAG_REWRITE_SOCKNAME, FLAG_TRUST_REQUIRED, PORT_RANGES, TRUST_ENTRIES,
     },
-    udp::{UdpConfig, UDP_TTL_DEFAULT_SECS},
+    udp::{uoa_config, UdpConfig, UDP_TTL_DEFAULT_SECS},
     AgentConfig, TOA_KIND,
 };
 
@@ -151,7 +151,11 @@ impl Policy {
 
     /// The `TOA_UDP_CONFIG` slot for this policy.
     pub fn to_udp_config(&self) -> UdpConfig {
-        UdpConfig { enabled: self.udp as u32, ttl_secs: self.udp_ttl.unwrap_or(UDP_TTL_DEFAULT_SECS) }
+        UdpConfig {
+            enabled: self.udp as u32,
+            ttl_secs: self.udp_ttl.unwrap_or(UDP_TTL_DEFAULT_SECS),
+            parse: uoa_config(&self.to_config()),
+        }
     }
 
     /// The kinds in effect (254 when none is given).
