@@ -285,27 +285,45 @@ fn trust_list_and_port_scope() {
     assert_eq!(reply, (from_server(), format!("from={CLIENT} data=trusted")));
 }
 
-/// A flow's client is honoured for `--udp-ttl` seconds after its last use. The test lets the
-/// monotonic clock (the one the kernel stamps flows with) pass the TTL, then looks: it waits for
-/// time to pass, it never measures how long anything took.
+/// A flow's client is honoured for `--udp-ttl` seconds after its last use. The test waits for
+/// the event itself: the kernel's monotonic clock (the one flows are stamped with) passing the
+/// flow's last use plus the TTL, read from the flow map; then it looks.
 #[test]
 fn flows_expire() {
+    // Well above what a slow guest takes from a datagram's arrival to the server's recvfrom().
+    const TTL_SECS: u64 = 5;
     let mut lab = Lab::new();
-    // A TTL well above what a slow guest takes between a datagram's arrival and recvfrom().
-    lab.load_with(&["--udp", "--udp-ttl", "3"]);
+    lab.load_with(&["--udp", "--udp-ttl", &TTL_SECS.to_string()]);
     udp_server(&mut lab);
+    let flows = lab.pin_dir.join(toa::hooks::UDP_FLOWS.pin);
     let (first, later) = with_balancer(&lab, 40000, move |b| {
         let first = b.ask(server(), &uoa4(client()), "first");
-        // The reply is sent after the server's last use of the flow.
-        let used = std::time::Instant::now();
-        while used.elapsed() < std::time::Duration::from_millis(3500) {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        // The server has used the flow (recvfrom, then the reply): its last use is recorded.
+        let expires = last_use_ns(&flows) + TTL_SECS * 1_000_000_000;
+        let waited = eventually(DEADLINE + std::time::Duration::from_secs(TTL_SECS), || monotonic_ns() > expires);
+        assert!(waited, "the monotonic clock never passed {expires}");
         (first, b.ask(server(), &[], "later"))
     });
     assert_eq!(first.1, format!("from={CLIENT} data=first"));
     assert_eq!(later.1, format!("from={CLIENT_V4}:40000 data=later"));
     assert_eq!(lab.stats()["udp_expired"], 1);
+}
+
+/// The latest last use of the flows in the map pinned at `path` (`bpf_ktime_get_ns()`).
+fn last_use_ns(path: &std::path::Path) -> u64 {
+    use toa_common::udp::{Flow, FlowKey};
+    let data = aya::maps::MapData::from_pin(path).expect("open the pinned flow map");
+    let map = aya::maps::Map::from_map_data(data).expect("a map");
+    let flows = aya::maps::HashMap::<_, FlowKey, Flow>::try_from(map).expect("the flow map");
+    flows.iter().filter_map(Result::ok).map(|(_, flow)| flow.seen_ns).max().expect("a flow")
+}
+
+/// The clock `bpf_ktime_get_ns()` reads.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Lets this process hold `n` descriptors (a balancer port each), within the hard limit.
