@@ -415,3 +415,52 @@ fn the_same_client_through_two_balancers_is_counted() {
     assert_eq!(second, (from_server(), format!("from={CLIENT} data=through 40001")));
     assert_eq!(lab.stats()["udp_reply_conflict"], 1);
 }
+
+/// `toa run` with `udp = true` in its config: the UDP path attached, its counters on /metrics;
+/// SIGHUP with `udp` gone turns it off in place.
+#[test]
+fn toa_run_serves_udp_and_sighup_turns_it_off() {
+    const METRICS: u16 = 9481;
+    let mut lab = Lab::new();
+    let dir = ScratchDir::new(&format!("{}-config", lab.name));
+    let config = dir.0.join("toa.toml");
+    std::fs::write(&config, format!("cgroup = {:?}\nudp = true\n", lab.cgroup)).unwrap();
+    let mut service = lab.start_service(METRICS, &["--config", config.to_str().unwrap()]);
+    udp_server(&mut lab);
+    assert_eq!(lab.status_json()["programs"].as_array().unwrap().len(), 12);
+    let reply = with_balancer(&lab, 40000, |b| b.ask(server(), &uoa4(client()), "on"));
+    assert_eq!(reply, (from_server(), format!("from={CLIENT} data=on")));
+    let (code, body) = lab.http_get(METRICS, "/metrics").expect("metrics answer");
+    assert_eq!(code, 200);
+    assert!(body.lines().any(|l| l == "toa_udp_recv_client_total 1"), "{body}");
+
+    std::fs::write(&config, format!("cgroup = {:?}\n", lab.cgroup)).unwrap();
+    service.signal(libc::SIGHUP);
+    assert!(
+        eventually(DEADLINE, || lab.status_json()["programs"].as_array().is_some_and(|p| p.len() == 6)),
+        "SIGHUP did not turn UDP off: {}",
+        lab.status_json()
+    );
+    let reply = with_balancer(&lab, 40001, |b| b.ask(server(), &uoa4(client()), "off"));
+    assert_eq!(reply, (from_server(), format!("from={CLIENT_V4}:40001 data=off")));
+    let (ok, stderr) = service.stop();
+    assert!(ok, "{stderr}");
+    assert!(!lab.pin_dir.exists(), "SIGTERM without keep_loaded must unload");
+}
+
+/// A directory under the temporary directory, removed on drop (also when the test fails).
+struct ScratchDir(std::path::PathBuf);
+
+impl ScratchDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&dir).expect("create a scratch directory");
+        Self(dir)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
