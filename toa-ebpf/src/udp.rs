@@ -3,9 +3,11 @@
 //! - `toa_udp_in` (cgroup ingress) reads the options of each UDP datagram delivered to a socket
 //!   of the cgroup and records the flow's client for that socket;
 //! - `toa_udp_recv4/6` make `recvfrom()`/`recvmsg()` return the client instead of the balancer
-//!   (on IPv4, dual-stack and IPv6 sockets), and record the way back to the balancer for it;
+//!   (on IPv4 and dual-stack sockets), and record the way back to the balancer for it;
 //! - `toa_udp_send4` sends a reply addressed to that client to its balancer instead, so an
-//!   unmodified server answers through the balancer as before.
+//!   unmodified server answers through the balancer as before;
+//! - `toa_udp_conn4/6` connect a socket the server connects to such a client to its balancer
+//!   instead, and give it the flow (the getpeername programs then show the client for it).
 //!
 //! The datagram itself is never changed: the kernel ignores an IP option it does not know.
 
