@@ -321,36 +321,31 @@ impl Agent {
         if !path.exists() {
             return Err(Error::NotLoaded { pin_dir: self.pin_dir.clone() });
         }
-        let read_err = |e: &dyn std::error::Error| Error::Read { what: path.display().to_string(), detail: chain(e) };
-        let data = MapData::from_pin(&path).map_err(|e| read_err(&e))?;
-        let map = Map::from_map_data(data).map_err(|e| read_err(&e))?;
-        let array = PerCpuArray::<_, u64>::try_from(map).map_err(|e| read_err(&e))?;
-        Counter::ebpf()
-            .iter()
-            .map(|c| {
-                let per_cpu = array.get(&(*c as u32), 0).map_err(|e| read_err(&e))?;
-                Ok((*c, per_cpu.iter().sum()))
-            })
-            .collect()
+        per_cpu_sums(&path, Counter::ebpf(), |c| c as u32)
     }
 
     /// The UDP path's counters, summed over CPUs; none while the UDP path is off.
     pub fn udp_stats(&self) -> Result<Vec<(UdpCounter, u64)>, Error> {
-        let path = self.pin_dir.join(hooks::UDP_STATS.pin);
         if !self.udp_on() {
             return Ok(Vec::new());
         }
-        let err = map_err(&path);
-        let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
-        let array = PerCpuArray::<_, u64>::try_from(map).map_err(|e| err(&e))?;
-        UdpCounter::ALL
-            .iter()
-            .map(|c| {
-                let per_cpu = array.get(&(*c as u32), 0).map_err(|e| err(&e))?;
-                Ok((*c, per_cpu.iter().sum()))
-            })
-            .collect()
+        per_cpu_sums(&self.pin_dir.join(hooks::UDP_STATS.pin), &UdpCounter::ALL, |c| c as u32)
     }
+}
+
+/// Each of `counters` (its slot: `slot(counter)`) in the per-CPU array pinned at `path`, summed
+/// over CPUs.
+fn per_cpu_sums<C: Copy>(path: &Path, counters: &[C], slot: fn(C) -> u32) -> Result<Vec<(C, u64)>, Error> {
+    let err = map_err(path);
+    let map = Map::from_map_data(MapData::from_pin(path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let array = PerCpuArray::<_, u64>::try_from(map).map_err(|e| err(&e))?;
+    counters
+        .iter()
+        .map(|c| {
+            let per_cpu = array.get(&slot(*c), 0).map_err(|e| err(&e))?;
+            Ok((*c, per_cpu.iter().sum()))
+        })
+        .collect()
 }
 
 /// Loads the agent object on the maps pinned in `pin_dir` (created and pinned there if absent),
