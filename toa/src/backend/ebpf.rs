@@ -337,7 +337,7 @@ impl Agent {
 /// over CPUs.
 fn per_cpu_sums<C: Copy>(path: &Path, counters: &[C], slot: fn(C) -> u32) -> Result<Vec<(C, u64)>, Error> {
     let err = map_err(path);
-    let map = Map::from_map_data(MapData::from_pin(path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let map = open_pinned(path)?;
     let array = PerCpuArray::<_, u64>::try_from(map).map_err(|e| err(&e))?;
     counters
         .iter()
@@ -426,6 +426,12 @@ fn still_attached(cgroup: &Path, ids: &[u32]) -> bool {
     })
 }
 
+/// The map pinned at `path`.
+pub(crate) fn open_pinned(path: &Path) -> Result<Map, Error> {
+    let err = map_err(path);
+    Map::from_map_data(MapData::from_pin(path).map_err(|e| err(&e))?).map_err(|e| err(&e))
+}
+
 fn map_err(path: &Path) -> impl Fn(&dyn std::error::Error) -> Error + '_ {
     move |e| Error::Read { what: path.display().to_string(), detail: chain(e) }
 }
@@ -434,12 +440,12 @@ fn map_err(path: &Path) -> impl Fn(&dyn std::error::Error) -> Error + '_ {
 fn write_policy(pin_dir: &Path, policy: &Policy) -> Result<(), Error> {
     let path = pin_dir.join(hooks::CONFIG.pin);
     let err = map_err(&path);
-    let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let map = open_pinned(&path)?;
     let mut config = Array::<_, AgentConfig>::try_from(map).map_err(|e| err(&e))?;
 
     let path = pin_dir.join(hooks::TRUST.pin);
     let err = map_err(&path);
-    let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let map = open_pinned(&path)?;
     let mut trust = LpmTrie::<_, [u8; 16], u8>::try_from(map).map_err(|e| err(&e))?;
     let wanted: Vec<(u32, [u8; 16])> = policy.trust.iter().map(trust_key).collect();
     // New entries before the config that may start requiring them.
@@ -449,7 +455,7 @@ fn write_policy(pin_dir: &Path, policy: &Policy) -> Result<(), Error> {
     config.set(0, policy.to_config(), 0).map_err(|e| err(&e))?;
     let path = pin_dir.join(hooks::UDP_CONFIG.pin);
     let err = map_err(&path);
-    let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let map = open_pinned(&path)?;
     let mut udp = Array::<_, UdpConfig>::try_from(map).map_err(|e| err(&e))?;
     udp.set(0, policy.to_udp_config(), 0).map_err(|e| err(&e))?;
     let stale: Vec<Key<[u8; 16]>> =
@@ -463,12 +469,12 @@ fn write_policy(pin_dir: &Path, policy: &Policy) -> Result<(), Error> {
 fn read_policy(pin_dir: &Path) -> Result<Policy, Error> {
     let path = pin_dir.join(hooks::CONFIG.pin);
     let err = map_err(&path);
-    let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let map = open_pinned(&path)?;
     let config = Array::<_, AgentConfig>::try_from(map).map_err(|e| err(&e))?;
     let cfg = config.get(&0, 0).map_err(|e| err(&e))?;
     let path = pin_dir.join(hooks::TRUST.pin);
     let err = map_err(&path);
-    let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let map = open_pinned(&path)?;
     let trust = LpmTrie::<_, [u8; 16], u8>::try_from(map).map_err(|e| err(&e))?;
     let mut nets: Vec<_> =
         trust.keys().filter_map(Result::ok).filter_map(|k| trust_net(k.prefix_len(), k.data())).collect();
@@ -482,7 +488,7 @@ fn read_policy(pin_dir: &Path) -> Result<Policy, Error> {
 fn read_udp_config(pin_dir: &Path) -> Result<UdpConfig, Error> {
     let path = pin_dir.join(hooks::UDP_CONFIG.pin);
     let err = map_err(&path);
-    let map = Map::from_map_data(MapData::from_pin(&path).map_err(|e| err(&e))?).map_err(|e| err(&e))?;
+    let map = open_pinned(&path)?;
     let config = Array::<_, UdpConfig>::try_from(map).map_err(|e| err(&e))?;
     config.get(&0, 0).map_err(|e| err(&e))
 }
