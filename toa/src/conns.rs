@@ -17,7 +17,7 @@ use std::{
     path::Path,
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use serde::Serialize;
 use toa_common::{
     table::{Entry, Key, ENTRY_HAS_PORT},
@@ -92,10 +92,7 @@ fn udp_flows(pin_dir: &Path, owners: &HashMap<u32, (u32, String)>) -> Result<Vec
     if !config.exists() || !flows.exists() {
         return Ok(Vec::new());
     }
-    let read = |path: &Path| {
-        let err = |e: &dyn std::error::Error| Error::Read { what: path.display().to_string(), detail: chain(e) };
-        Map::from_map_data(MapData::from_pin(path).map_err(|e| err(&e))?).map_err(|e| err(&e))
-    };
+    let read = crate::backend::ebpf::open_pinned;
     let config = aya::maps::Array::<_, UdpConfig>::try_from(read(&config)?)
         .and_then(|a| a.get(&0, 0))
         .map_err(|e| Error::Read { what: "the UDP settings".into(), detail: chain(&e) })?;
@@ -116,9 +113,13 @@ fn udp_flows(pin_dir: &Path, owners: &HashMap<u32, (u32, String)>) -> Result<Vec
             continue;
         }
         let balancer = SocketAddr::new(unmapped(key.peer_addr), u16::from_be_bytes(key.peer_port));
-        let local = SocketAddr::new(unmapped(flow.local_addr), socket.local.port());
-        let (pid, process) = owners.get(&socket.inode).cloned().map_or((None, None), |(p, c)| (Some(p), Some(c)));
-        conns.push(Conn { proto: "udp", local, balancer, client, state: "UDP", pid, process });
+        // A flow copied to a socket at connect() has no datagram's local address: the socket's own.
+        let local = if flow.local_addr == [0; 16] {
+            SocketAddr::new(socket.local.ip().to_canonical(), socket.local.port())
+        } else {
+            SocketAddr::new(unmapped(flow.local_addr), socket.local.port())
+        };
+        conns.push(Conn { proto: "udp", local, balancer, state: "UDP", ..Conn::of(socket, client, owners) });
     }
     Ok(conns)
 }

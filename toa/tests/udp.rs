@@ -165,6 +165,26 @@ fn sockets_connected_to_a_client() {
     assert_eq!(replies[1], (from_server(), format!("from={CLIENT} peer={CLIENT} data=second")));
     assert_eq!(replies[2], (SocketAddr::V4(dual), format!("from={mapped} peer={mapped} data=first")));
     assert_eq!(replies[3], (SocketAddr::V4(dual), format!("from={mapped} peer={mapped} data=second")));
+    // `toa conns` lists each flow once per socket that holds it (listener and connected), at the
+    // server's address: a flow copied at connect() takes the connected socket's own.
+    if lab.in_server_ns(toa::conns::udp_diag_available) {
+        let mut udp: Vec<_> = lab
+            .conns()
+            .into_iter()
+            .filter(|c| c["proto"] == "udp")
+            .map(|c| format!("{} {} {}", c["local"], c["balancer"], c["client"]).replace('"', ""))
+            .collect();
+        udp.sort();
+        let (v4, dual) = (from_server(), SocketAddr::V4(dual));
+        let (b1, b2) = (format!("{CLIENT_V4}:40000"), format!("{CLIENT_V4}:40001"));
+        let expected = [
+            format!("{v4} {b1} {CLIENT}"),
+            format!("{v4} {b1} {CLIENT}"),
+            format!("{dual} {b2} {CLIENT}"),
+            format!("{dual} {b2} {CLIENT}"),
+        ];
+        assert_eq!(udp, expected);
+    }
     let stats = lab.stats();
     assert_eq!(stats["udp_connected"], 2, "{stats}");
     assert_eq!(stats["udp_peername"], 4, "{stats}");
