@@ -91,4 +91,5 @@ mod user {
     unsafe impl aya::Pod for super::udp::ReplyKey {}
     unsafe impl aya::Pod for super::udp::Reply {}
     unsafe impl aya::Pod for super::udp::UdpConfig {}
+    unsafe impl aya::Pod for super::udp::OppAttachment {}
 }

@@ -94,6 +94,27 @@ pub struct Reply {
 
 const _: () = assert!(core::mem::size_of::<Reply>() == 32);
 
+/// The most interfaces `--udp-opp-iface` takes.
+pub const OPP_IFACES_MAX: u32 = 8;
+
+/// One option-protocol converter attached to an interface (a tc ingress filter, which no pin
+/// holds), as `toa` records it in `TOA_UDP_OPP` to detach it later. No program reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OppAttachment {
+    /// Inode of the network namespace the interface is in (0: an empty slot).
+    pub netns: u64,
+    pub ifindex: u32,
+    /// The filter's priority and handle, as the kernel chose them.
+    pub priority: u32,
+    pub handle: u32,
+    /// The interface's name, NUL-padded.
+    pub name: [u8; 16],
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<OppAttachment>() == 40);
+
 /// The UDP path's settings (the one slot of `TOA_UDP_CONFIG`); the trust list is the agent's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,9 +174,15 @@ pub enum UdpCounter {
     /// A client's reply route changed to another balancer while its old one was fresh (two
     /// balancers forwarding the same client address and port to the same local port).
     UdpReplyConflict,
+    /// A datagram of DPVS's option protocol (IP protocol 248) turned into UDP with its options
+    /// in the IPv4 header, on an interface given to `--udp-opp-iface`.
+    UdpOppConverted,
+    /// An option-protocol datagram left as it came (malformed, a fragment, or options that the
+    /// IPv4 header has no room for): the kernel drops it, as it does without the agent.
+    UdpOppUnconverted,
 }
 
-pub const UDP_COUNTERS: u32 = 10;
+pub const UDP_COUNTERS: u32 = 12;
 
 impl UdpCounter {
     pub const ALL: [UdpCounter; UDP_COUNTERS as usize] = [
@@ -169,6 +196,8 @@ impl UdpCounter {
         UdpCounter::UdpReplyRedirected,
         UdpCounter::UdpExpired,
         UdpCounter::UdpReplyConflict,
+        UdpCounter::UdpOppConverted,
+        UdpCounter::UdpOppUnconverted,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -183,6 +212,8 @@ impl UdpCounter {
             UdpCounter::UdpReplyRedirected => "udp_reply_redirected",
             UdpCounter::UdpExpired => "udp_expired",
             UdpCounter::UdpReplyConflict => "udp_reply_conflict",
+            UdpCounter::UdpOppConverted => "udp_opp_converted",
+            UdpCounter::UdpOppUnconverted => "udp_opp_unconverted",
         }
     }
 
@@ -198,6 +229,12 @@ impl UdpCounter {
             UdpCounter::UdpReplyRedirected => "replies to a client sent to its balancer",
             UdpCounter::UdpExpired => "UDP flows or replies found older than the TTL (left alone)",
             UdpCounter::UdpReplyConflict => "clients whose reply route moved to another balancer while fresh",
+            UdpCounter::UdpOppConverted => {
+                "option-protocol (IP protocol 248) datagrams turned into UDP with IPv4 options"
+            }
+            UdpCounter::UdpOppUnconverted => {
+                "option-protocol datagrams left as they came (malformed, fragments, no room)"
+            }
         }
     }
 }

@@ -3,7 +3,8 @@
 //! One module per kernel hook: `sock_ops` finds the option on incoming connections and keeps the
 //! address in socket storage; `getpeername` hands it to applications, `getsockname` the virtual
 //! IP where the option carries one, `getsockopt` answers the NAT64 lookup,
-//! `udp` is the UDP path (attached only with `--udp`). `maps` holds the state they share with
+//! `udp` is the UDP path (attached only with `--udp`), `udp_opp` turns DPVS's option-protocol
+//! datagrams into UDP at tc ingress of chosen interfaces. `maps` holds the state they share with
 //! userspace.
 #![no_std]
 #![no_main]
@@ -14,6 +15,7 @@ mod getsockopt;
 mod maps;
 mod sock_ops;
 mod udp;
+mod udp_opp;
 
 #[cfg(not(test))]
 #[panic_handler]

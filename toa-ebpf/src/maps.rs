@@ -8,7 +8,9 @@ use aya_ebpf::{
 use toa_common::{
     config::{v4_mapped, TRUST_ENTRIES},
     counters::COUNTERS,
-    udp::{Flow, FlowKey, Reply, ReplyKey, UdpConfig, UdpCounter, UDP_COUNTERS, UDP_FLOWS},
+    udp::{
+        Flow, FlowKey, OppAttachment, Reply, ReplyKey, UdpConfig, UdpCounter, OPP_IFACES_MAX, UDP_COUNTERS, UDP_FLOWS,
+    },
     AgentConfig, Counter, OptionArea, SockState,
 };
 
@@ -80,6 +82,11 @@ pub static TOA_UDP_CONFIG: Array<UdpConfig, 1> = Array::new();
 /// UDP counters, one slot per CPU.
 #[btf_map]
 pub static TOA_UDP_STATS: PerCpuArray<u64, { UDP_COUNTERS as usize }> = PerCpuArray::new();
+
+/// UDP: the interfaces the option-protocol converter is attached to, for `toa` to detach it
+/// (tc filters have no pin). Written and read by userspace only.
+#[btf_map]
+pub static TOA_UDP_OPP: Array<OppAttachment, { OPP_IFACES_MAX as usize }> = Array::new();
 
 /// A datagram's IPv4 options, parsed here. Not `TOA_SCRATCH`: the ingress hook runs in softirq
 /// context and may interrupt a sock_ops program that is parsing on the same CPU.

@@ -178,8 +178,16 @@ pub const UDP_CONFIG: PinnedMap = PinnedMap { pin: "udp_config", name: "TOA_UDP_
 /// UDP counters (per-CPU array, `UdpCounter::ALL` order).
 pub const UDP_STATS: PinnedMap = PinnedMap { pin: "udp_stats", name: "TOA_UDP_STATS" };
 
+/// UDP: the interfaces the option-protocol converter is attached to (see [`UDP_OPP_PROGRAM`]).
+pub const UDP_OPP: PinnedMap = PinnedMap { pin: "udp_opp", name: "TOA_UDP_OPP" };
+
 /// Every pinned map.
-pub const MAPS: [PinnedMap; 8] = [SOCKS, STATS, CONFIG, TRUST, UDP_FLOWS, UDP_REPLIES, UDP_CONFIG, UDP_STATS];
+pub const MAPS: [PinnedMap; 9] = [SOCKS, STATS, CONFIG, TRUST, UDP_FLOWS, UDP_REPLIES, UDP_CONFIG, UDP_STATS, UDP_OPP];
+
+/// The one program attached to network interfaces (tc ingress of each `--udp-opp-iface`) rather
+/// than to the cgroup: it turns DPVS's option-protocol datagrams into UDP. A tc filter has no pin;
+/// `UDP_OPP` records where it is.
+pub const UDP_OPP_PROGRAM: &str = "toa_udp_opp";
 
 /// The UDP path's maps sized by the policy (one entry while UDP is off: an LRU map is allocated
 /// in full when created).
@@ -212,8 +220,9 @@ mod tests {
     fn tables_match_the_embedded_object() {
         let object = agent();
         let in_object: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
-        let in_table: BTreeSet<&str> = HOOKS.iter().map(|h| h.program).collect();
-        assert_eq!(in_object, in_table, "programs in the object vs in HOOKS");
+        let in_table: BTreeSet<&str> = HOOKS.iter().map(|h| h.program).chain([UDP_OPP_PROGRAM]).collect();
+        assert_eq!(in_object, in_table, "programs in the object vs in HOOKS + UDP_OPP_PROGRAM");
+        assert!(matches!(object.programs[UDP_OPP_PROGRAM].section, ProgramSection::SchedClassifier));
         for hook in HOOKS {
             assert!(hook.program.len() <= 15, "{}: the kernel keeps 15 characters of a name", hook.program);
             let section = &object.programs[hook.program].section;
