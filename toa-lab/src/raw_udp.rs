@@ -74,6 +74,33 @@ pub fn datagram(from: SocketAddrV4, to: SocketAddrV4, options: &[u8], payload: &
     ip
 }
 
+/// The same datagram as DPVS's "option protocol" mode sends it: IPv4 protocol 248, then the
+/// option-protocol header `{version 1, reserved, protocol 17, length}` and `options` (not padded:
+/// a test may give a length that is not whole words), then the UDP header; `version` and
+/// `protocol` as given, to make malformed ones.
+pub fn opp_datagram(
+    from: SocketAddrV4,
+    to: SocketAddrV4,
+    options: &[u8],
+    payload: &[u8],
+    version: u8,
+    protocol: u8,
+) -> Vec<u8> {
+    let mut packet = datagram(from, to, &[], payload);
+    let opp_len = 4 + options.len();
+    let mut opp = vec![version << 4, protocol];
+    opp.extend_from_slice(&(opp_len as u16).to_be_bytes());
+    opp.extend_from_slice(options);
+    packet.splice(20..20, opp);
+    packet[9] = 248;
+    let total = packet.len() as u16;
+    packet[2..4].copy_from_slice(&total.to_be_bytes());
+    packet[10..12].copy_from_slice(&[0, 0]);
+    let sum = checksum(&packet[..20]);
+    packet[10..12].copy_from_slice(&sum.to_be_bytes());
+    packet
+}
+
 /// The balancer: sends from `addr` (an address of the namespace it is made in) and receives the
 /// replies sent to it.
 pub struct Balancer {
@@ -107,7 +134,16 @@ impl Balancer {
 
     /// Sends one datagram to `to` carrying `options` in its IPv4 header.
     pub fn send(&self, to: SocketAddrV4, options: &[u8], payload: &[u8]) -> io::Result<()> {
-        let packet = datagram(self.addr, to, options, payload);
+        self.send_packet(to, &datagram(self.addr, to, options, payload))
+    }
+
+    /// Sends one datagram to `to` in DPVS's option-protocol form with `options` ([`opp_datagram`]).
+    pub fn send_opp(&self, to: SocketAddrV4, options: &[u8], payload: &[u8]) -> io::Result<()> {
+        self.send_packet(to, &opp_datagram(self.addr, to, options, payload, 1, 17))
+    }
+
+    /// Sends an IPv4 packet this balancer made (from its address) to `to`.
+    pub fn send_packet(&self, to: SocketAddrV4, packet: &[u8]) -> io::Result<()> {
         let dst = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
@@ -136,6 +172,12 @@ impl Balancer {
         let mut buf = [0u8; 2048];
         let (n, from) = self.replies.recv_from(&mut buf)?;
         Ok((from, String::from_utf8_lossy(&buf[..n]).into_owned()))
+    }
+
+    /// [`Balancer::send_opp`] and waits for the reply.
+    pub fn ask_opp(&self, to: SocketAddrV4, options: &[u8], payload: &str) -> (SocketAddr, String) {
+        self.send_opp(to, options, payload.as_bytes()).expect("send a datagram");
+        self.recv().unwrap_or_else(|e| panic!("no reply to {payload:?} within {DEADLINE:?}: {e}"))
     }
 
     /// Sends and waits for the reply.

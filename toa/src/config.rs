@@ -58,6 +58,8 @@ pub struct ConfigFile {
     pub port: Vec<PortRange>,
     pub udp: Option<bool>,
     pub udp_ttl: Option<u32>,
+    #[serde(default)]
+    pub udp_opp_interfaces: Vec<String>,
     /// The userspace mode's keys, named like the flags.
     pub table: Option<PathBuf>,
     pub table_entries: Option<u32>,
@@ -84,6 +86,7 @@ pub struct PolicyOverrides {
     pub port_ranges: Vec<PortRange>,
     pub udp: bool,
     pub udp_ttl: Option<u32>,
+    pub udp_opp_ifaces: Vec<String>,
 }
 
 impl PolicyOverrides {
@@ -101,6 +104,7 @@ impl PolicyOverrides {
             ports: pick(&ports, &file.port),
             udp: self.udp || file.udp.unwrap_or(false),
             udp_ttl: self.udp_ttl.or(file.udp_ttl),
+            udp_opp_ifaces: pick(&self.udp_opp_ifaces, &file.udp_opp_interfaces),
         }
     }
 }

@@ -61,6 +61,9 @@ pub enum Error {
     #[error("{detail}")]
     Policy { detail: String },
 
+    #[error("--udp-opp-iface {iface}: {detail}")]
+    Interface { iface: String, detail: String },
+
     #[error("config {path}: {detail}")]
     Config { path: PathBuf, detail: String },
 

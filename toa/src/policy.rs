@@ -10,7 +10,7 @@ use toa_common::{
         v4_mapped, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_PICK_LAST, FLAG_PORTS, FLAG_READ_SYN,
         FLAG_REWRITE_SOCKNAME, FLAG_TRUST_REQUIRED, PORT_RANGES, TRUST_ENTRIES,
     },
-    udp::{uoa_config, UdpConfig, UDP_TTL_DEFAULT_SECS},
+    udp::{uoa_config, UdpConfig, OPP_IFACES_MAX, UDP_TTL_DEFAULT_SECS},
     AgentConfig, TOA_KIND,
 };
 
@@ -120,6 +120,10 @@ pub struct Policy {
     /// Seconds a UDP flow's client is honoured after its last datagram (with `udp`; default 360).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp_ttl: Option<u32>,
+    /// Interfaces (of the network namespace `toa load` runs in) where DPVS's option-protocol
+    /// datagrams (IP protocol 248) are turned into UDP (with `udp`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub udp_opp_ifaces: Vec<String>,
 }
 
 impl Policy {
@@ -145,6 +149,20 @@ impl Policy {
         }
         if let Some(ttl) = self.udp_ttl.filter(|t| !(1..=UDP_TTL_MAX).contains(t)) {
             return Err(format!("--udp-ttl {ttl}: give 1 to {UDP_TTL_MAX} seconds"));
+        }
+        if !self.udp_opp_ifaces.is_empty() && !self.udp {
+            return Err("--udp-opp-iface is given without --udp: add --udp, or drop --udp-opp-iface".into());
+        }
+        if self.udp_opp_ifaces.len() > OPP_IFACES_MAX as usize {
+            return Err(format!(
+                "{} interfaces given to --udp-opp-iface; at most {OPP_IFACES_MAX}",
+                self.udp_opp_ifaces.len()
+            ));
+        }
+        if let Some(bad) = self.udp_opp_ifaces.iter().find(|i| i.is_empty() || i.len() > 15 || i.contains(['/', ' '])) {
+            return Err(format!(
+                "--udp-opp-iface {bad:?}: not an interface name (1 to 15 characters, no '/' or space)"
+            ));
         }
         Ok(())
     }
@@ -214,6 +232,7 @@ impl Policy {
             ports,
             udp: false,
             udp_ttl: None,
+            udp_opp_ifaces: Vec::new(),
         }
     }
 
@@ -229,7 +248,10 @@ impl Policy {
         let mut trust: Vec<IpNet> = self.trust.iter().map(IpNet::trunc).collect();
         trust.sort();
         trust.dedup();
-        Self::from_kernel(&self.to_config(), trust).with_udp(&self.to_udp_config())
+        let mut ifaces = if self.udp { self.udp_opp_ifaces.clone() } else { Vec::new() };
+        ifaces.sort();
+        ifaces.dedup();
+        Self { udp_opp_ifaces: ifaces, ..Self::from_kernel(&self.to_config(), trust).with_udp(&self.to_udp_config()) }
     }
 }
 
@@ -275,6 +297,7 @@ mod tests {
             ports: vec![PortRange(80, 80), PortRange(8000, 8100)],
             udp: true,
             udp_ttl: Some(30),
+            udp_opp_ifaces: Vec::new(),
         };
         let back = Policy::from_kernel(&p.to_config(), p.trust.clone()).with_udp(&p.to_udp_config());
         assert_eq!(back, Policy { kinds: vec![200, 253, 254], ..p.clone() });
@@ -307,6 +330,20 @@ mod tests {
         assert!(Policy { kinds: vec![1], ..Default::default() }.validate().unwrap_err().contains("use 2 to 255"));
         let many = vec![PortRange(1, 1); 17];
         assert!(Policy { ports: many, ..Default::default() }.validate().is_err());
+        let iface = |names: &[&str]| Policy {
+            udp: true,
+            udp_opp_ifaces: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        };
+        assert!(iface(&["eth0"]).validate().is_ok());
+        assert!(iface(&["a/b"]).validate().unwrap_err().contains("not an interface name"));
+        assert!(iface(&["sixteen-letters0"]).validate().unwrap_err().contains("not an interface name"));
+        assert!(iface(&["e"; 9]).validate().unwrap_err().contains("at most 8"));
+        let opp_alone = Policy { udp_opp_ifaces: vec!["eth0".into()], ..Default::default() };
+        assert!(opp_alone.validate().unwrap_err().contains("add --udp"));
+        // Sorted and deduplicated, and dropped with UDP off.
+        assert_eq!(iface(&["eth1", "eth0", "eth1"]).normalized().udp_opp_ifaces, ["eth0", "eth1"]);
+        assert!(Policy { udp: false, ..iface(&["eth0"]) }.normalized().udp_opp_ifaces.is_empty());
         let ttl_alone = Policy { udp_ttl: Some(10), ..Default::default() };
         assert!(ttl_alone.validate().unwrap_err().contains("add --udp"));
         for ttl in [0, UDP_TTL_MAX + 1] {

@@ -1252,6 +1252,7 @@ const CONFIG_KEYS: &[&str] = &[
     "table_group",
     "udp",
     "udp_ttl",
+    "udp_opp_interfaces",
 ];
 
 fn check_config_example(path: &Path) -> Checked {
@@ -1306,7 +1307,9 @@ fn check_config_example(path: &Path) -> Checked {
             if shown != defaults {
                 errors.push(format!("userspace settings shown as {shown:?}, the defaults are {defaults:?}"));
             }
-            if (c.udp, c.udp_ttl) != (Some(false), Some(toa_common::udp::UDP_TTL_DEFAULT_SECS)) {
+            if (c.udp, c.udp_ttl, c.udp_opp_interfaces.is_empty())
+                != (Some(false), Some(toa_common::udp::UDP_TTL_DEFAULT_SECS), true)
+            {
                 errors.push(format!("udp/udp_ttl shown as {:?}/{:?}, not the defaults", c.udp, c.udp_ttl));
             }
             if c.table.as_deref() != Some(Path::new(toa::backend::userspace::DEFAULT_TABLE))

@@ -3,12 +3,15 @@
 //! server answers whoever recvfrom() names, and the balancer must get every answer back. Run as
 //! root.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    process::Command,
+};
 
 use toa_lab as support;
 
 use support::{
-    raw_udp::{balancer_addr, uoa4, uoa6, Balancer},
+    raw_udp::{self, balancer_addr, uoa4, uoa6, Balancer},
     *,
 };
 
@@ -482,5 +485,94 @@ impl ScratchDir {
 impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `toa load` run in the server namespace (where `eth0` is), with `args`.
+fn load_in_server_ns(lab: &Lab, args: &[&str]) -> std::process::Output {
+    let mut cmd = lab.load_cmd(args);
+    in_netns_and_cgroup(&mut cmd, &lab.netns_path(&lab.server_ns), None);
+    cmd.output().unwrap()
+}
+
+/// The tc ingress filters on the server namespace's `eth0`, as `tc` lists them.
+fn ingress_filters(lab: &Lab) -> String {
+    let out = run(Command::new("tc").args(["-n", &lab.server_ns, "filter", "show", "dev", "eth0", "ingress"]));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// DPVS's "option protocol" mode (IP protocol 248 in front of the UDP header): on the interface
+/// given to `--udp-opp-iface` each such datagram is turned into UDP and its client shown, the
+/// reply still goes to the balancer. Malformed ones are left as they came (the kernel drops
+/// them, as without the agent; counted) and the next datagram is served; a malformed UOA inside
+/// a good header keeps the real address.
+#[test]
+fn option_protocol_datagrams_on_the_named_interface() {
+    let mut lab = Lab::new();
+    let out = load_in_server_ns(&lab, &["--udp", "--udp-opp-iface", "eth0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(ingress_filters(&lab).contains("toa_udp_opp"), "{}", ingress_filters(&lab));
+    assert_eq!(lab.status_json()["policy"]["udp_opp_ifaces"], serde_json::json!(["eth0"]));
+    udp_server(&mut lab);
+    let bad_uoa = vec![31, 6, 0x10, 0x92, 203, 0, 1, 1];
+    let replies = with_balancer(&lab, 40000, move |b| {
+        let first = b.ask_opp(server(), &uoa4(client()), "first");
+        // Later datagrams of the flow are plain UDP.
+        let second = b.ask(server(), &[], "second");
+        let other = b.another(40001).unwrap();
+        let kept = other.ask_opp(server(), &bad_uoa, "bad uoa");
+        let to = server();
+        for (version, protocol, options) in [
+            (2, 17, uoa4(client())), // IPv6's version on an IPv4 packet
+            (1, 6, uoa4(client())),  // not UDP inside
+            (1, 17, vec![1, 1, 1]),  // not whole words
+            (1, 17, vec![1; 40]),    // no room in the IPv4 header
+        ] {
+            let packet = raw_udp::opp_datagram(other.addr, to, &options, b"dropped", version, protocol);
+            other.send_packet(to, &packet).expect("send");
+        }
+        let after = other.ask(server(), &[], "after");
+        [first, second, kept, after]
+    });
+    assert_eq!(replies[0], (from_server(), format!("from={CLIENT} data=first")));
+    assert_eq!(replies[1], (from_server(), format!("from={CLIENT} data=second")));
+    assert_eq!(replies[2], (from_server(), format!("from={CLIENT_V4}:40001 data=bad uoa")));
+    assert_eq!(replies[3], (from_server(), format!("from={CLIENT_V4}:40001 data=after")));
+    let stats = lab.stats();
+    assert_eq!(stats["udp_opp_converted"], 2, "{stats}");
+    assert_eq!(stats["udp_opp_unconverted"], 4, "{stats}");
+    assert_eq!(stats["udp_option"], 1, "{stats}");
+    assert_eq!(stats["udp_option_malformed"], 1, "{stats}");
+
+    // Loaded again without the flag: the filter goes, the rest stays.
+    let out = load_in_server_ns(&lab, &["--udp"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!ingress_filters(&lab).contains("toa_udp_opp"), "{}", ingress_filters(&lab));
+    assert_eq!(lab.status_json()["policy"].get("udp_opp_ifaces"), None);
+    // And with it again; then unloaded from another network namespace (the host's): the filter
+    // is found where it was attached and goes with everything else.
+    assert!(load_in_server_ns(&lab, &["--udp", "--udp-opp-iface", "eth0"]).status.success());
+    assert!(ingress_filters(&lab).contains("toa_udp_opp"));
+    lab.unload();
+    assert!(!ingress_filters(&lab).contains("toa_udp_opp"), "{}", ingress_filters(&lab));
+    assert!(!lab.pin_dir.exists());
+}
+
+#[test]
+fn bad_option_protocol_interfaces_fail_clearly_and_attach_nothing() {
+    let lab = Lab::new();
+    for (args, says) in [
+        (&["--udp-opp-iface", "eth0"][..], "--udp-opp-iface is given without --udp: add --udp"),
+        (&["--udp", "--udp-opp-iface", "nosuch0"][..], "--udp-opp-iface nosuch0: no such interface"),
+        (&["--udp", "--udp-opp-iface", "lo"][..], "--udp-opp-iface lo: not an Ethernet interface"),
+        (&["--udp", "--udp-opp-iface", "eth0", "--udp-opp-iface", "lo"][..], "--udp-opp-iface lo: not an Ethernet"),
+    ] {
+        let out = load_in_server_ns(&lab, args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(cgroup_attachments(&lab.cgroup).is_empty(), "{args:?} left programs attached");
+        assert!(!lab.pin_dir.exists(), "{args:?} left pins");
+        assert!(!ingress_filters(&lab).contains("toa_udp_opp"), "{args:?}: {}", ingress_filters(&lab));
     }
 }

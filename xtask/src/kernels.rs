@@ -127,9 +127,17 @@ struct Kernel {
     arch: Arch,
 }
 
-/// What the tests need when a kernel does not build it in: veth pairs, and the TCP and UDP
-/// socket diagnostics `toa conns` uses (tcp_diag and udp_diag need inet_diag).
-const MODULES: [&str; 4] = ["drivers/net/veth", "net/ipv4/inet_diag", "net/ipv4/tcp_diag", "net/ipv4/udp_diag"];
+/// What the tests need when a kernel does not build it in: veth pairs, the TCP and UDP socket
+/// diagnostics `toa conns` uses (tcp_diag and udp_diag need inet_diag), and the clsact qdisc and
+/// BPF classifier the option-protocol converter is attached with.
+const MODULES: [&str; 6] = [
+    "drivers/net/veth",
+    "net/ipv4/inet_diag",
+    "net/ipv4/tcp_diag",
+    "net/ipv4/udp_diag",
+    "net/sched/sch_ingress",
+    "net/sched/cls_bpf",
+];
 
 /// The binaries of one architecture.
 struct Built {
@@ -457,8 +465,10 @@ fn initramfs_base(root: &Path, built: &Built, sysroot: Option<&Path>) -> Result<
             }
             let busybox = crate::which("busybox").context("busybox not found")?;
             add_with_libs(&mut a, &busybox, "/bin/busybox")?;
-            let ip = crate::which("ip").context("ip not found")?;
-            add_with_libs(&mut a, &ip, &ip.to_string_lossy())?;
+            for tool in ["ip", "tc"] {
+                let path = crate::which(tool).with_context(|| format!("{tool} not found"))?;
+                add_with_libs(&mut a, &path, &path.to_string_lossy())?;
+            }
             let nginx = nginx_binary(root)?;
             add_with_libs(&mut a, &nginx, "/usr/sbin/nginx")?;
             python(&mut a, &scripts)?;

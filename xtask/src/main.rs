@@ -521,6 +521,7 @@ fn test_tools() -> Result<()> {
     apt_install_missing(&[
         ("bpftool", "bpftool"),
         ("ip", "iproute2"),
+        ("tc", "iproute2"),
         ("python3", "python3"),
         ("objdump", "binutils"),
         ("dpkg-deb", "dpkg"),

@@ -27,7 +27,7 @@ use toa_common::{
     AgentConfig, Counter,
 };
 
-use super::{Loaded, Status};
+use super::{udp_opp, Loaded, Status};
 use crate::{
     backend::Mode,
     cgroup,
@@ -89,6 +89,7 @@ impl Agent {
         system::require_root("toa load")?;
         system::require_kernel()?;
         policy.validate().map_err(|detail| Error::Policy { detail })?;
+        udp_opp::check(&policy.udp_opp_ifaces)?;
         let cgroup = cgroup::resolve(cgroup)?;
         system::ensure_bpffs(&self.pin_dir)?;
         system::raise_memlock();
@@ -99,14 +100,18 @@ impl Agent {
             if status.cgroup.as_deref() == Some(cgroup.as_path()) {
                 // Same place: only the policy may change, in place, for new connections.
                 let changed = status.policy.as_ref() != Some(&policy.normalized());
+                // The converter first: it does nothing while the UDP path is off.
+                udp_opp::sync(&self.pin_dir, &policy.normalized().udp_opp_ifaces, false)?;
+                let restore = |old: &Option<Policy>| {
+                    // The old programs still run: give them back their settings.
+                    if let Some(old) = old {
+                        let _ = write_policy(&self.pin_dir, old);
+                        let _ = udp_opp::sync(&self.pin_dir, &old.udp_opp_ifaces, false);
+                    }
+                };
                 if policy.udp != self.udp_on() {
                     let started = Instant::now();
-                    self.switch_udp(&cgroup, policy).inspect_err(|_| {
-                        // The old programs still run: give them back their settings.
-                        if let Some(old) = &status.policy {
-                            let _ = write_policy(&self.pin_dir, old);
-                        }
-                    })?;
+                    self.switch_udp(&cgroup, policy).inspect_err(|_| restore(&status.policy))?;
                     let load_time_ms = Some(ms(started.elapsed()));
                     return Ok(Loaded { changed: true, status: self.status()?, load_time_ms });
                 }
@@ -124,10 +129,18 @@ impl Agent {
         self.remove_pins()?;
 
         let started = Instant::now();
-        let result = attach(&cgroup, &self.pin_dir, Some(policy)).and_then(|(_ebpf, links)| self.pin_links(links, ""));
+        let before: Vec<u32> = attached_ids(&cgroup);
+        let result = attach(&cgroup, &self.pin_dir, Some(policy))
+            .and_then(|(_ebpf, links)| self.pin_links(links, ""))
+            .and_then(|()| udp_opp::sync(&self.pin_dir, &policy.normalized().udp_opp_ifaces, false));
         if let Err(e) = result {
-            // The maps were pinned while loading; the unpinned links detach when dropped.
+            // The maps were pinned while loading; the unpinned links detach when dropped, which
+            // the kernel completes a little later: return once it has.
             let _ = self.remove_pins().and_then(|()| self.remove_dir());
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline && attached_ids(&cgroup).iter().any(|id| !before.contains(id)) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
             return Err(e);
         }
         let elapsed = started.elapsed();
@@ -165,6 +178,8 @@ impl Agent {
         let started = Instant::now();
         let (_ebpf, links) = attach(&cgroup, &self.pin_dir, None)?;
         self.swap_in(links)?;
+        // An upgrade puts this binary's converter on the same interfaces.
+        udp_opp::sync(&self.pin_dir, &udp_opp::attached(&self.pin_dir), same_place)?;
         Ok(Loaded { changed: true, status: self.status()?, load_time_ms: Some(ms(started.elapsed())) })
     }
 
@@ -203,15 +218,17 @@ impl Agent {
     /// address they have.
     pub fn apply_policy(&self, policy: &Policy) -> Result<(), Error> {
         policy.validate().map_err(|detail| Error::Policy { detail })?;
+        udp_opp::check(&policy.udp_opp_ifaces)?;
         let _lock = DirLock::acquire(&self.pin_dir, false)?
             .ok_or_else(|| Error::NotLoaded { pin_dir: self.pin_dir.clone() })?;
+        let old = read_policy(&self.pin_dir)?;
+        udp_opp::sync(&self.pin_dir, &policy.normalized().udp_opp_ifaces, false)?;
         if policy.udp != self.udp_on() {
             let status = self.status()?;
             let cgroup = status.cgroup.ok_or_else(|| Error::NotLoaded { pin_dir: self.pin_dir.clone() })?;
             return self.switch_udp(&cgroup, policy).inspect_err(|_| {
-                if let Some(old) = &status.policy {
-                    let _ = write_policy(&self.pin_dir, old);
-                }
+                let _ = write_policy(&self.pin_dir, &old);
+                let _ = udp_opp::sync(&self.pin_dir, &old.udp_opp_ifaces, false);
             });
         }
         write_policy(&self.pin_dir, policy)
@@ -265,6 +282,8 @@ impl Agent {
         if !self.pin_dir.exists() {
             return Ok(());
         }
+        // The converter's tc filters first (no pin holds them; its map records them).
+        udp_opp::detach_all(&self.pin_dir)?;
         // Links first, so the programs stop running before their maps go; then what an
         // interrupted relocation may have left beside them.
         let replacing = HOOKS.iter().map(|h| format!("{}{REPLACING}", h.pin));
@@ -418,6 +437,11 @@ pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> 
     Ok((ebpf, links))
 }
 
+/// The programs on `cgroup` at any of the agent's hooks.
+fn attached_ids(cgroup: &Path) -> Vec<u32> {
+    HOOKS.iter().flat_map(|h| link_info::cgroup_programs(cgroup, h.attach_type).unwrap_or_default()).collect()
+}
+
 /// Whether any of `ids` still runs on `cgroup`.
 fn still_attached(cgroup: &Path, ids: &[u32]) -> bool {
     HOOKS.iter().any(|h| {
@@ -480,7 +504,9 @@ fn read_policy(pin_dir: &Path) -> Result<Policy, Error> {
         trust.keys().filter_map(Result::ok).filter_map(|k| trust_net(k.prefix_len(), k.data())).collect();
     nets.sort();
     let udp = read_udp_config(pin_dir).unwrap_or_default();
-    Ok(Policy::from_kernel(&cfg, nets).with_udp(&udp))
+    let policy = Policy::from_kernel(&cfg, nets).with_udp(&udp);
+    let udp_opp_ifaces = if policy.udp { udp_opp::attached(pin_dir) } else { Vec::new() };
+    Ok(Policy { udp_opp_ifaces, ..policy })
 }
 
 /// The UDP settings slot (an error when it is not pinned: nothing loaded, or an agent from

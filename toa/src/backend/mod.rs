@@ -10,6 +10,7 @@
 //! Nothing outside this module probes pins or table files to find out.
 
 pub mod ebpf;
+mod udp_opp;
 pub mod userspace;
 
 use std::path::{Path, PathBuf};

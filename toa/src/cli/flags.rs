@@ -143,6 +143,10 @@ pub struct PolicyFlags {
     /// Seconds a UDP flow's client is honoured after its last datagram [default: 360].
     #[arg(long, value_name = "SECS")]
     pub udp_ttl: Option<u32>,
+    /// Turn DPVS's "option protocol" datagrams (IP protocol 248) arriving on this interface into
+    /// UDP, so their UOA is read too (with --udp; IPv4, Ethernet); repeatable.
+    #[arg(long = "udp-opp-iface", value_name = "IFACE")]
+    pub udp_opp_ifaces: Vec<String>,
 }
 
 impl From<PolicyFlags> for PolicyOverrides {
@@ -158,6 +162,7 @@ impl From<PolicyFlags> for PolicyOverrides {
             port_ranges: f.port_ranges,
             udp: f.udp,
             udp_ttl: f.udp_ttl,
+            udp_opp_ifaces: f.udp_opp_ifaces,
         }
     }
 }

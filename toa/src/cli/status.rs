@@ -73,6 +73,10 @@ pub fn render_status(status: &Status) -> String {
         } else {
             line(format!("trust:    {}", list(p.trust.iter().map(ToString::to_string).collect())));
         }
+        if p.udp {
+            let opp = list(p.udp_opp_ifaces.clone());
+            line(format!("udp:      on, ttl {} s   option protocol on: {opp}", p.udp_ttl.unwrap_or_default()));
+        }
     }
     line(format!("kernel:   {}", status.kernel));
     line(format!("version:  {}", status.version));
