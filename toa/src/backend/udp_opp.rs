@@ -235,7 +235,7 @@ fn is_ethernet(iface: &str) -> bool {
             *d = *s as libc::c_char;
         }
         // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of `req`.
-        if unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::SIOCGIFHWADDR, &mut req) } < 0 {
+        if unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&fd), libc::SIOCGIFHWADDR as _, &mut req) } < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: the union member the ioctl wrote.
