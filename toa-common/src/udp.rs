@@ -33,6 +33,40 @@ pub fn uoa_config(agent: &AgentConfig) -> AgentConfig {
     cfg
 }
 
+/// IPv6 has no IPv4 options: over IPv6 the UOA rides in a Destination Options header (next
+/// header 60) right after the IPv6 header, as its first option. The option types below all have
+/// the "skip if unknown" action bits (00), so the kernel delivers the datagram.
+///
+/// `toa_udp_opp` wraps DPVS's IPv6 option-protocol options, an IPv4-style option list, in one
+/// option of this type (RFC 3692's experimental type 0x3E: 0x1E is ByteDance's type 30).
+pub const DSTOPT_WRAPPED: u8 = 0x3e;
+
+/// How a Destination Options header's first option carries a UOA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DstOptUoa {
+    /// [`DSTOPT_WRAPPED`]: its data is an IPv4-style option list, parsed as is.
+    Wrapped,
+    /// ByteDance's option (type 31, 30 or 29) over IPv6: its data is the IPv4 layout's after
+    /// the 4-byte `{type, length, operation, pad}` header, which the parser is given in front:
+    /// this header. (The data length tells the client's family: the operation byte.)
+    ByteDance([u8; 4]),
+}
+
+/// The UOA carried by a Destination Options header's first option of `tlv_type` with
+/// `tlv_len` data bytes, if any.
+#[inline(always)]
+pub fn dstopt_uoa(tlv_type: u8, tlv_len: u8) -> Option<DstOptUoa> {
+    match (tlv_type, tlv_len) {
+        (DSTOPT_WRAPPED, 1..=40) => Some(DstOptUoa::Wrapped),
+        // v1: ports + two addresses (4 or 16 bytes each); v2: VNI, port, pad + one address
+        // (4, or 16 and 4 of padding).
+        (31 | 30, 12 | 36) | (29, 12 | 28) => {
+            Some(DstOptUoa::ByteDance([tlv_type, tlv_len + 4, (tlv_len != 12) as u8, 0]))
+        }
+        _ => None,
+    }
+}
+
 /// A flow as one socket sees it: the balancer's address and port, and the socket (its cookie).
 /// The socket, not the local port: two network namespaces (containers) can receive flows from
 /// the same balancer address and port on the same local port, and the local address is not
@@ -259,6 +293,26 @@ mod tests {
         let mut a = [0u8; 16];
         a[..4].copy_from_slice(&addr);
         Parsed::Found(ClientAddr { family: AF_INET, port, addr: a, flags: CLIENT_HAS_PORT, ..Default::default() })
+    }
+
+    /// ByteDance's IPv6 option becomes the IPv4 layout the parser knows, with the same client.
+    #[test]
+    fn destination_options_map_to_the_ipv4_layouts() {
+        let data = [[0x10, 0x92, 0, 53].as_slice(), &V4, &[198, 18, 0, 1]].concat();
+        let Some(DstOptUoa::ByteDance(header)) = dstopt_uoa(31, 12) else { panic!() };
+        assert_eq!(header, [31, 16, 0, 0]);
+        let mut bytedance = header.to_vec();
+        bytedance.extend_from_slice(&data);
+        let Parsed::Found(client) = parse(&bytedance) else { panic!("not parsed") };
+        assert_eq!((client.family, client.port, &client.addr[..4]), (AF_INET, [0x10, 0x92], &V4[..]));
+        assert_eq!((client.vip_port, client.vip_addr), ([0, 53], [198, 18, 0, 1]));
+        assert_eq!(dstopt_uoa(30, 36), Some(DstOptUoa::ByteDance([30, 40, 1, 0])));
+        assert_eq!(dstopt_uoa(29, 12), Some(DstOptUoa::ByteDance([29, 16, 0, 0])));
+        assert_eq!(dstopt_uoa(29, 28), Some(DstOptUoa::ByteDance([29, 32, 1, 0])));
+        assert_eq!(dstopt_uoa(DSTOPT_WRAPPED, 8), Some(DstOptUoa::Wrapped));
+        for (t, n) in [(31, 8), (31, 13), (29, 36), (30, 0), (DSTOPT_WRAPPED, 0), (DSTOPT_WRAPPED, 41), (1, 2)] {
+            assert_eq!(dstopt_uoa(t, n), None, "type {t} length {n}");
+        }
     }
 
     #[test]

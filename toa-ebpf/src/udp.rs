@@ -1,10 +1,11 @@
-//! The UDP path (attached only with `--udp`): DPVS's UOA in a datagram's IPv4 options.
+//! The UDP path (attached only with `--udp`): DPVS's UOA in a datagram's IPv4 options, or over
+//! IPv6 in a Destination Options header.
 //!
 //! - `toa_udp_in` (cgroup ingress) reads the options of each UDP datagram delivered to a socket
 //!   of the cgroup and records the flow's client for that socket;
 //! - `toa_udp_recv4/6` make `recvfrom()`/`recvmsg()` return the client instead of the balancer
 //!   (on IPv4 and dual-stack sockets), and record the way back to the balancer for it;
-//! - `toa_udp_send4` sends a reply addressed to that client to its balancer instead, so an
+//! - `toa_udp_send4/6` send a reply addressed to that client to its balancer instead, so an
 //!   unmodified server answers through the balancer as before;
 //! - `toa_udp_conn4/6` connect a socket the server connects to such a client to its balancer
 //!   instead, and give it the flow (the getpeername programs then show the client for it).
@@ -24,8 +25,8 @@ use toa_common::{
     config::v4_mapped,
     parse::WITH_UOA,
     scan_toa,
-    udp::{Flow, FlowKey, Reply, ReplyKey, UdpCounter},
-    ClientAddr, Outcome, AF_INET, CLIENT_HAS_PORT, OPTION_AREA_MAX,
+    udp::{dstopt_uoa, DstOptUoa, Flow, FlowKey, Reply, ReplyKey, UdpCounter},
+    ClientAddr, OptionArea, Outcome, AF_INET, AF_INET6, CLIENT_HAS_PORT, OPTION_AREA_MAX,
 };
 
 use crate::{
@@ -34,8 +35,11 @@ use crate::{
 };
 
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_DSTOPTS: u8 = 60;
 const IPV4_HEADER_MIN: usize = 20;
+const IPV6_HEADER: usize = 40;
 const SOCK_DGRAM: u32 = 2;
 
 #[cgroup_skb(ingress)]
@@ -49,34 +53,20 @@ pub fn toa_udp_in(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn record(ctx: &SkBuffContext) -> Option<()> {
     let udp = udp_config()?;
-    if u16::from_be(ctx.skb.protocol() as u16) != ETH_P_IP {
-        return None;
-    }
-    // Cheapest test first: most packets carry no IPv4 options at all.
-    let version_ihl: u8 = ctx.load(0).ok()?;
-    let header_len = (version_ihl & 0x0f) as usize * 4;
-    if version_ihl >> 4 != 4 || header_len <= IPV4_HEADER_MIN || ctx.load::<u8>(9).ok()? != IPPROTO_UDP {
-        return None;
-    }
-    // The agent's policy as the UDP parse reads it (kind 31, ByteDance's layouts), in map memory.
-    let cfg = &udp.parse;
-    let ports: [u8; 4] = ctx.load(header_len).ok()?;
-    let (peer_port, local_port) = ([ports[0], ports[1]], [ports[2], ports[3]]);
-    if !cfg.port_allowed(u16::from_be_bytes(local_port)) {
-        return None;
-    }
     let area = TOA_UDP_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: the per-CPU scratch slot is ours for the duration of this program.
     let area = unsafe { &mut *area };
-    let options = header_len - IPV4_HEADER_MIN;
-    if options == 0 || options > OPTION_AREA_MAX {
-        return None;
-    }
-    // SAFETY: at most 40 bytes into the 96-byte buffer; the helper checks the packet's bounds.
-    let copied = unsafe {
-        bpf_skb_load_bytes(ctx.skb.skb.cast(), IPV4_HEADER_MIN as u32, area.bytes.as_mut_ptr().cast(), options as u32)
+    // Each family's front end copies the option list into `area`; one parse serves both.
+    let Datagram { peer, local, udp_offset, options } = match u16::from_be(ctx.skb.protocol() as u16) {
+        ETH_P_IP => ipv4_options(ctx, area)?,
+        ETH_P_IPV6 => ipv6_destination_options(ctx, area)?,
+        _ => return None,
     };
-    if copied != 0 {
+    // The agent's policy as the UDP parse reads it (kind 31, ByteDance's layouts), in map memory.
+    let cfg = &udp.parse;
+    let ports: [u8; 4] = ctx.load(udp_offset).ok()?;
+    let (peer_port, local_port) = ([ports[0], ports[1]], [ports[2], ports[3]]);
+    if !cfg.port_allowed(u16::from_be_bytes(local_port)) {
         return None;
     }
     area.set_len(options);
@@ -88,9 +78,6 @@ fn record(ctx: &SkBuffContext) -> Option<()> {
             return None;
         }
     }
-    let peer: [u8; 4] = ctx.load(12).ok()?;
-    let local: [u8; 4] = ctx.load(16).ok()?;
-    let peer = mapped(u32::from_ne_bytes(peer));
     if !cfg.trusts(|| trusted(peer)) {
         count_udp(UdpCounter::UdpUntrustedOption);
         return None;
@@ -99,10 +86,96 @@ fn record(ctx: &SkBuffContext) -> Option<()> {
     let socket = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let flow = Flow { client: area.last, local_addr: mapped(u32::from_ne_bytes(local)), seen_ns: now };
+    let flow = Flow { client: area.last, local_addr: local, seen_ns: now };
     TOA_UDP_FLOWS.insert(FlowKey { peer_addr: peer, peer_port, _pad: [0; 6], socket }, flow, 0).ok()?;
     count_udp(UdpCounter::UdpOption);
     Some(())
+}
+
+/// What the front ends find in a datagram: the balancer's and our address (IPv4 ones as
+/// `::ffff:a.b.c.d`), where the UDP header starts, and how many option bytes they copied.
+struct Datagram {
+    peer: [u8; 16],
+    local: [u8; 16],
+    udp_offset: usize,
+    options: usize,
+}
+
+/// An IPv4 UDP datagram with options: its options.
+#[inline(always)]
+fn ipv4_options(ctx: &SkBuffContext, area: &mut OptionArea) -> Option<Datagram> {
+    // Cheapest test first: most packets carry no IPv4 options at all.
+    let version_ihl: u8 = ctx.load(0).ok()?;
+    let header_len = (version_ihl & 0x0f) as usize * 4;
+    if version_ihl >> 4 != 4 || header_len <= IPV4_HEADER_MIN || ctx.load::<u8>(9).ok()? != IPPROTO_UDP {
+        return None;
+    }
+    let options = header_len - IPV4_HEADER_MIN;
+    if options == 0 || options > OPTION_AREA_MAX {
+        return None;
+    }
+    // SAFETY: at most 40 bytes into the 96-byte buffer; the helper checks the packet's bounds.
+    let copied = unsafe {
+        bpf_skb_load_bytes(ctx.skb.skb.cast(), IPV4_HEADER_MIN as u32, area.bytes.as_mut_ptr().cast(), options as u32)
+    };
+    if copied != 0 {
+        return None;
+    }
+    let peer: [u8; 4] = ctx.load(12).ok()?;
+    let local: [u8; 4] = ctx.load(16).ok()?;
+    let (peer, local) = (mapped(u32::from_ne_bytes(peer)), mapped(u32::from_ne_bytes(local)));
+    Some(Datagram { peer, local, udp_offset: header_len, options })
+}
+
+/// An IPv6 UDP datagram whose Destination Options header (right after the IPv6 header) starts
+/// with a UOA (ByteDance's over IPv6, or DPVS's as `toa_udp_opp` wraps it): the option list the
+/// IPv4 layouts give, for the same parse.
+#[inline(always)]
+fn ipv6_destination_options(ctx: &SkBuffContext, area: &mut OptionArea) -> Option<Datagram> {
+    if ctx.load::<u8>(6).ok()? != IPPROTO_DSTOPTS {
+        return None;
+    }
+    // Next header, header length (8-byte units after the first 8), the first option's type and
+    // length.
+    let head: [u8; 4] = ctx.load(IPV6_HEADER).ok()?;
+    if head[0] != IPPROTO_UDP {
+        return None;
+    }
+    let uoa = dstopt_uoa(head[2], head[3])?;
+    let header_len = (head[1] as usize + 1) * 8;
+    let data = head[3] as usize;
+    if 4 + data > header_len {
+        count_udp(UdpCounter::UdpOptionMalformed);
+        return None;
+    }
+    // Where the option's data goes in `area`: after the IPv4 layout's header for ByteDance's.
+    let (at, room) = match uoa {
+        DstOptUoa::Wrapped => (0, OPTION_AREA_MAX),
+        DstOptUoa::ByteDance(ipv4_header) => {
+            area.bytes[..4].copy_from_slice(&ipv4_header);
+            (4, OPTION_AREA_MAX - 4)
+        }
+    };
+    // Checked here, next to the copy, so the verifier sees the bound (dstopt_uoa implies it).
+    if data == 0 || data > room {
+        return None;
+    }
+    // SAFETY: at most 40 bytes from offset 0 (or 36 from 4) of the 96-byte buffer; the helper
+    // checks the packet's bounds.
+    let copied = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            (IPV6_HEADER + 4) as u32,
+            area.bytes.as_mut_ptr().add(at).cast(),
+            data as u32,
+        )
+    };
+    if copied != 0 {
+        return None;
+    }
+    let peer: [u8; 16] = ctx.load(8).ok()?;
+    let local: [u8; 16] = ctx.load(24).ok()?;
+    Some(Datagram { peer, local, udp_offset: IPV6_HEADER + header_len, options: at + data })
 }
 
 /// The local port of a UDP socket (network byte order), if bound.
@@ -158,8 +231,7 @@ fn user_addr(sa: *mut bpf_sock_addr, family: Family) -> ([u8; 16], [u8; 2]) {
 /// otherwise, and nothing is written).
 #[inline(always)]
 fn set_user_addr(sa: *mut bpf_sock_addr, family: Family, addr: &[u8; 16], port: [u8; 2]) -> bool {
-    let v4 = v4_mapped([addr[12], addr[13], addr[14], addr[15]]) == *addr;
-    if family == Family::V4 && !v4 {
+    if family == Family::V4 && !is_mapped(addr) {
         return false;
     }
     let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
@@ -173,6 +245,12 @@ fn set_user_addr(sa: *mut bpf_sock_addr, family: Family, addr: &[u8; 16], port: 
         (*sa).user_port = u16::from_ne_bytes(port) as u32;
     }
     true
+}
+
+/// Whether `addr` is an IPv4 address (`::ffff:a.b.c.d`).
+#[inline(always)]
+fn is_mapped(addr: &[u8; 16]) -> bool {
+    v4_mapped([addr[12], addr[13], addr[14], addr[15]]) == *addr
 }
 
 /// A client as the socket API shows it: IPv4 as `::ffff:a.b.c.d`, IPv6 as is.
@@ -204,12 +282,13 @@ fn show_client(sa: *mut bpf_sock_addr, family: Family) -> Option<()> {
     }
     let client = flow.client;
     let client_addr = shown(&client);
-    // The client is shown only where a reply to it can be sent back to the balancer: an IPv4
-    // client of an IPv4 balancer. An IPv6 client does not fit an IPv4 socket, and on a
-    // dual-stack one the kernel refuses a reply whose IPv6 destination a program turns into an
-    // IPv4-mapped one (udpv6_sendmsg: ENOTSUPP), so the application would see a client it cannot
-    // answer. (Kind 31 always carries a port.)
-    if client.family != AF_INET || client.flags & CLIENT_HAS_PORT == 0 {
+    // The client is shown only where a reply to it can be sent back to the balancer: a client
+    // of the balancer's own family. An IPv6 client of an IPv4 balancer does not fit an IPv4
+    // socket, and on a dual-stack one the kernel refuses a reply whose IPv6 destination a
+    // program turns into an IPv4-mapped one (udpv6_sendmsg: ENOTSUPP); an IPv4 client of an IPv6
+    // balancer is answered through the IPv4 path, which cannot reach an IPv6 balancer. Either
+    // way the application would see a client it cannot answer. (Kind 31 always carries a port.)
+    if (client.family == AF_INET) != is_mapped(&peer_addr) || client.flags & CLIENT_HAS_PORT == 0 {
         count_udp(UdpCounter::UdpRecvMismatch);
         return None;
     }
@@ -244,13 +323,22 @@ pub fn toa_udp_send4(ctx: SockAddrContext) -> i32 {
     1
 }
 
-// No sendmsg6 program: the only clients shown are IPv4 clients of IPv4 balancers, and a
-// dual-stack socket's reply to `::ffff:a.b.c.d` goes through the IPv4 path and its sendmsg4 hook.
+/// Replies to IPv6 clients (of IPv6 balancers). A dual-stack socket's reply to `::ffff:a.b.c.d`
+/// never gets here: the kernel sends it through the IPv4 path and its sendmsg4 hook.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn toa_udp_send6(ctx: SockAddrContext) -> i32 {
+    to_balancer(ctx.sock_addr, Family::V6);
+    1
+}
 
 /// Sends a reply addressed to a client of a recorded flow to its balancer.
 #[inline(always)]
 fn to_balancer(sa: *mut bpf_sock_addr, family: Family) -> Option<()> {
     let (reply, now) = reply_to(sa, family)?;
+    // A sendmsg6 program may not turn the destination into an IPv4 one (ENOTSUPP).
+    if family == Family::V6 && is_mapped(&reply.peer_addr) {
+        return None;
+    }
     if set_user_addr(sa, family, &reply.peer_addr, reply.peer_port) {
         reply.seen_ns = now;
         count_udp(UdpCounter::UdpReplyRedirected);
@@ -301,11 +389,17 @@ fn connect_to_balancer(sa: *mut bpf_sock_addr, family: Family) -> Option<()> {
     let (client_addr, client_port) = user_addr(sa, family);
     let (reply, now) = reply_to(sa, family)?;
     let reply = *reply;
-    // Only IPv4 clients are ever shown (see show_client).
+    // The client as the flow keeps it: IPv4 in the first four bytes.
+    let (family_of_client, addr) = if is_mapped(&client_addr) {
+        let a = &client_addr;
+        (AF_INET, [a[12], a[13], a[14], a[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    } else {
+        (AF_INET6, client_addr)
+    };
     let client = ClientAddr {
-        family: AF_INET,
+        family: family_of_client,
         port: client_port,
-        addr: [client_addr[12], client_addr[13], client_addr[14], client_addr[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        addr,
         vip_port: [0; 2],
         vip_addr: [0; 4],
         flags: CLIENT_HAS_PORT,
@@ -340,7 +434,7 @@ fn peer_client(sa: *mut bpf_sock_addr, family: Family) -> Option<()> {
     // SAFETY: a value of this map.
     let flow = unsafe { *flow };
     // SAFETY: a helper without arguments.
-    if !udp.fresh(flow.seen_ns, unsafe { bpf_ktime_get_ns() }) || flow.client.family != AF_INET {
+    if !udp.fresh(flow.seen_ns, unsafe { bpf_ktime_get_ns() }) {
         return None;
     }
     set_user_addr(sa, family, &shown(&flow.client), flow.client.port).then_some(())?;

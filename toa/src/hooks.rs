@@ -42,7 +42,7 @@ pub struct Hook {
 }
 
 /// Every program of the agent, in attach order (sock_ops first: it fills what the others read).
-pub const HOOKS: [Hook; 12] = [
+pub const HOOKS: [Hook; 13] = [
     Hook {
         pin: "link_sock_ops",
         program: "toa_sock_ops",
@@ -137,6 +137,14 @@ pub const HOOKS: [Hook; 12] = [
         attach_type: 14,
         kind: HookKind::SockAddr,
         label: "sendmsg4",
+        path: Path::Udp,
+    },
+    Hook {
+        pin: "link_udp_sendmsg6",
+        program: "toa_udp_send6",
+        attach_type: 15,
+        kind: HookKind::SockAddr,
+        label: "sendmsg6",
         path: Path::Udp,
     },
 ];
