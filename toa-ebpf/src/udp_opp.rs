@@ -6,18 +6,23 @@
 //! grows over the inserted bytes (its length field), the 4-byte protocol header becomes four NOP
 //! options, and the protocol goes back to UDP. Nothing moves and the UDP checksum (its pseudo
 //! header has no IPv4 options) stays right; `toa_udp_in` then reads the UOA as for any datagram.
-//! IPv4 on Ethernet only.
+//! Over IPv6 the header becomes a Destination Options header instead (see `convert_ipv6`).
+//! Ethernet interfaces only.
 
 use aya_ebpf::{
-    bindings::{BPF_F_RECOMPUTE_CSUM, TC_ACT_OK},
+    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_NET, BPF_F_RECOMPUTE_CSUM, TC_ACT_OK},
     macros::classifier,
     programs::TcContext,
 };
-use toa_common::udp::UdpCounter;
+use toa_common::udp::{UdpCounter, DSTOPT_WRAPPED};
 
 use crate::maps::{count_udp, udp_config};
 
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// The IPv6 option that pads by its length byte (its data must be zeros).
+const PADN: u8 = 1;
 const ETH_HLEN: usize = 14;
 const IPPROTO_OPT: u8 = 248;
 const IPPROTO_UDP: u8 = 17;
@@ -29,7 +34,12 @@ const NOP: u8 = 1;
 #[classifier]
 pub fn toa_udp_opp(ctx: TcContext) -> i32 {
     if udp_config().is_some() {
-        match convert(&ctx) {
+        let converted = match u16::from_be(ctx.skb.protocol() as u16) {
+            ETH_P_IP => convert(&ctx),
+            ETH_P_IPV6 => convert_ipv6(&ctx),
+            _ => None,
+        };
+        match converted {
             Some(true) => count_udp(UdpCounter::UdpOppConverted),
             Some(false) => count_udp(UdpCounter::UdpOppUnconverted),
             None => {}
@@ -42,9 +52,6 @@ pub fn toa_udp_opp(ctx: TcContext) -> i32 {
 /// `None` for any packet that is not IPv4 protocol 248; `Some(converted)` for one that is.
 #[inline(always)]
 fn convert(ctx: &TcContext) -> Option<bool> {
-    if u16::from_be(ctx.skb.protocol() as u16) != ETH_P_IP {
-        return None;
-    }
     let version_words: u8 = ctx.load(ETH_HLEN).ok()?;
     if version_words >> 4 != 4 || ctx.load::<u8>(ETH_HLEN + 9).ok()? != IPPROTO_OPT {
         return None;
@@ -87,5 +94,48 @@ fn convert(ctx: &TcContext) -> Option<bool> {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     ctx.store(ETH_HLEN + 10, &(!(sum as u16)).to_be_bytes(), flags).ok()?;
+    Some(true)
+}
+
+/// Over IPv6 (next header 248 right after the IPv6 header, version 2) the same header and DPVS's
+/// UOA (length 8 or 20) become a Destination Options header whose first option wraps that
+/// option list (`DSTOPT_WRAPPED`, "skip if unknown"), which `toa_udp_in` reads. With an IPv6
+/// client the 24 bytes are rewritten in place; with an IPv4 one the 12 bytes grow by 4 (an IPv6
+/// extension header is whole 8-byte units): a PadN comes last. The UDP checksum stays right
+/// (IPv6's pseudo-header has the UDP length, which does not change).
+#[inline(always)]
+fn convert_ipv6(ctx: &TcContext) -> Option<bool> {
+    const IPV6: usize = ETH_HLEN + 40;
+    if ctx.load::<u8>(ETH_HLEN + 6).ok()? != IPPROTO_OPT {
+        return None;
+    }
+    let Ok(opp) = ctx.load::<[u8; OPP_HEADER]>(IPV6) else { return Some(false) };
+    let opp_len = u16::from_be_bytes([opp[2], opp[3]]) as usize;
+    if opp[0] >> 4 != 2 || opp[1] != IPPROTO_UDP {
+        return Some(false);
+    }
+    let Ok(uoa) = ctx.load::<[u8; 2]>(IPV6 + OPP_HEADER) else { return Some(false) };
+    let flags = BPF_F_RECOMPUTE_CSUM as u64;
+    match (opp_len, uoa) {
+        (24, [31, 20]) => {
+            // next header, length 2 (24 bytes), the wrapping option over the old length field.
+            ctx.store(IPV6, &[IPPROTO_UDP, 2, DSTOPT_WRAPPED, 20], flags).ok()?;
+        }
+        (12, [31, 8]) => {
+            let payload: [u8; 2] = ctx.load(ETH_HLEN + 4).ok()?;
+            let payload = u16::from_be_bytes(payload).checked_add(4)?;
+            let option: [u8; 8] = ctx.load(IPV6 + OPP_HEADER).ok()?;
+            // 4 bytes after the IPv6 header: [new 4][old header 4][UOA 8] becomes
+            // [next, length 1, wrapping option: type, 8][UOA 8][PadN of 4 (zeros)]: the UOA first,
+            // where toa_udp_in looks.
+            ctx.adjust_room(4, BPF_ADJ_ROOM_NET, 0).ok()?;
+            ctx.store(IPV6, &[IPPROTO_UDP, 1, DSTOPT_WRAPPED, 8], flags).ok()?;
+            ctx.store(IPV6 + 4, &option, flags).ok()?;
+            ctx.store(IPV6 + 12, &[PADN, 2, 0, 0], flags).ok()?;
+            ctx.store(ETH_HLEN + 4, &payload.to_be_bytes(), flags).ok()?;
+        }
+        _ => return Some(false),
+    }
+    ctx.store(ETH_HLEN + 6, &IPPROTO_DSTOPTS, flags).ok()?;
     Some(true)
 }
