@@ -3,7 +3,7 @@
 //! and port that receives the server's replies, as the balancer would.
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::Arc,
 };
@@ -184,6 +184,115 @@ impl Balancer {
     pub fn ask(&self, to: SocketAddrV4, options: &[u8], payload: &str) -> (SocketAddr, String) {
         self.send(to, options, payload.as_bytes()).expect("send a datagram");
         self.recv().unwrap_or_else(|e| panic!("no reply to {payload:?} within {DEADLINE:?}: {e}"))
+    }
+}
+
+/// An IPv6 datagram from `from` to `to` with `extension` between the IPv6 and UDP headers
+/// (`next` is the IPv6 header's next header then: 60 for Destination Options, 248 for DPVS's
+/// option protocol; 17 and nothing for plain UDP); the UDP checksum is IPv6's (mandatory).
+pub fn datagram6(from: SocketAddrV6, to: SocketAddrV6, next: u8, extension: &[u8], payload: &[u8]) -> Vec<u8> {
+    let udp_len = 8 + payload.len();
+    let mut udp = Vec::with_capacity(udp_len);
+    udp.extend_from_slice(&from.port().to_be_bytes());
+    udp.extend_from_slice(&to.port().to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&from.ip().octets());
+    pseudo.extend_from_slice(&to.ip().octets());
+    pseudo.extend_from_slice(&(udp_len as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 17]);
+    pseudo.extend_from_slice(&udp);
+    let sum = match checksum(&pseudo) {
+        0 => 0xffff,
+        s => s,
+    };
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&((extension.len() + udp_len) as u16).to_be_bytes());
+    ip.extend_from_slice(&[next, 64]);
+    ip.extend_from_slice(&from.ip().octets());
+    ip.extend_from_slice(&to.ip().octets());
+    ip.extend_from_slice(extension);
+    ip.extend_from_slice(&udp);
+    ip
+}
+
+/// ByteDance's UOA over IPv6: a Destination Options header (next header UDP) whose one option
+/// (type 31) holds the client's and the virtual ports and addresses, both IPv4 or both IPv6.
+pub fn bytedance_dstopts(client: SocketAddr, vip: SocketAddr) -> Vec<u8> {
+    let octets = |a: SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(v) => v.octets().to_vec(),
+        std::net::IpAddr::V6(v) => v.octets().to_vec(),
+    };
+    let data = [&client.port().to_be_bytes()[..], &vip.port().to_be_bytes(), &octets(client), &octets(vip)].concat();
+    let total = 4 + data.len();
+    assert!(total.is_multiple_of(8), "ByteDance's layouts fill whole 8-byte units");
+    [&[17, (total / 8 - 1) as u8, 31, data.len() as u8][..], &data].concat()
+}
+
+/// DPVS's option-protocol header over IPv6 (version 2, UDP inside) in front of `options`.
+pub fn opp6(options: &[u8]) -> Vec<u8> {
+    let len = (4 + options.len()) as u16;
+    [&[0x20, 17][..], &len.to_be_bytes(), options].concat()
+}
+
+/// A balancer that reaches the server over IPv6: sends whole IPv6 packets it made from its
+/// address and receives the replies sent to it.
+pub struct Balancer6 {
+    pub addr: SocketAddrV6,
+    replies: UdpSocket,
+    raw: OwnedFd,
+}
+
+impl Balancer6 {
+    /// Binds `addr`; call it in the namespace that owns the address.
+    pub fn bind(addr: SocketAddrV6) -> io::Result<Self> {
+        let replies = UdpSocket::bind(addr)?;
+        replies.set_read_timeout(Some(DEADLINE))?;
+        // SAFETY: plain socket(2); IPPROTO_RAW on IPv6 sends the packet as given, header included.
+        let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a new descriptor nobody else owns.
+        Ok(Self { addr, replies, raw: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// Sends a datagram to `to` with `extension` behind next header `next` ([`datagram6`]).
+    pub fn send(&self, to: SocketAddrV6, next: u8, extension: &[u8], payload: &[u8]) -> io::Result<()> {
+        let packet = datagram6(self.addr, to, next, extension, payload);
+        // SAFETY: sockaddr_in6 is plain data.
+        let mut dst: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        dst.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        dst.sin6_addr.s6_addr = to.ip().octets();
+        // SAFETY: the buffer and the address outlive the call.
+        let sent = unsafe {
+            libc::sendto(
+                self.raw.as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&dst as *const libc::sockaddr_in6).cast(),
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Sends and waits for the reply: who sent it and what it says.
+    pub fn ask(&self, to: SocketAddrV6, next: u8, extension: &[u8], payload: &str) -> (SocketAddr, String) {
+        self.send(to, next, extension, payload.as_bytes()).expect("send a datagram");
+        let mut buf = [0u8; 2048];
+        let (n, from) = self
+            .replies
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("no reply to {payload:?} within {DEADLINE:?}: {e}"));
+        (from, String::from_utf8_lossy(&buf[..n]).into_owned())
     }
 }
 
