@@ -56,20 +56,21 @@ fn record(ctx: &SkBuffContext) -> Option<()> {
     let area = TOA_UDP_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: the per-CPU scratch slot is ours for the duration of this program.
     let area = unsafe { &mut *area };
-    // Each family's front end copies the option list into `area`; one parse serves both.
-    let Datagram { peer, local, udp_offset, options } = match u16::from_be(ctx.skb.protocol() as u16) {
+    // Each family's front end copies the option list into `area` and gives the UDP ports; one
+    // parse serves both. Nothing else of theirs is live across it (the family waits in the
+    // area's memory): the verifier then finds the same state after either and walks the parse
+    // once.
+    let ports = match u16::from_be(ctx.skb.protocol() as u16) {
         ETH_P_IP => ipv4_options(ctx, area)?,
         ETH_P_IPV6 => ipv6_destination_options(ctx, area)?,
         _ => return None,
     };
     // The agent's policy as the UDP parse reads it (kind 31, ByteDance's layouts), in map memory.
     let cfg = &udp.parse;
-    let ports: [u8; 4] = ctx.load(udp_offset).ok()?;
     let (peer_port, local_port) = ([ports[0], ports[1]], [ports[2], ports[3]]);
     if !cfg.port_allowed(u16::from_be_bytes(local_port)) {
         return None;
     }
-    area.set_len(options);
     match scan_toa::<WITH_UOA>(area, cfg) {
         Outcome::Found => {}
         Outcome::Absent => return None,
@@ -78,6 +79,13 @@ fn record(ctx: &SkBuffContext) -> Option<()> {
             return None;
         }
     }
+    // SAFETY: a plain field of the scratch area, written by the front end.
+    let (peer, local): ([u8; 16], [u8; 16]) = if unsafe { core::ptr::read_volatile(&area.kept) } == IPV6_AREA {
+        (ctx.load(8).ok()?, ctx.load(24).ok()?)
+    } else {
+        let (peer, local): ([u8; 4], [u8; 4]) = (ctx.load(12).ok()?, ctx.load(16).ok()?);
+        (mapped(u32::from_ne_bytes(peer)), mapped(u32::from_ne_bytes(local)))
+    };
     if !cfg.trusts(|| trusted(peer)) {
         count_udp(UdpCounter::UdpUntrustedOption);
         return None;
@@ -92,18 +100,19 @@ fn record(ctx: &SkBuffContext) -> Option<()> {
     Some(())
 }
 
-/// What the front ends find in a datagram: the balancer's and our address (IPv4 ones as
-/// `::ffff:a.b.c.d`), where the UDP header starts, and how many option bytes they copied.
-struct Datagram {
-    peer: [u8; 16],
-    local: [u8; 16],
-    udp_offset: usize,
-    options: usize,
+/// The scratch area's `kept` after an IPv6 front end (0 after the IPv4 one).
+const IPV6_AREA: u32 = 6;
+
+/// Records in the scratch area which front end filled it.
+#[inline(always)]
+fn keep_family(area: &mut OptionArea, family: u32) {
+    // SAFETY: a plain field of the scratch area.
+    unsafe { core::ptr::write_volatile(&mut area.kept, family) };
 }
 
-/// An IPv4 UDP datagram with options: its options.
+/// An IPv4 UDP datagram with options: its options (into `area`) and its UDP ports.
 #[inline(always)]
-fn ipv4_options(ctx: &SkBuffContext, area: &mut OptionArea) -> Option<Datagram> {
+fn ipv4_options(ctx: &SkBuffContext, area: &mut OptionArea) -> Option<[u8; 4]> {
     // Cheapest test first: most packets carry no IPv4 options at all.
     let version_ihl: u8 = ctx.load(0).ok()?;
     let header_len = (version_ihl & 0x0f) as usize * 4;
@@ -121,17 +130,16 @@ fn ipv4_options(ctx: &SkBuffContext, area: &mut OptionArea) -> Option<Datagram> 
     if copied != 0 {
         return None;
     }
-    let peer: [u8; 4] = ctx.load(12).ok()?;
-    let local: [u8; 4] = ctx.load(16).ok()?;
-    let (peer, local) = (mapped(u32::from_ne_bytes(peer)), mapped(u32::from_ne_bytes(local)));
-    Some(Datagram { peer, local, udp_offset: header_len, options })
+    area.set_len(options);
+    keep_family(area, 0);
+    ctx.load(header_len).ok()
 }
 
 /// An IPv6 UDP datagram whose Destination Options header (right after the IPv6 header) starts
 /// with a UOA (ByteDance's over IPv6, or DPVS's as `toa_udp_opp` wraps it): the option list the
-/// IPv4 layouts give, for the same parse.
+/// IPv4 layouts give (into `area`), for the same parse, and its UDP ports.
 #[inline(always)]
-fn ipv6_destination_options(ctx: &SkBuffContext, area: &mut OptionArea) -> Option<Datagram> {
+fn ipv6_destination_options(ctx: &SkBuffContext, area: &mut OptionArea) -> Option<[u8; 4]> {
     if ctx.load::<u8>(6).ok()? != IPPROTO_DSTOPTS {
         return None;
     }
@@ -173,9 +181,9 @@ fn ipv6_destination_options(ctx: &SkBuffContext, area: &mut OptionArea) -> Optio
     if copied != 0 {
         return None;
     }
-    let peer: [u8; 16] = ctx.load(8).ok()?;
-    let local: [u8; 16] = ctx.load(24).ok()?;
-    Some(Datagram { peer, local, udp_offset: IPV6_HEADER + header_len, options: at + data })
+    area.set_len(at + data);
+    keep_family(area, IPV6_AREA);
+    ctx.load(IPV6_HEADER + header_len).ok()
 }
 
 /// The local port of a UDP socket (network byte order), if bound.
