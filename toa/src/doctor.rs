@@ -8,8 +8,14 @@ use aya::{programs::Program, EbpfLoader};
 use serde::Serialize;
 
 use crate::{
-    backend, backend::ebpf::attach, cgroup, error::chain, hooks::HOOKS, link_info, policy::Policy, programs, system,
-    Agent,
+    backend,
+    backend::ebpf::attach,
+    cgroup,
+    error::chain,
+    hooks::{HOOKS, UDP_OPP_PROGRAM},
+    link_info,
+    policy::Policy,
+    programs, system, Agent,
 };
 
 #[derive(Clone, Debug, Serialize)]
@@ -146,14 +152,15 @@ fn programs_load() -> Check {
     let result = (|| -> Result<String, String> {
         let mut ebpf = EbpfLoader::new().load(programs::AGENT).map_err(|e| chain(&e))?;
         let mut counts = Vec::new();
-        for hook in HOOKS {
-            let name = hook.program;
+        // The cgroup programs and the option-protocol converter (`--udp-opp-iface`).
+        for name in HOOKS.iter().map(|h| h.program).chain([UDP_OPP_PROGRAM]) {
             let program = ebpf.program_mut(name).ok_or(format!("{name} missing"))?;
             let info = match program {
                 Program::SockOps(p) => p.load().and_then(|()| p.info()),
                 Program::CgroupSockAddr(p) => p.load().and_then(|()| p.info()),
                 Program::CgroupSockopt(p) => p.load().and_then(|()| p.info()),
                 Program::CgroupSkb(p) => p.load().and_then(|()| p.info()),
+                Program::SchedClassifier(p) => p.load().and_then(|()| p.info()),
                 _ => return Err(format!("{name}: unexpected program type")),
             }
             .map_err(|e| chain(&e))?;
