@@ -52,12 +52,16 @@ pub enum DstOptUoa {
     ByteDance([u8; 4]),
 }
 
+/// The most data bytes a UOA in a Destination Options header has (ByteDance's IPv6 layout; the
+/// converter's wrapped lists have 8 or 20).
+pub const DSTOPT_UOA_MAX: u8 = 36;
+
 /// The UOA carried by a Destination Options header's first option of `tlv_type` with
 /// `tlv_len` data bytes, if any.
 #[inline(always)]
 pub fn dstopt_uoa(tlv_type: u8, tlv_len: u8) -> Option<DstOptUoa> {
     match (tlv_type, tlv_len) {
-        (DSTOPT_WRAPPED, 1..=40) => Some(DstOptUoa::Wrapped),
+        (DSTOPT_WRAPPED, 1..=DSTOPT_UOA_MAX) => Some(DstOptUoa::Wrapped),
         // v1: ports + two addresses (4 or 16 bytes each); v2: VNI, port, pad + one address
         // (4, or 16 and 4 of padding).
         (31 | 30, 12 | 36) | (29, 12 | 28) => {
@@ -310,7 +314,7 @@ mod tests {
         assert_eq!(dstopt_uoa(29, 12), Some(DstOptUoa::ByteDance([29, 16, 0, 0])));
         assert_eq!(dstopt_uoa(29, 28), Some(DstOptUoa::ByteDance([29, 32, 1, 0])));
         assert_eq!(dstopt_uoa(DSTOPT_WRAPPED, 8), Some(DstOptUoa::Wrapped));
-        for (t, n) in [(31, 8), (31, 13), (29, 36), (30, 0), (DSTOPT_WRAPPED, 0), (DSTOPT_WRAPPED, 41), (1, 2)] {
+        for (t, n) in [(31, 8), (31, 13), (29, 36), (30, 0), (DSTOPT_WRAPPED, 0), (DSTOPT_WRAPPED, 37), (1, 2)] {
             assert_eq!(dstopt_uoa(t, n), None, "type {t} length {n}");
         }
     }

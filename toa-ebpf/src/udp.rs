@@ -25,7 +25,7 @@ use toa_common::{
     config::v4_mapped,
     parse::WITH_UOA,
     scan_toa,
-    udp::{dstopt_uoa, DstOptUoa, Flow, FlowKey, Reply, ReplyKey, UdpCounter},
+    udp::{dstopt_uoa, DstOptUoa, Flow, FlowKey, Reply, ReplyKey, UdpCounter, DSTOPT_UOA_MAX},
     ClientAddr, OptionArea, Outcome, AF_INET, AF_INET6, CLIENT_HAS_PORT, OPTION_AREA_MAX,
 };
 
@@ -157,19 +157,20 @@ fn ipv6_destination_options(ctx: &SkBuffContext, area: &mut OptionArea) -> Optio
         return None;
     }
     // Where the option's data goes in `area`: after the IPv4 layout's header for ByteDance's.
-    let (at, room) = match uoa {
-        DstOptUoa::Wrapped => (0, OPTION_AREA_MAX),
+    let at = match uoa {
+        DstOptUoa::Wrapped => 0,
         DstOptUoa::ByteDance(ipv4_header) => {
             area.bytes[..4].copy_from_slice(&ipv4_header);
-            (4, OPTION_AREA_MAX - 4)
+            4
         }
     };
-    // Checked here, next to the copy, so the verifier sees the bound (dstopt_uoa implies it).
-    if data == 0 || data > room {
+    // Checked here against a constant, next to the copy, so that every verifier sees the bound
+    // (dstopt_uoa implies it; 5.15's does not learn one from a comparison of two registers).
+    if data == 0 || data > DSTOPT_UOA_MAX as usize {
         return None;
     }
-    // SAFETY: at most 40 bytes from offset 0 (or 36 from 4) of the 96-byte buffer; the helper
-    // checks the packet's bounds.
+    // SAFETY: at most 36 bytes from offset 0 or 4 of the 96-byte buffer; the helper checks the
+    // packet's bounds.
     let copied = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb.cast(),
