@@ -37,8 +37,8 @@ pub fn uoa_config(agent: &AgentConfig) -> AgentConfig {
 /// header 60) right after the IPv6 header, as its first option. The option types below all have
 /// the "skip if unknown" action bits (00), so the kernel delivers the datagram.
 ///
-/// `toa_udp_opp` wraps DPVS's IPv6 option-protocol options, an IPv4-style option list, in one
-/// option of this type (RFC 3692's experimental type 0x3E: 0x1E is ByteDance's type 30).
+/// `toa_udp_opp` wraps DPVS's IPv6 option-protocol UOA (IPv4-style: type 31, length 8 or 20)
+/// in one option of this type (RFC 3692's experimental type 0x3E: 0x1E is ByteDance's type 30).
 pub const DSTOPT_WRAPPED: u8 = 0x3e;
 
 /// How a Destination Options header's first option carries a UOA.
@@ -52,16 +52,13 @@ pub enum DstOptUoa {
     ByteDance([u8; 4]),
 }
 
-/// The most data bytes a UOA in a Destination Options header has (ByteDance's IPv6 layout; the
-/// converter's wrapped lists have 8 or 20).
-pub const DSTOPT_UOA_MAX: u8 = 36;
-
 /// The UOA carried by a Destination Options header's first option of `tlv_type` with
 /// `tlv_len` data bytes, if any.
 #[inline(always)]
 pub fn dstopt_uoa(tlv_type: u8, tlv_len: u8) -> Option<DstOptUoa> {
     match (tlv_type, tlv_len) {
-        (DSTOPT_WRAPPED, 1..=DSTOPT_UOA_MAX) => Some(DstOptUoa::Wrapped),
+        // The converter wraps one DPVS UOA: 8 bytes with an IPv4 client, 20 with an IPv6 one.
+        (DSTOPT_WRAPPED, 8 | 20) => Some(DstOptUoa::Wrapped),
         // v1: ports + two addresses (4 or 16 bytes each); v2: VNI, port, pad + one address
         // (4, or 16 and 4 of padding).
         (31 | 30, 12 | 36) | (29, 12 | 28) => {
@@ -314,7 +311,7 @@ mod tests {
         assert_eq!(dstopt_uoa(29, 12), Some(DstOptUoa::ByteDance([29, 16, 0, 0])));
         assert_eq!(dstopt_uoa(29, 28), Some(DstOptUoa::ByteDance([29, 32, 1, 0])));
         assert_eq!(dstopt_uoa(DSTOPT_WRAPPED, 8), Some(DstOptUoa::Wrapped));
-        for (t, n) in [(31, 8), (31, 13), (29, 36), (30, 0), (DSTOPT_WRAPPED, 0), (DSTOPT_WRAPPED, 37), (1, 2)] {
+        for (t, n) in [(31, 8), (31, 13), (29, 36), (30, 0), (DSTOPT_WRAPPED, 0), (DSTOPT_WRAPPED, 6), (1, 2)] {
             assert_eq!(dstopt_uoa(t, n), None, "type {t} length {n}");
         }
     }

@@ -25,7 +25,7 @@ use toa_common::{
     config::v4_mapped,
     parse::WITH_UOA,
     scan_toa,
-    udp::{dstopt_uoa, DstOptUoa, Flow, FlowKey, Reply, ReplyKey, UdpCounter, DSTOPT_UOA_MAX},
+    udp::{dstopt_uoa, DstOptUoa, Flow, FlowKey, Reply, ReplyKey, UdpCounter},
     ClientAddr, OptionArea, Outcome, AF_INET, AF_INET6, CLIENT_HAS_PORT, OPTION_AREA_MAX,
 };
 
@@ -164,20 +164,22 @@ fn ipv6_destination_options(ctx: &SkBuffContext, area: &mut OptionArea) -> Optio
             4
         }
     };
-    // Checked here against a constant, next to the copy, so that every verifier sees the bound
-    // (dstopt_uoa implies it; 5.15's does not learn one from a comparison of two registers).
-    if data == 0 || data > DSTOPT_UOA_MAX as usize {
-        return None;
-    }
+    // One copy of a constant size per length dstopt_uoa accepts: the helper refuses a size the
+    // verifier cannot prove non-zero, and 5.15's loses the lower bound of a range check.
+    let dst = area.bytes.as_mut_ptr().wrapping_add(at).cast();
+    let src = (IPV6_HEADER + 4) as u32;
+    let skb = ctx.skb.skb.cast();
     // SAFETY: at most 36 bytes from offset 0 or 4 of the 96-byte buffer; the helper checks the
     // packet's bounds.
     let copied = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            (IPV6_HEADER + 4) as u32,
-            area.bytes.as_mut_ptr().add(at).cast(),
-            data as u32,
-        )
+        match data {
+            8 => bpf_skb_load_bytes(skb, src, dst, 8),
+            12 => bpf_skb_load_bytes(skb, src, dst, 12),
+            20 => bpf_skb_load_bytes(skb, src, dst, 20),
+            28 => bpf_skb_load_bytes(skb, src, dst, 28),
+            36 => bpf_skb_load_bytes(skb, src, dst, 36),
+            _ => return None,
+        }
     };
     if copied != 0 {
         return None;

@@ -601,7 +601,8 @@ fn ipv6_balancers() {
     let client6: SocketAddrV6 = CLIENT6.parse().unwrap();
     let other6 = SocketAddrV6::new(*client6.ip(), 4243, 0, 0);
     let vip = SocketAddr::V6(server6);
-    let wrapped_bad_uoa = vec![17, 1, 0x3e, 6, 31, 6, 0x10, 0x92, 203, 0, 1, 4, 0, 0, 0, 0];
+    // A wrapped list whose UOA has a length of no layout (6), then two no-ops; a trailing PadN.
+    let wrapped_bad_uoa = vec![17, 1, 0x3e, 8, 31, 6, 0x10, 0x92, 203, 0, 1, 1, 1, 2, 0, 0];
     let not_a_uoa = vec![17, 0, 0x3e, 4, 1, 2, 3, 4];
     let replies = lab.in_client_ns(move || {
         let balancer = |port| Balancer6::bind(SocketAddrV6::new(CLIENT_V6.parse().unwrap(), port, 0, 0)).unwrap();
