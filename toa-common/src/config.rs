@@ -18,6 +18,16 @@ pub const FLAG_PORTS: u32 = 1 << 6;
 /// UDP only (set by `udp::uoa_config`, never by a policy): ByteDance's UOA layouts, IPv4 option
 /// types 31 and 30 (length 16 or 40) and 29 (length 16 or 32), beside DPVS's under type 31.
 pub const FLAG_UOA_BYTEDANCE: u32 = 1 << 7;
+/// Tencent's VTOA: kind 200 (length 8) is the client, 201 (length 6) the VPC id and 202 (length
+/// 8: port, IPv4) the virtual address, in any order (userspace also enables kind 200's classic
+/// layouts).
+pub const FLAG_DIALECT_TENCENT_VTOA: u32 = 1 << 8;
+/// Alibaba's (Anolis) VTOA: 254/8, 254/20, 253/20 (classic layouts, enabled by userspace), 250/8
+/// the virtual address, 252/20 client + VPC id + virtual address, 249/40 IPv6 client + VPC id.
+pub const FLAG_DIALECT_ANOLIS_VTOA: u32 = 1 << 9;
+/// The dialects whose options come in several parts: the whole area is read, each part kept
+/// with the client (whose last option wins).
+pub const FLAG_COMPANIONS: u32 = FLAG_DIALECT_TENCENT_VTOA | FLAG_DIALECT_ANOLIS_VTOA;
 
 /// Local port ranges that can be listed.
 pub const PORT_RANGES: usize = 16;

@@ -45,20 +45,25 @@ pub struct ClientAddr {
     pub port: [u8; 2],
     /// Address, network byte order.
     pub addr: [u8; 16],
-    /// The virtual IP the client connected to (ByteDance's layout; with `CLIENT_HAS_VIP`).
+    /// The virtual IP the client connected to (with `CLIENT_HAS_VIP`).
     pub vip_port: [u8; 2],
     pub vip_addr: [u8; 4],
     /// `CLIENT_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 5],
+    /// The VPC the client is in (Tencent's and Alibaba's VTOA; with `CLIENT_HAS_VPC`): the
+    /// option's four bytes as sent (Alibaba's 3-byte IPv6 one as a big-endian number).
+    pub vpc_id: [u8; 4],
+    pub _pad: [u8; 1],
 }
 
 const _: () = assert!(core::mem::size_of::<ClientAddr>() == 32);
 
 /// The option carried a port (Alibaba CDN's does not: the kernel's port stays).
 pub const CLIENT_HAS_PORT: u8 = 1;
-/// The option carried the virtual IP (ByteDance).
+/// The virtual IP is known (ByteDance's layout; Tencent's and Alibaba's VTOA).
 pub const CLIENT_HAS_VIP: u8 = 2;
+/// The VPC id is known (Tencent's and Alibaba's VTOA).
+pub const CLIENT_HAS_VPC: u8 = 4;
 
 /// What the agent keeps for one socket (BPF socket storage, freed with the socket).
 #[repr(C)]

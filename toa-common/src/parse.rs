@@ -6,8 +6,11 @@
 //! kernel's verifier see that each read stays inside the buffer.
 
 use crate::{
-    config::{AgentConfig, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_PICK_LAST, FLAG_UOA_BYTEDANCE},
-    ClientAddr, AF_INET, AF_INET6, CLIENT_HAS_PORT, CLIENT_HAS_VIP,
+    config::{
+        AgentConfig, FLAG_COMPANIONS, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_ANOLIS_VTOA, FLAG_DIALECT_BYTEDANCE,
+        FLAG_DIALECT_TENCENT_VTOA, FLAG_PICK_LAST, FLAG_UOA_BYTEDANCE,
+    },
+    ClientAddr, AF_INET, AF_INET6, CLIENT_HAS_PORT, CLIENT_HAS_VIP, CLIENT_HAS_VPC,
 };
 
 /// The option kind of the classic TOA (Huawei ELB, DPVS, LVS FULLNAT, UCloud).
@@ -34,6 +37,25 @@ pub const UOA_BYTEDANCE_V2_KIND: u8 = 29;
 pub const UOA_BYTEDANCE_LEN_V4: u8 = 16;
 pub const UOA_BYTEDANCE_LEN_V6: u8 = 40;
 pub const UOA_BYTEDANCE_V2_LEN_V6: u8 = 32;
+/// Tencent's VTOA: the client under kind 200 (classic IPv4 layout), the VPC id under 201
+/// (length 6: four bytes), the virtual port and IPv4 under 202 (length 8).
+pub const TENCENT_CLIENT_KIND: u8 = 200;
+pub const TENCENT_VPC_KIND: u8 = 201;
+pub const TENCENT_VPC_LEN: u8 = 6;
+pub const TENCENT_VIP_KIND: u8 = 202;
+/// Alibaba's (Anolis) VTOA: the virtual port and IPv4 under 250 (length 8); 252 (length 20):
+/// client port, client IPv4, VPC id, virtual IPv4, virtual port, 2 pad; 249 (length 40): client
+/// port, client IPv6, VPC id (3 bytes), 1 reserved, virtual IPv6 (not kept: `ClientAddr` holds an
+/// IPv4 one).
+pub const ANOLIS_VIP_KIND: u8 = 250;
+/// Alibaba's IPv6 client option (classic IPv6 layout), beside 254/20.
+pub const ANOLIS_TOA_V6_KIND: u8 = 253;
+pub const ANOLIS_VTOA_KIND: u8 = 252;
+pub const ANOLIS_VTOA_LEN: u8 = 20;
+pub const ANOLIS_V6VTOA_KIND: u8 = 249;
+pub const ANOLIS_V6VTOA_LEN: u8 = 40;
+/// Length of the virtual-address options (Tencent's 202, Alibaba's 250): port + IPv4.
+pub const VIP_LEN: u8 = 8;
 /// A TCP header has at most 40 bytes of options (data offset 15 × 4 − 20).
 pub const OPTION_AREA_MAX: usize = 40;
 /// Every offset the parser computes is masked into `0..64`.
@@ -88,7 +110,8 @@ impl OptionArea {
                 vip_port: [0; 2],
                 vip_addr: [0; 4],
                 flags: 0,
-                _pad: [0; 5],
+                vpc_id: [0; 4],
+                _pad: [0; 1],
             },
             kept: 0,
         }
@@ -183,17 +206,25 @@ pub enum Parsed {
 /// search goes on; a broken option list ends the search, since nothing after it can be trusted
 /// to be an option boundary.
 pub fn find_toa(area: &mut OptionArea, cfg: &AgentConfig) -> Parsed {
-    match scan_toa::<WITH_UOA>(area, cfg) {
+    match scan_toa::<ALL_LAYOUTS>(area, cfg) {
         Outcome::Found => Parsed::Found(area.last),
         Outcome::Absent => Parsed::Absent,
         Outcome::Malformed => Parsed::Malformed,
     }
 }
 
-/// The parser with every layout (UDP's included): `find_toa`, the UDP program, the tests.
-pub const WITH_UOA: bool = true;
-/// The parser without ByteDance's UDP layouts: the TCP program.
-pub const TCP_ONLY: bool = false;
+/// Which layouts a copy of the parser has (a const generic of [`scan_toa`]): each costs the
+/// verifier a copy routine (about 3k instructions apiece on 6.18) in every program it is in.
+/// ByteDance's UDP layouts:
+const UOA_LAYOUTS: u8 = 1;
+/// The TCP dialects' layouts in parts (Tencent's and Alibaba's VTOA):
+const PART_LAYOUTS: u8 = 2;
+/// The TCP program's copy.
+pub const TCP_ONLY: u8 = PART_LAYOUTS;
+/// The UDP program's copy.
+pub const WITH_UOA: u8 = UOA_LAYOUTS;
+/// Every layout: `find_toa` (the userspace reader, the tests, the fuzzer).
+pub const ALL_LAYOUTS: u8 = UOA_LAYOUTS | PART_LAYOUTS;
 
 /// [`Parsed`] without the address, which [`scan_toa`] leaves in `area.last`. As a number
 /// (`as u32`, [`Outcome::from_code`]) it is what a global BPF function can return.
@@ -223,14 +254,19 @@ impl Outcome {
 /// also walks the `Found` branch and rejects the read of address bytes that were never written
 /// ("invalid read from stack"). Kernels from 5.16 track such narrow stores.
 ///
-/// `UOA`: whether this copy reads ByteDance's UDP layouts ([`WITH_UOA`]). The TCP program's copy
-/// does not ([`TCP_ONLY`]): the layouts would cost its verifier a copy routine each (about 3k
-/// instructions apiece on 6.18) for options a TCP configuration never asks for.
+/// `LAYOUTS`: which layout families this copy reads ([`TCP_ONLY`], [`WITH_UOA`], [`ALL_LAYOUTS`]):
+/// the TCP program's copy has no UDP layout and the UDP program's no TCP dialect in parts, each
+/// of which would cost the other's verifier for options its configuration never asks for.
 #[inline(never)]
-pub fn scan_toa<const UOA: bool>(area: &mut OptionArea, cfg: &AgentConfig) -> Outcome {
+pub fn scan_toa<const LAYOUTS: u8>(area: &mut OptionArea, cfg: &AgentConfig) -> Outcome {
     area.set_cursor(0);
     area.set_word(Word::HasLast, 0);
     area.set_word(Word::Malformed, 0);
+    // The parts an option may add to the client start empty (the area is reused).
+    area.last.flags = 0;
+    area.last.vip_port = [0; 2];
+    area.last.vip_addr = [0; 4];
+    area.last.vpc_id = [0; 4];
     // Every option is at least one byte long, so 40 rounds reach the end of any area. Nothing
     // lives in registers from one round to the next: see `OptionArea`.
     for _ in 0..OPTION_AREA_MAX {
@@ -257,13 +293,14 @@ pub fn scan_toa<const UOA: bool>(area: &mut OptionArea, cfg: &AgentConfig) -> Ou
             area.set_word(Word::Malformed, 1);
             break;
         }
-        match read_option::<UOA>(area, off, kind, opt_len, cfg) {
+        match read_option::<LAYOUTS>(area, off, kind, opt_len, cfg) {
             Read::Found => {
                 area.set_word(Word::HasLast, 1);
                 // SAFETY: a plain field of the config; volatile so that it is not hoisted out of
                 // the loop into a register that would split the verifier's states.
                 let flags = unsafe { core::ptr::read_volatile(&cfg.flags) };
-                if flags & FLAG_PICK_LAST == 0 {
+                // Dialects in parts read on: a part may follow its client.
+                if flags & (FLAG_PICK_LAST | FLAG_COMPANIONS) == 0 {
                     // One way out of the loop for every outcome: the compiler then has no reason
                     // to duplicate the loop, which would double the verifier's walk.
                     break;
@@ -306,6 +343,10 @@ const LAYOUT_UOA_BYTEDANCE_V4: u32 = 7;
 const LAYOUT_UOA_BYTEDANCE_V6: u32 = 8;
 const LAYOUT_UOA_BYTEDANCE_V2_V4: u32 = 9;
 const LAYOUT_UOA_BYTEDANCE_V2_V6: u32 = 10;
+const LAYOUT_VIP: u32 = 11;
+const LAYOUT_TENCENT_VPC: u32 = 12;
+const LAYOUT_ANOLIS_VTOA: u32 = 13;
+const LAYOUT_ANOLIS_V6VTOA: u32 = 14;
 
 /// Which layout an option of `kind` and `len` is under a configuration whose `FLAG_*` bits are
 /// `flags` and whose kind bitmap byte for `kind` is `kinds_byte` (`cfg.kinds[kind / 8]`).
@@ -344,6 +385,27 @@ pub extern "C" fn toa_classify_option(kind: u8, len: u8, version: u8, kinds_byte
             return LAYOUT_MALFORMED;
         }
     }
+    // The VTOA dialects' own kinds, before the classic layouts (a kind of theirs also listed
+    // with --kind is theirs). Not in UDP's configuration, which has no TCP dialect.
+    if has(FLAG_DIALECT_TENCENT_VTOA) {
+        if kind == TENCENT_VPC_KIND {
+            return if len == TENCENT_VPC_LEN { LAYOUT_TENCENT_VPC } else { LAYOUT_MALFORMED };
+        }
+        if kind == TENCENT_VIP_KIND {
+            return if len == VIP_LEN { LAYOUT_VIP } else { LAYOUT_MALFORMED };
+        }
+    }
+    if has(FLAG_DIALECT_ANOLIS_VTOA) {
+        if kind == ANOLIS_VIP_KIND {
+            return if len == VIP_LEN { LAYOUT_VIP } else { LAYOUT_MALFORMED };
+        }
+        if kind == ANOLIS_VTOA_KIND {
+            return if len == ANOLIS_VTOA_LEN { LAYOUT_ANOLIS_VTOA } else { LAYOUT_MALFORMED };
+        }
+        if kind == ANOLIS_V6VTOA_KIND {
+            return if len == ANOLIS_V6VTOA_LEN { LAYOUT_ANOLIS_V6VTOA } else { LAYOUT_MALFORMED };
+        }
+    }
     if enabled {
         if len == TOA_LEN_V4 {
             return LAYOUT_CLASSIC_V4;
@@ -374,32 +436,69 @@ pub extern "C" fn toa_classify_option(kind: u8, len: u8, version: u8, kinds_byte
 /// kernel) rather than through registers and stack, which would differ from path to path and
 /// keep the verifier from merging the loop's states.
 #[inline(always)]
-fn read_option<const UOA: bool>(area: &mut OptionArea, off: usize, kind: u8, len: usize, cfg: &AgentConfig) -> Read {
+fn read_option<const LAYOUTS: u8>(area: &mut OptionArea, off: usize, kind: u8, len: usize, cfg: &AgentConfig) -> Read {
+    let (uoa, parts) = (LAYOUTS & UOA_LAYOUTS != 0, LAYOUTS & PART_LAYOUTS != 0);
     let version = area.bytes[(off + 2) & MASK];
     let kinds_byte = cfg.kinds[(kind as usize >> 3) & 31];
     // SAFETY: a plain field of the config; volatile for the reason given in `scan_toa`.
     let flags = unsafe { core::ptr::read_volatile(&cfg.flags) };
+    // With a dialect in parts a client keeps the parts already read; otherwise it comes alone.
+    let keep = flags & FLAG_COMPANIONS != 0;
     match toa_classify_option(kind, len as u8, version, kinds_byte, flags) {
-        LAYOUT_CLASSIC_V4 => store(area, off, AF_INET, Some(2), 4, None),
-        LAYOUT_CLASSIC_V6 => store(area, off, AF_INET6, Some(2), 4, None),
-        LAYOUT_BYTEDANCE => store(area, off, AF_INET, Some(2), 4, Some((10, 12))),
+        LAYOUT_CLASSIC_V4 => store(area, off, AF_INET, Some(2), 4, None, keep),
+        LAYOUT_CLASSIC_V6 => store(area, off, AF_INET6, Some(2), 4, None, keep),
+        LAYOUT_BYTEDANCE => store(area, off, AF_INET, Some(2), 4, Some((10, 12)), keep),
         // No port in this layout: the kernel's stays.
-        LAYOUT_ALIBABA_V4 => store(area, off, AF_INET, None, 3, None),
-        LAYOUT_ALIBABA_V6 => store(area, off, AF_INET6, None, 3, None),
-        LAYOUT_UOA_BYTEDANCE_V4 if UOA => store(area, off, AF_INET, Some(4), 8, Some((6, 12))),
+        LAYOUT_ALIBABA_V4 => store(area, off, AF_INET, None, 3, None, keep),
+        LAYOUT_ALIBABA_V6 => store(area, off, AF_INET6, None, 3, None, keep),
+        LAYOUT_UOA_BYTEDANCE_V4 if uoa => store(area, off, AF_INET, Some(4), 8, Some((6, 12)), false),
         // The virtual address is IPv6 here: more than a `ClientAddr` keeps.
-        LAYOUT_UOA_BYTEDANCE_V6 if UOA => store(area, off, AF_INET6, Some(4), 8, None),
-        LAYOUT_UOA_BYTEDANCE_V2_V4 if UOA => store(area, off, AF_INET, Some(8), 12, None),
-        LAYOUT_UOA_BYTEDANCE_V2_V6 if UOA => store(area, off, AF_INET6, Some(8), 12, None),
+        LAYOUT_UOA_BYTEDANCE_V6 if uoa => store(area, off, AF_INET6, Some(4), 8, None, false),
+        LAYOUT_UOA_BYTEDANCE_V2_V4 if uoa => store(area, off, AF_INET, Some(8), 12, None, false),
+        LAYOUT_UOA_BYTEDANCE_V2_V6 if uoa => store(area, off, AF_INET6, Some(8), 12, None, false),
+        // The parts: kept with whichever client the area has (or gets).
+        LAYOUT_VIP if parts => {
+            store_vip(area, off, 2, 4);
+            return Read::NotOurs;
+        }
+        LAYOUT_TENCENT_VPC if parts => {
+            let b = |i: usize| area.bytes[(off + i) & MASK];
+            area.last.vpc_id = [b(2), b(3), b(4), b(5)];
+            area.last.flags |= CLIENT_HAS_VPC;
+            return Read::NotOurs;
+        }
+        LAYOUT_ANOLIS_VTOA if parts => {
+            store(area, off, AF_INET, Some(2), 4, Some((16, 12)), true);
+            let b = |i: usize| area.bytes[(off + i) & MASK];
+            area.last.vpc_id = [b(8), b(9), b(10), b(11)];
+            area.last.flags |= CLIENT_HAS_VPC;
+        }
+        LAYOUT_ANOLIS_V6VTOA if parts => {
+            store(area, off, AF_INET6, Some(2), 4, None, true);
+            // A 24-bit VPC id: as a big-endian number in four bytes.
+            let b = |i: usize| area.bytes[(off + i) & MASK];
+            area.last.vpc_id = [0, b(20), b(21), b(22)];
+            area.last.flags |= CLIENT_HAS_VPC;
+        }
         LAYOUT_MALFORMED => return Read::Malformed,
         _ => return Read::NotOurs,
     }
     Read::Found
 }
 
+/// Writes a virtual port and IPv4 address (at these offsets of the option at `off`).
+#[inline(always)]
+fn store_vip(area: &mut OptionArea, off: usize, port: usize, addr: usize) {
+    let at = |area: &OptionArea, i: usize| area.bytes[(off + i) & MASK];
+    area.last.vip_port = [at(area, port), at(area, port + 1)];
+    area.last.vip_addr = [at(area, addr), at(area, addr + 1), at(area, addr + 2), at(area, addr + 3)];
+    area.last.flags |= CLIENT_HAS_VIP;
+}
+
 /// Writes the client of the option at `off` into `area.last`, field by field (a temporary
 /// struct's stack slots would differ from path to path): the port at `port_at`, the address at
-/// `addr_at`, and with `vip` ByteDance's virtual port and IPv4 address at these offsets.
+/// `addr_at`, and with `vip` the virtual port and IPv4 address at these offsets. With `keep`
+/// the virtual address and VPC id already read stay (a dialect in parts); otherwise they go.
 #[inline(always)]
 fn store(
     area: &mut OptionArea,
@@ -408,21 +507,25 @@ fn store(
     port_at: Option<usize>,
     addr_at: usize,
     vip: Option<(usize, usize)>,
+    keep: bool,
 ) {
     let at = |area: &OptionArea, i: usize| area.bytes[(off + i) & MASK];
     area.last.family = family;
-    area.last.flags = 0;
     area.last.port = [0, 0];
-    area.last.vip_port = [0, 0];
-    area.last.vip_addr = [0; 4];
+    if keep {
+        area.last.flags &= CLIENT_HAS_VIP | CLIENT_HAS_VPC;
+    } else {
+        area.last.flags = 0;
+        area.last.vip_port = [0, 0];
+        area.last.vip_addr = [0; 4];
+        area.last.vpc_id = [0; 4];
+    }
     if let Some(p) = port_at {
         area.last.port = [at(area, p), at(area, p + 1)];
         area.last.flags |= CLIENT_HAS_PORT;
     }
     if let Some((port, addr)) = vip {
-        area.last.vip_port = [at(area, port), at(area, port + 1)];
-        area.last.vip_addr = [at(area, addr), at(area, addr + 1), at(area, addr + 2), at(area, addr + 3)];
-        area.last.flags |= CLIENT_HAS_VIP;
+        store_vip(area, off, port, addr);
     }
     let mut i = 0;
     while i < 16 {
@@ -445,6 +548,7 @@ pub fn encode_toa(client: &ClientAddr, out: &mut [u8; TOA_LEN_V6 as usize]) -> u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{FLAG_DIALECT_ANOLIS_VTOA, FLAG_DIALECT_TENCENT_VTOA};
 
     const PORT: [u8; 2] = [0x10, 0x92]; // 4242
     const V4: [u8; 4] = [203, 0, 113, 7];
@@ -607,6 +711,75 @@ mod tests {
             let n = encode_toa(&c, &mut out);
             assert_eq!(parse(&out[..n]), Parsed::Found(c));
         }
+    }
+
+    /// Tencent's VTOA: client, VPC id and virtual address in any order, each kept; malformed
+    /// parts are counted and the client kept.
+    #[test]
+    fn tencent_vtoa() {
+        let cfg = with(FLAG_DIALECT_TENCENT_VTOA, &[254, 200]);
+        let client = [200, 8, 0x10, 0x92, 203, 0, 113, 7];
+        let vpc = [1, 1, 201, 6, 0, 1, 0xe2, 0x40];
+        let vip = [202, 8, 0, 80, 198, 18, 0, 1];
+        for area in [[client, vpc, vip].concat(), [vip, vpc, client].concat(), [vpc, client, vip].concat()] {
+            let Parsed::Found(c) = parse_with(&area, &cfg) else { panic!("{area:?}") };
+            assert_eq!((c.family, c.port, &c.addr[..4]), (AF_INET, PORT, &V4[..]), "{area:?}");
+            assert_eq!((c.vpc_id, c.vip_port, c.vip_addr), ([0, 1, 0xe2, 0x40], [0, 80], [198, 18, 0, 1]));
+            assert_eq!(c.flags, CLIENT_HAS_PORT | CLIENT_HAS_VIP | CLIENT_HAS_VPC);
+        }
+        // The client alone; parts alone are no client.
+        assert_eq!(parse_with(&client, &cfg), v4(PORT, V4));
+        assert_eq!(parse_with(&[vpc, vip].concat(), &cfg), Parsed::Absent);
+        // Without the dialect 201 and 202 are other options.
+        let plain = with(0, &[254, 200]);
+        assert_eq!(parse_with(&[client, vpc, vip].concat(), &plain), v4(PORT, V4));
+        // Wrong lengths: malformed parts, the client still found (without them).
+        let bad = [client.as_slice(), &[201, 5, 0, 1, 0], &[202, 6, 0, 80, 198, 18], &[1]].concat();
+        assert_eq!(parse_with(&bad, &cfg), v4(PORT, V4));
+        assert_eq!(parse_with(&[201, 5, 0, 1, 0, 1, 1, 1], &cfg), Parsed::Malformed);
+    }
+
+    /// Alibaba's VTOA: 254/8 then 250/8; 252/20; 249/40 with its 24-bit VPC id; 253/20.
+    #[test]
+    fn anolis_vtoa() {
+        let cfg = with(FLAG_DIALECT_ANOLIS_VTOA, &[254, 253]);
+        let pair = [254, 8, 0x10, 0x92, 203, 0, 113, 7, 250, 8, 0, 80, 198, 18, 0, 1];
+        let Parsed::Found(c) = parse_with(&pair, &cfg) else { panic!() };
+        assert_eq!((c.port, &c.addr[..4], c.vip_port, c.vip_addr), (PORT, &V4[..], [0, 80], [198, 18, 0, 1]));
+        assert_eq!(c.flags, CLIENT_HAS_PORT | CLIENT_HAS_VIP);
+        let vtoa = [252, 20, 0x10, 0x92, 203, 0, 113, 7, 0, 0, 0x30, 0x39, 198, 18, 0, 1, 0, 80, 0, 0];
+        let Parsed::Found(c) = parse_with(&vtoa, &cfg) else { panic!() };
+        assert_eq!((c.family, c.port, &c.addr[..4]), (AF_INET, PORT, &V4[..]));
+        assert_eq!((c.vpc_id, c.vip_port, c.vip_addr), ([0, 0, 0x30, 0x39], [0, 80], [198, 18, 0, 1]));
+        assert_eq!(c.flags, CLIENT_HAS_PORT | CLIENT_HAS_VIP | CLIENT_HAS_VPC);
+        let mut v6 = [0u8; 40];
+        v6[..4].copy_from_slice(&[249, 40, 0x10, 0x92]);
+        v6[4..20].copy_from_slice(&V6);
+        v6[20..24].copy_from_slice(&[0x12, 0x34, 0x56, 0xff]);
+        v6[24..].copy_from_slice(&V6);
+        let Parsed::Found(c) = parse_with(&v6, &cfg) else { panic!() };
+        assert_eq!((c.family, c.port, c.addr), (AF_INET6, PORT, V6));
+        assert_eq!((c.vpc_id, c.flags), ([0, 0x12, 0x34, 0x56], CLIENT_HAS_PORT | CLIENT_HAS_VPC));
+        let mut toa6 = toa6();
+        toa6[0] = 253;
+        assert_eq!(parse_with(&toa6, &cfg), Parsed::Found(client(AF_INET6, PORT, &V6)));
+        // Wrong lengths of its own kinds are malformed.
+        let mut short = vtoa;
+        short[1] = 16;
+        assert_eq!(parse_with(&short[..16], &cfg), Parsed::Malformed);
+        assert_eq!(parse_with(&[250, 6, 0, 80, 198, 18], &cfg), Parsed::Malformed);
+        let mut v6_short = v6;
+        v6_short[1] = 36;
+        assert_eq!(parse_with(&v6_short[..36], &cfg), Parsed::Malformed);
+    }
+
+    /// Huawei's anti-DDoS balancers stack up to three 254/8 options, the client's last: `--pick
+    /// last` reads it.
+    #[test]
+    fn stacked_options_huawei_anti_ddos() {
+        let hops = [toa4([0, 1], [198, 18, 0, 10]), toa4([0, 2], [198, 18, 0, 11]), toa4(PORT, V4)].concat();
+        assert_eq!(parse_with(&hops, &with(FLAG_PICK_LAST, &[])), v4(PORT, V4));
+        assert_eq!(parse(&hops), v4([0, 1], [198, 18, 0, 10]), "the first without --pick last");
     }
 
     fn with(flags: u32, kinds: &[u8]) -> AgentConfig {

@@ -4,12 +4,18 @@
 //! (feature `reference`).
 
 use crate::{
-    config::{FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_PICK_LAST, FLAG_UOA_BYTEDANCE},
-    AgentConfig, ClientAddr, Parsed, AF_INET, AF_INET6, CLIENT_HAS_PORT, CLIENT_HAS_VIP,
+    config::{
+        FLAG_COMPANIONS, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_ANOLIS_VTOA, FLAG_DIALECT_BYTEDANCE,
+        FLAG_DIALECT_TENCENT_VTOA, FLAG_PICK_LAST, FLAG_UOA_BYTEDANCE,
+    },
+    AgentConfig, ClientAddr, Parsed, AF_INET, AF_INET6, CLIENT_HAS_PORT, CLIENT_HAS_VIP, CLIENT_HAS_VPC,
 };
 
 /// The same rules, written the obvious way over a slice.
 pub fn reference(area: &[u8], cfg: &AgentConfig) -> Parsed {
+    if cfg.flags & FLAG_COMPANIONS != 0 {
+        return in_parts(area, cfg);
+    }
     let (mut off, mut malformed, mut last) = (0usize, false, None);
     while off < area.len() {
         let kind = area[off];
@@ -50,6 +56,100 @@ pub fn reference(area: &[u8], cfg: &AgentConfig) -> Parsed {
     }
 }
 
+/// A dialect in parts (Tencent's, Alibaba's VTOA): every option of the area is read; the client
+/// is the last client option's, with the last virtual address and VPC id read anywhere in the
+/// area (a client option that carries one replaces it).
+fn in_parts(area: &[u8], cfg: &AgentConfig) -> Parsed {
+    let (mut off, mut malformed, mut found) = (0usize, false, false);
+    let mut vip: Option<([u8; 2], [u8; 4])> = None;
+    let mut vpc: Option<[u8; 4]> = None;
+    let mut client = ClientAddr::default();
+    while off < area.len() {
+        match area[off] {
+            0 => break,
+            1 => {
+                off += 1;
+                continue;
+            }
+            _ => {}
+        }
+        let Some(&len) = area.get(off + 1) else {
+            malformed = true;
+            break;
+        };
+        let len = usize::from(len);
+        if len < 2 || off + len > area.len() {
+            malformed = true;
+            break;
+        }
+        let opt = &area[off..off + len];
+        match part(opt, cfg) {
+            Some(Part::Vip(port, addr)) => vip = Some((port, addr)),
+            Some(Part::Vpc(id)) => vpc = Some(id),
+            Some(Part::Malformed) => malformed = true,
+            None => match layout(opt, cfg) {
+                Some(Some(c)) => {
+                    if c.flags & CLIENT_HAS_VIP != 0 {
+                        vip = Some((c.vip_port, c.vip_addr));
+                    }
+                    if let Some(id) = vtoa_vpc(opt) {
+                        vpc = Some(id);
+                    }
+                    client = c;
+                    found = true;
+                }
+                Some(None) => malformed = true,
+                None => {}
+            },
+        }
+        off += len;
+    }
+    if !found {
+        return if malformed { Parsed::Malformed } else { Parsed::Absent };
+    }
+    client.flags &= CLIENT_HAS_PORT;
+    if let Some((port, addr)) = vip {
+        (client.vip_port, client.vip_addr) = (port, addr);
+        client.flags |= CLIENT_HAS_VIP;
+    }
+    if let Some(id) = vpc {
+        client.vpc_id = id;
+        client.flags |= CLIENT_HAS_VPC;
+    }
+    Parsed::Found(client)
+}
+
+enum Part {
+    Vip([u8; 2], [u8; 4]),
+    Vpc([u8; 4]),
+    Malformed,
+}
+
+/// The VTOA dialects' options that are not a client on their own.
+fn part(opt: &[u8], cfg: &AgentConfig) -> Option<Part> {
+    let tencent = cfg.flags & FLAG_DIALECT_TENCENT_VTOA != 0;
+    let anolis = cfg.flags & FLAG_DIALECT_ANOLIS_VTOA != 0;
+    let vip = || Part::Vip([opt[2], opt[3]], [opt[4], opt[5], opt[6], opt[7]]);
+    match (opt[0], opt.len()) {
+        (201, 6) if tencent => Some(Part::Vpc([opt[2], opt[3], opt[4], opt[5]])),
+        (202, 8) if tencent => Some(vip()),
+        (201 | 202, _) if tencent => Some(Part::Malformed),
+        (250, 8) if anolis => Some(vip()),
+        (250, _) if anolis => Some(Part::Malformed),
+        _ => None,
+    }
+}
+
+/// The VPC id an Alibaba VTOA client option carries (252: four bytes; 249: three, as a
+/// big-endian number).
+fn vtoa_vpc(opt: &[u8]) -> Option<[u8; 4]> {
+    match (opt[0], opt.len()) {
+        (252, 20) => Some([opt[8], opt[9], opt[10], opt[11]]),
+        (249, 40) => Some([0, opt[20], opt[21], opt[22]]),
+        _ => None,
+    }
+}
+
 /// `None`: not a kind the configuration reads; `Some(None)`: one it reads, malformed.
 fn layout(opt: &[u8], cfg: &AgentConfig) -> Option<Option<ClientAddr>> {
     let (kind, len) = (opt[0], opt.len());
@@ -86,6 +186,32 @@ fn layout(opt: &[u8], cfg: &AgentConfig) -> Option<Option<ClientAddr>> {
             (29, 16, Some(0)) => return Some(Some(client(AF_INET, 8, 12, false))),
             (29, 32, Some(1)) => return Some(Some(client(AF_INET6, 8, 12, false))),
             (29 | 30, _, _) => return Some(None),
+            _ => {}
+        }
+    }
+    if cfg.flags & FLAG_DIALECT_ANOLIS_VTOA != 0 {
+        match (kind, len) {
+            (252, 20) => {
+                return Some(Some(ClientAddr {
+                    family: AF_INET,
+                    port: [opt[2], opt[3]],
+                    addr: addr(&opt[4..8]),
+                    vip_port: [opt[16], opt[17]],
+                    vip_addr: [opt[12], opt[13], opt[14], opt[15]],
+                    flags: CLIENT_HAS_PORT | CLIENT_HAS_VIP,
+                    ..Default::default()
+                }))
+            }
+            (249, 40) => {
+                return Some(Some(ClientAddr {
+                    family: AF_INET6,
+                    port: [opt[2], opt[3]],
+                    addr: addr(&opt[4..20]),
+                    flags: CLIENT_HAS_PORT,
+                    ..Default::default()
+                }))
+            }
+            (249 | 252, _) => return Some(None),
             _ => {}
         }
     }

@@ -414,7 +414,8 @@ fn connect_to_balancer(sa: *mut bpf_sock_addr, family: Family) -> Option<()> {
         vip_port: [0; 2],
         vip_addr: [0; 4],
         flags: CLIENT_HAS_PORT,
-        _pad: [0; 5],
+        vpc_id: [0; 4],
+        _pad: [0; 1],
     };
     // SAFETY: the context of a sock_addr program.
     let socket = unsafe { bpf_get_socket_cookie(sa.cast()) };

@@ -7,9 +7,11 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use toa_common::{
     config::{
-        v4_mapped, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_PICK_LAST, FLAG_PORTS, FLAG_READ_SYN,
-        FLAG_REWRITE_SOCKNAME, FLAG_TRUST_REQUIRED, PORT_RANGES, TRUST_ENTRIES,
+        v4_mapped, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_ANOLIS_VTOA, FLAG_DIALECT_BYTEDANCE,
+        FLAG_DIALECT_TENCENT_VTOA, FLAG_PICK_LAST, FLAG_PORTS, FLAG_READ_SYN, FLAG_REWRITE_SOCKNAME,
+        FLAG_TRUST_REQUIRED, PORT_RANGES, TRUST_ENTRIES,
     },
+    parse::{ANOLIS_TOA_V6_KIND, TENCENT_CLIENT_KIND},
     udp::{uoa_config, UdpConfig, OPP_IFACES_MAX, UDP_TTL_DEFAULT_SECS},
     AgentConfig, TOA_KIND,
 };
@@ -25,6 +27,11 @@ pub enum Dialect {
     Bytedance,
     /// Alibaba CDN: kind 28, length 7 or 19: version, IPv4 or IPv6, no port; on the SYN.
     AlibabaCdn,
+    /// Tencent's VTOA: 200/8 client, 201/6 VPC id, 202/8 virtual port + IPv4.
+    TencentVtoa,
+    /// Alibaba's (Anolis) VTOA: 254/8, 254/20, 253/20 client; 250/8 virtual port + IPv4;
+    /// 252/20 client + VPC id + virtual address; 249/40 IPv6 client + VPC id.
+    AnolisVtoa,
 }
 
 /// Several options in one segment (cascaded proxies): which one wins.
@@ -179,6 +186,13 @@ impl Policy {
     /// The kinds in effect (254 when none is given).
     pub fn effective_kinds(&self) -> Vec<u8> {
         let mut kinds = if self.kinds.is_empty() { vec![TOA_KIND] } else { self.kinds.clone() };
+        // The VTOA dialects' client options have the classic layouts under their own kinds.
+        if self.dialects.contains(&Dialect::TencentVtoa) {
+            kinds.push(TENCENT_CLIENT_KIND);
+        }
+        if self.dialects.contains(&Dialect::AnolisVtoa) {
+            kinds.extend([TOA_KIND, ANOLIS_TOA_V6_KIND]);
+        }
         kinds.sort_unstable();
         kinds.dedup();
         kinds
@@ -199,6 +213,8 @@ impl Policy {
         flag(self.pick == Pick::Last, FLAG_PICK_LAST);
         flag(self.dialects.contains(&Dialect::Bytedance), FLAG_DIALECT_BYTEDANCE);
         flag(self.dialects.contains(&Dialect::AlibabaCdn), FLAG_DIALECT_ALIBABA_CDN);
+        flag(self.dialects.contains(&Dialect::TencentVtoa), FLAG_DIALECT_TENCENT_VTOA);
+        flag(self.dialects.contains(&Dialect::AnolisVtoa), FLAG_DIALECT_ANOLIS_VTOA);
         // Alibaba CDN's option lives in the SYN.
         flag(self.syn || self.dialects.contains(&Dialect::AlibabaCdn), FLAG_READ_SYN);
         flag(self.rewrite_sockname, FLAG_REWRITE_SOCKNAME);
@@ -220,6 +236,12 @@ impl Policy {
         }
         if cfg.has(FLAG_DIALECT_ALIBABA_CDN) {
             dialects.push(Dialect::AlibabaCdn);
+        }
+        if cfg.has(FLAG_DIALECT_TENCENT_VTOA) {
+            dialects.push(Dialect::TencentVtoa);
+        }
+        if cfg.has(FLAG_DIALECT_ANOLIS_VTOA) {
+            dialects.push(Dialect::AnolisVtoa);
         }
         let ports = (0..cfg.port_ranges as usize).map(|i| PortRange(cfg.ports[i][0], cfg.ports[i][1])).collect();
         Self {

@@ -39,6 +39,11 @@ pub enum DialectFlag {
     Bytedance,
     /// Alibaba CDN: kind 28, length 7 or 19: version, IPv4 or IPv6, no port; on the SYN.
     AlibabaCdn,
+    /// Tencent's VTOA: 200/8 client, 201/6 VPC id, 202/8 virtual port + IPv4.
+    TencentVtoa,
+    /// Alibaba's (Anolis) VTOA: 254/8, 254/20, 253/20 client, 250/8 virtual address, 252/20
+    /// client + VPC id + virtual address, 249/40 IPv6 client + VPC id.
+    AnolisVtoa,
 }
 
 impl From<DialectFlag> for Dialect {
@@ -46,6 +51,8 @@ impl From<DialectFlag> for Dialect {
         match flag {
             DialectFlag::Bytedance => Dialect::Bytedance,
             DialectFlag::AlibabaCdn => Dialect::AlibabaCdn,
+            DialectFlag::TencentVtoa => Dialect::TencentVtoa,
+            DialectFlag::AnolisVtoa => Dialect::AnolisVtoa,
         }
     }
 }
