@@ -438,7 +438,14 @@ pub struct LiveConn {
 
 impl LiveConn {
     pub fn open(lab: &Lab, target: &str) -> Self {
-        let mut cmd = lab.probe_cmd(target, &["--as", CLIENT, "--stdin"]);
+        Self::open_with(lab, target, &[])
+    }
+
+    /// [`LiveConn::open`] with more `toa probe` arguments (e.g. `--raw-option HEX`).
+    pub fn open_with(lab: &Lab, target: &str, args: &[&str]) -> Self {
+        let mut all = vec!["--as", CLIENT, "--stdin"];
+        all.extend(args);
+        let mut cmd = lab.probe_cmd(target, &all);
         let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
         let reader = BufReader::new(child.stdout.take().unwrap());
         Self { child, reader }

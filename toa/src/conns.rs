@@ -22,7 +22,7 @@ use serde::Serialize;
 use toa_common::{
     table::{Entry, Key, ENTRY_HAS_PORT},
     udp::{Flow, FlowKey, UdpConfig},
-    ClientAddr, SockState, AF_INET, AF_INET6, STATE_FOUND,
+    ClientAddr, SockState, AF_INET, AF_INET6, CLIENT_HAS_VIP, CLIENT_HAS_VPC, STATE_FOUND,
 };
 
 use crate::{backend::userspace::TableFile, error::chain, Error};
@@ -51,6 +51,12 @@ pub struct Conn {
     pub balancer: SocketAddr,
     /// The client the balancer announced.
     pub client: SocketAddr,
+    /// The virtual address the client connected to, where the option carried it (ByteDance's,
+    /// Tencent's and Alibaba's VTOA layouts).
+    pub vip: Option<SocketAddr>,
+    /// The client's VPC id, where the option carried it (Tencent's and Alibaba's VTOA): its
+    /// four bytes read as a big-endian number.
+    pub vpc_id: Option<u32>,
     /// TCP state, as `ss` names it (`UDP` for a UDP flow).
     pub state: &'static str,
     /// Owning process, when one holds the socket open.
@@ -76,7 +82,7 @@ pub fn list(pin_dir: &Path) -> Result<Vec<Conn>, Error> {
                 return;
             }
             let Some(client) = client_addr(&state.client) else { return };
-            conns.push(Conn::of(msg, client, &owners));
+            conns.push(Conn::of(msg, client, &owners).with_parts(&state.client));
         })
         .map_err(diag_error)?;
     }
@@ -119,7 +125,8 @@ fn udp_flows(pin_dir: &Path, owners: &HashMap<u32, (u32, String)>) -> Result<Vec
         } else {
             SocketAddr::new(unmapped(flow.local_addr), socket.local.port())
         };
-        conns.push(Conn { proto: "udp", local, balancer, state: "UDP", ..Conn::of(socket, client, owners) });
+        let conn = Conn { proto: "udp", local, balancer, state: "UDP", ..Conn::of(socket, client, owners) };
+        conns.push(conn.with_parts(&flow.client));
     }
     Ok(conns)
 }
@@ -199,7 +206,26 @@ impl Conn {
     /// The socket `msg` with its `client`, and its owner if a process holds it.
     fn of(msg: &DiagMsg, client: SocketAddr, owners: &HashMap<u32, (u32, String)>) -> Self {
         let (pid, process) = owners.get(&msg.inode).cloned().map_or((None, None), |(p, c)| (Some(p), Some(c)));
-        Conn { proto: "tcp", local: msg.local, balancer: msg.remote, client, state: tcp_state(msg.state), pid, process }
+        Conn {
+            proto: "tcp",
+            local: msg.local,
+            balancer: msg.remote,
+            client,
+            vip: None,
+            vpc_id: None,
+            state: tcp_state(msg.state),
+            pid,
+            process,
+        }
+    }
+
+    /// With the virtual address and VPC id `client` carries, if any.
+    fn with_parts(self, client: &ClientAddr) -> Self {
+        let has = |flag: u8| client.flags & flag != 0;
+        let vip = has(CLIENT_HAS_VIP)
+            .then(|| SocketAddr::new(Ipv4Addr::from(client.vip_addr).into(), u16::from_be_bytes(client.vip_port)));
+        let vpc_id = has(CLIENT_HAS_VPC).then(|| u32::from_be_bytes(client.vpc_id));
+        Conn { vip, vpc_id, ..self }
     }
 }
 

@@ -15,6 +15,8 @@ in_both_modes!(
     syn_options_classic_and_alibaba_cdn,
     syn_options_are_ignored_unless_asked,
     reconfiguring_keeps_open_connections,
+    tencent_vtoa,
+    anolis_vtoa,
 );
 
 /// A classic-layout option for 203.0.113.7:4242 under `kind`.
@@ -151,6 +153,84 @@ fn bytedance_layout_and_its_vip() {
     lab.load_with(&["--dialect", "bytedance"]);
     let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[option], &[]);
     assert_eq!(out, format!("accept={CLIENT} peer={CLIENT} sock=198.18.0.1:8080\n"));
+}
+
+/// Tencent's VTOA: the client from kind 200, with its VPC id (201) and virtual
+/// address (202) in any order; a part of a wrong length keeps the client; without the dialect
+/// kind 200 is not read.
+fn tencent_vtoa(mode: Mode) {
+    let mut lab = Lab::with_mode(mode);
+    lab.load_with(&["--dialect", "tencent-vtoa"]);
+    lab.python_server(SERVER_V4, 8080);
+    let (vpc, vip) = (hex(&[201, 6, 0, 1, 0xe2, 0x40]), hex(&[202, 8, 0x01, 0xbb, 192, 0, 2, 10]));
+    for options in [[option4(200), vpc.clone(), vip.clone()], [vip.clone(), vpc.clone(), option4(200)]] {
+        let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &options, &[]);
+        assert_eq!(out, answer(CLIENT, CLIENT), "{options:?}");
+    }
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[hex(&[201, 4, 0, 1]), option4(200)], &[]);
+    assert_eq!(out, answer(CLIENT, CLIENT), "a malformed part");
+    let (out, real) = probe_raw(&lab, "198.18.0.1:8080", &[vpc, vip], &[]);
+    assert!(kept(&out, &real), "parts alone are no client: {out}");
+    lab.load();
+    let (out, real) = probe_raw(&lab, "198.18.0.1:8080", &[option4(200)], &[]);
+    assert!(kept(&out, &real), "{out}");
+}
+
+/// Alibaba's (Anolis) VTOA: 254/8 followed by 250/8 (client, virtual address), 252/20 (client,
+/// VPC id, virtual address), 249/40 and 253/20 (IPv6 clients, on a dual-stack listener); its
+/// kinds with wrong lengths keep the real address.
+fn anolis_vtoa(mode: Mode) {
+    let mut lab = Lab::with_mode(mode);
+    lab.load_with(&["--dialect", "anolis-vtoa"]);
+    lab.python_server("::", 8080);
+    let v6 = "2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let mapped = "[::ffff:203.0.113.7]:4242";
+    let pair = [option4(254), hex(&[250, 8, 0x01, 0xbb, 192, 0, 2, 10])];
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &pair, &[]);
+    assert_eq!(out, answer(mapped, mapped));
+    let vtoa = [252, 20, 0x10, 0x92, 203, 0, 113, 7, 0, 1, 0xe2, 0x40, 192, 0, 2, 10, 0x01, 0xbb, 0, 0];
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[hex(&vtoa)], &[]);
+    assert_eq!(out, answer(mapped, mapped));
+    let mut v6vtoa = vec![249, 40, 0x10, 0x92];
+    v6vtoa.extend(v6);
+    v6vtoa.extend([0x01, 0xe2, 0x40, 0]);
+    v6vtoa.extend("fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    // 40 bytes: more than the kernel's option writer leaves room for, so from the raw client
+    // (over IPv4: the dual-stack listener shows the IPv6 client).
+    let (_, out) = lab.raw_exchange(8080, 40000, &v6vtoa);
+    assert_eq!(out, answer(CLIENT6, CLIENT6));
+    let mut o253 = vec![253, 20, 0x10, 0x92];
+    o253.extend(v6);
+    let (out, _) = probe_raw(&lab, "[fd00::1]:8080", &[hex(&o253)], &[]);
+    assert_eq!(out, answer(CLIENT6, CLIENT6));
+    for bad in [&vtoa[..16], &[250, 6, 0x01, 0xbb, 192, 0][..]] {
+        let mut bad = bad.to_vec();
+        bad[1] = bad.len() as u8;
+        let (out, real) = probe_raw(&lab, "198.18.0.1:8080", &[hex(&bad)], &[]);
+        let real = format!("[::ffff:{}]:{}", real.rsplit_once(':').unwrap().0, real.rsplit_once(':').unwrap().1);
+        assert!(kept(&out, &real), "{bad:?}: {out}");
+    }
+}
+
+/// eBPF mode: the VTOA parts reach the application (getsockname with --rewrite-sockname) and
+/// `toa conns` (the virtual address and the VPC id beside the client).
+#[test]
+fn vtoa_parts_in_getsockname_and_conns() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--dialect", "tencent-vtoa", "--rewrite-sockname"]);
+    lab.script_server("peer_echo.py", SERVER_V4, 8080, &["--sockname"]);
+    let options = [hex(&[202, 8, 0x01, 0xbb, 192, 0, 2, 10]), hex(&[201, 6, 0, 1, 0xe2, 0x40]), option4(200)];
+    let mut args = Vec::new();
+    for o in &options {
+        args.extend(["--raw-option", o.as_str()]);
+    }
+    let mut conn = LiveConn::open_with(&lab, "198.18.0.1:8080", &args);
+    assert_eq!(conn.ask(), format!("accept={CLIENT} peer={CLIENT} sock=192.0.2.10:443\n"));
+    let conns = lab.conns();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    assert_eq!((conns[0]["client"].as_str(), conns[0]["vip"].as_str()), (Some(CLIENT), Some("192.0.2.10:443")));
+    assert_eq!(conns[0]["vpc_id"], 123456);
+    conn.close();
 }
 
 fn syn_options_classic_and_alibaba_cdn(mode: Mode) {

@@ -25,10 +25,22 @@ pub fn run(args: Args, places: &Places) -> anyhow::Result<()> {
 }
 
 fn render(conns: &[Conn]) -> String {
-    let mut out = format!("{:<8} {:<46} {:<46} {:<46} PROCESS\n", "STATE", "LOCAL", "BALANCER", "CLIENT");
+    // The virtual address and VPC id only where some connection has one (VTOA, ByteDance).
+    let parts = conns.iter().any(|c| c.vip.is_some() || c.vpc_id.is_some());
+    let mut out = format!("{:<8} {:<46} {:<46} {:<46} ", "STATE", "LOCAL", "BALANCER", "CLIENT");
+    if parts {
+        out.push_str(&format!("{:<22} {:<10} ", "VIP", "VPC"));
+    }
+    out.push_str("PROCESS\n");
     for c in conns {
         let process = c.pid.map(|p| format!("{}({p})", c.process.clone().unwrap_or_default())).unwrap_or_default();
-        out.push_str(&format!("{:<8} {:<46} {:<46} {:<46} {process}\n", c.state, c.local, c.balancer, c.client));
+        out.push_str(&format!("{:<8} {:<46} {:<46} {:<46} ", c.state, c.local, c.balancer, c.client));
+        if parts {
+            let vip = c.vip.map_or("-".to_owned(), |v| v.to_string());
+            let vpc = c.vpc_id.map_or("-".to_owned(), |v| v.to_string());
+            out.push_str(&format!("{vip:<22} {vpc:<10} "));
+        }
+        out.push_str(&format!("{process}\n"));
     }
     out
 }
@@ -47,6 +59,27 @@ mod tests {
     #[test]
     fn header_even_without_connections() {
         assert!(super::render(&[]).starts_with("STATE    LOCAL"));
+        assert!(!super::render(&[]).contains("VPC"));
+    }
+
+    #[test]
+    fn virtual_address_and_vpc_id_where_known() {
+        let conn = toa::conns::Conn {
+            proto: "tcp",
+            local: "198.18.0.1:8080".parse().unwrap(),
+            balancer: "198.18.0.2:40000".parse().unwrap(),
+            client: "203.0.113.7:4242".parse().unwrap(),
+            vip: Some("192.0.2.10:443".parse().unwrap()),
+            vpc_id: Some(123456),
+            state: "ESTAB",
+            pid: None,
+            process: None,
+        };
+        let text = super::render(&[conn.clone(), toa::conns::Conn { vip: None, vpc_id: None, ..conn }]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains("VIP") && lines[0].contains("VPC"), "{text}");
+        assert!(lines[1].contains("192.0.2.10:443") && lines[1].contains("123456"), "{text}");
+        assert!(lines[2].contains(" - "), "{text}");
     }
 
     #[test]
