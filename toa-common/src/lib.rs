@@ -23,6 +23,12 @@ pub use parse::{find_toa, scan_toa, OptionArea, Outcome, Parsed, OPTION_AREA_MAX
 /// The `getsockopt(fd, IPPROTO_IP, …)` option number of the NAT64 lookup (the one the existing
 /// nginx/OpenResty patches use); `toa-client` asks it, the getsockopt hook answers it.
 pub const TOA_SO_GET_LOOKUP: i32 = 4096;
+/// Alibaba's VTOA lookup, `getsockopt(fd, IPPROTO_IP, VTOA_SO_GET_VS, &vs, &len)` with
+/// `struct vtoa_get_vs { u32 vid; __be32 vaddr; __be16 vport; }` (12 bytes with padding): the
+/// VPC id (the option's four bytes as sent) and the virtual address of the connection.
+pub const VTOA_SO_GET_VS: i32 = 1345;
+/// Size of `struct vtoa_get_vs`.
+pub const VTOA_VS_LEN: usize = 12;
 
 /// `IPPROTO_TCP`.
 pub const IPPROTO_TCP: u8 = 6;

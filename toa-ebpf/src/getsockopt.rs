@@ -1,4 +1,6 @@
-//! cgroup getsockopt hook: the NAT64 lookup of the existing nginx/OpenResty patches.
+//! cgroup getsockopt hook: the NAT64 lookup of the existing nginx/OpenResty patches, and
+//! Alibaba's VTOA lookup (`VTOA_SO_GET_VS`: VPC id and virtual address, as OceanBase, obproxy
+//! and others ask it).
 //!
 //! `getsockopt(fd, IPPROTO_IP, TOA_SO_GET_LOOKUP, &peer, &len)` with
 //! `struct toa_nat64_peer { struct in6_addr saddr; uint16_t port; }` (20 bytes with padding,
@@ -7,7 +9,10 @@
 //! as ::ffff:a.b.c.d, so one call serves every family.
 
 use aya_ebpf::{bindings::bpf_sockopt, macros::cgroup_sockopt, programs::SockoptContext};
-use toa_common::{Counter, CLIENT_HAS_PORT, TOA_SO_GET_LOOKUP};
+use toa_common::{
+    ClientAddr, Counter, CLIENT_HAS_PORT, CLIENT_HAS_VIP, CLIENT_HAS_VPC, TOA_SO_GET_LOOKUP, VTOA_SO_GET_VS,
+    VTOA_VS_LEN,
+};
 
 use crate::{
     getpeername::ip6_words,
@@ -41,10 +46,10 @@ unsafe fn answer(opt: *mut bpf_sockopt) {
             (*opt).__bindgen_anon_3.optval_end as usize,
         )
     };
-    if level != SOL_IP || optname != TOA_SO_GET_LOOKUP {
+    if level != SOL_IP || (optname != TOA_SO_GET_LOOKUP && optname != VTOA_SO_GET_VS) {
         return;
     }
-    if sk.is_null() || start + PEER_LEN > end {
+    if sk.is_null() {
         return;
     }
     // SAFETY: a non-null socket and our storage map; no creation (flags 0).
@@ -56,6 +61,14 @@ unsafe fn answer(opt: *mut bpf_sockopt) {
         return;
     }
     let client = &state.client;
+    if optname == VTOA_SO_GET_VS {
+        // SAFETY: the same context and bounds.
+        unsafe { answer_vtoa(opt, client, start, end) };
+        return;
+    }
+    if start + PEER_LEN > end {
+        return;
+    }
     let words = ip6_words(client.family, &client.addr);
     let out = start as *mut u32;
     let port = if client.flags & CLIENT_HAS_PORT != 0 { client.port } else { [0, 0] };
@@ -74,4 +87,30 @@ unsafe fn answer(opt: *mut bpf_sockopt) {
         core::ptr::write_volatile(core::ptr::addr_of_mut!((*opt).retval), 0);
     }
     count(Counter::Nat64Lookup);
+}
+
+/// `struct vtoa_get_vs { u32 vid; __be32 vaddr; __be16 vport; }` for a connection whose option
+/// carried a VPC id or a virtual address (the other left zero, as Alibaba's module answers a
+/// 254 + 250 pair); otherwise the kernel's ENOPROTOOPT stays, which callers read as "no VTOA".
+///
+/// # Safety
+/// As [`answer`]; `start..end` is the caller's buffer.
+#[inline(always)]
+unsafe fn answer_vtoa(opt: *mut bpf_sockopt, client: &ClientAddr, start: usize, end: usize) {
+    if client.flags & (CLIENT_HAS_VIP | CLIENT_HAS_VPC) == 0 || start + VTOA_VS_LEN > end {
+        return;
+    }
+    let out = start as *mut [u8; 4];
+    let port = client.vip_port;
+    // SAFETY: `start + 12 <= end` was checked: three 4-byte words of the caller's buffer.
+    unsafe {
+        *out = client.vpc_id;
+        *out.add(1) = client.vip_addr;
+        *out.add(2) = [port[0], port[1], 0, 0];
+    }
+    // SAFETY: optlen and retval are writable fields of the getsockopt context.
+    unsafe {
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*opt).optlen), VTOA_VS_LEN as i32);
+        core::ptr::write_volatile(core::ptr::addr_of_mut!((*opt).retval), 0);
+    }
 }

@@ -233,6 +233,30 @@ fn vtoa_parts_in_getsockname_and_conns() {
     conn.close();
 }
 
+/// eBPF mode: `getsockopt(IPPROTO_IP, VTOA_SO_GET_VS)` answers as Alibaba's module does, to a
+/// Python caller (the native-order read OceanBase does) and through `toa_client::virtual_server`;
+/// without a VPC id or virtual address the kernel's error stays.
+#[test]
+fn vtoa_lookup_from_python_and_rust() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--dialect", "anolis-vtoa"]);
+    lab.script_server("vtoa_echo.py", SERVER_V4, 8080, &[]);
+    let mut cmd = std::process::Command::new(example_bin("client_addr"));
+    cmd.args(["198.18.0.1:8081", "--vtoa"]);
+    lab.start_server(cmd);
+    let vtoa = hex(&[252, 20, 0x10, 0x92, 203, 0, 113, 7, 0, 1, 0xe2, 0x40, 192, 0, 2, 10, 0x01, 0xbb, 0, 0]);
+    let native = u32::from_ne_bytes([0, 1, 0xe2, 0x40]);
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", std::slice::from_ref(&vtoa), &[]);
+    assert_eq!(out, format!("vid={native} vip=192.0.2.10:443 peer={CLIENT}\n"));
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8081", &[vtoa], &[]);
+    assert_eq!(out, format!("client={CLIENT} vpc=123456 vip=192.0.2.10:443 peer={CLIENT}\n"));
+    // The classic option alone: no VPC id, no virtual address.
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[option4(254)], &[]);
+    assert_eq!(out, format!("vs=none peer={CLIENT}\n"));
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8081", &[option4(254)], &[]);
+    assert_eq!(out, format!("client={CLIENT} vs=none peer={CLIENT}\n"));
+}
+
 fn syn_options_classic_and_alibaba_cdn(mode: Mode) {
     let mut lab = Lab::with_mode(mode);
     // The listener must be created after loading: SYNs are saved from listen() on.
