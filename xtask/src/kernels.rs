@@ -672,7 +672,11 @@ fn boot(work: &Path, kernel: &Kernel, base: &Archive, built: &Built) -> Result<R
     fs::write(&initrd, archive.into_bytes())?;
     let log_path = work.join(format!("{file_name}.log"));
 
-    let (log, timed_out) = qemu_boot(kernel.arch, &kernel.vmlinuz, &initrd, "quiet")?;
+    // A soft lockup panics the guest (its backtrace is on the console, and the run ends at once
+    // instead of at VM_TIMEOUT); the console streams to the log as it comes, for a guest that
+    // seems stuck.
+    let (log, timed_out) =
+        qemu_boot_logged(kernel.arch, &kernel.vmlinuz, &initrd, "quiet softlockup_panic=1", Some(&log_path))?;
     let problem = timed_out.then(|| format!("guest did not finish within {} s", VM_TIMEOUT.as_secs()));
     let log = log.replace('\r', "");
     fs::write(&log_path, &log)?;
@@ -688,6 +692,17 @@ fn boot(work: &Path, kernel: &Kernel, base: &Archive, built: &Built) -> Result<R
 /// Boots `vmlinuz` with `initrd` under qemu (software emulation: nested KVM is not usable here)
 /// and returns its console output, and whether it had to be stopped after `VM_TIMEOUT`.
 pub fn qemu_boot(arch: Arch, vmlinuz: &Path, initrd: &Path, append: &str) -> Result<(String, bool)> {
+    qemu_boot_logged(arch, vmlinuz, initrd, append, None)
+}
+
+/// [`qemu_boot`], also writing the console to `live` as it comes.
+fn qemu_boot_logged(
+    arch: Arch,
+    vmlinuz: &Path,
+    initrd: &Path,
+    append: &str,
+    live: Option<&Path>,
+) -> Result<(String, bool)> {
     let (qemu, machine, console): (&str, &[&str], &str) = match arch {
         Arch::X86_64 => {
             ("qemu-system-x86_64", &["-cpu", "max", "-smp", "2", "-m", "2048", "-nographic", "-no-reboot"], "ttyS0")
@@ -710,9 +725,15 @@ pub fn qemu_boot(arch: Arch, vmlinuz: &Path, initrd: &Path, append: &str) -> Res
         .spawn()
         .with_context(|| format!("start {qemu}"))?;
     let mut stdout = child.stdout.take().expect("piped");
+    let mut live = live.map(fs::File::create).transpose()?;
     let reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.read_to_end(&mut buf);
+        let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+        while let Ok(n @ 1..) = stdout.read(&mut chunk) {
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(file) = live.as_mut() {
+                let _ = std::io::Write::write_all(file, &chunk[..n]);
+            }
+        }
         buf
     });
     let started = Instant::now();
