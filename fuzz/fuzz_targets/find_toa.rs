@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 use toa_common::{
     config::{
         FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_ANOLIS_VTOA, FLAG_DIALECT_BYTEDANCE, FLAG_DIALECT_TENCENT_VTOA,
-        FLAG_PICK_LAST, FLAG_UOA_BYTEDANCE,
+        FLAG_PARTS, FLAG_PICK_LAST, FLAG_UOA_BYTEDANCE,
     },
     find_toa,
     reference::reference,
@@ -24,11 +24,12 @@ fuzz_target!(|data: &[u8]| {
     let mut cfg = AgentConfig::classic();
     cfg.flags =
         u32::from(data[0]) & (FLAG_PICK_LAST | FLAG_DIALECT_BYTEDANCE | FLAG_DIALECT_ALIBABA_CDN | FLAG_UOA_BYTEDANCE);
+    // As userspace sets them: a dialect in parts with FLAG_PARTS.
     if data[0] & 1 != 0 {
-        cfg.flags |= FLAG_DIALECT_TENCENT_VTOA;
+        cfg.flags |= FLAG_DIALECT_TENCENT_VTOA | FLAG_PARTS;
     }
     if data[0] & 0x10 != 0 {
-        cfg.flags |= FLAG_DIALECT_ANOLIS_VTOA;
+        cfg.flags |= FLAG_DIALECT_ANOLIS_VTOA | FLAG_PARTS;
     }
     for k in [data[1], data[2]] {
         if k >= 2 {

@@ -20,14 +20,17 @@ pub const FLAG_PORTS: u32 = 1 << 6;
 pub const FLAG_UOA_BYTEDANCE: u32 = 1 << 7;
 /// Tencent's VTOA: kind 200 (length 8) is the client, 201 (length 6) the VPC id and 202 (length
 /// 8: port, IPv4) the virtual address, in any order (userspace also enables kind 200's classic
-/// layouts).
+/// layouts and sets `FLAG_PARTS`).
 pub const FLAG_DIALECT_TENCENT_VTOA: u32 = 1 << 8;
 /// Alibaba's (Anolis) VTOA: 254/8, 254/20, 253/20 (classic layouts, enabled by userspace), 250/8
-/// the virtual address, 252/20 client + VPC id + virtual address, 249/40 IPv6 client + VPC id.
+/// the virtual address, 252/20 client + VPC id + virtual address, 249/40 IPv6 client + VPC id
+/// (with `FLAG_PARTS`).
 pub const FLAG_DIALECT_ANOLIS_VTOA: u32 = 1 << 9;
-/// The dialects whose options come in several parts: the whole area is read, each part kept
-/// with the client (whose last option wins).
-pub const FLAG_COMPANIONS: u32 = FLAG_DIALECT_TENCENT_VTOA | FLAG_DIALECT_ANOLIS_VTOA;
+/// Set (by userspace) with either VTOA dialect, whose options come in parts: the whole area is
+/// read and a client option keeps the parts read before it (the last client option wins). Two
+/// bits: shifted down by 16 they are the `CLIENT_*` bits a client keeps (`CLIENT_HAS_VIP |
+/// CLIENT_HAS_VPC`), so the parser masks with them instead of branching on a flag.
+pub const FLAG_PARTS: u32 = 6 << 16;
 
 /// Local port ranges that can be listed.
 pub const PORT_RANGES: usize = 16;

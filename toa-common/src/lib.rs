@@ -43,7 +43,7 @@ pub const AF_INET6: u16 = 10;
 /// Ports and addresses stay in network byte order, exactly as on the wire; an IPv4 address
 /// occupies the first four bytes of `addr` and the rest is zero.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct ClientAddr {
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
@@ -63,6 +63,20 @@ pub struct ClientAddr {
 }
 
 const _: () = assert!(core::mem::size_of::<ClientAddr>() == 32);
+
+/// Equal when they say the same: a part whose flag is unset (the virtual address, the VPC id)
+/// may hold bytes from an option read before, which mean nothing.
+impl PartialEq for ClientAddr {
+    fn eq(&self, other: &Self) -> bool {
+        let vip = |c: &Self| (c.flags & CLIENT_HAS_VIP != 0).then_some((c.vip_port, c.vip_addr));
+        let vpc = |c: &Self| (c.flags & CLIENT_HAS_VPC != 0).then_some(c.vpc_id);
+        (self.family, self.port, self.addr, self.flags) == (other.family, other.port, other.addr, other.flags)
+            && vip(self) == vip(other)
+            && vpc(self) == vpc(other)
+    }
+}
+
+impl Eq for ClientAddr {}
 
 /// The option carried a port (Alibaba CDN's does not: the kernel's port stays).
 pub const CLIENT_HAS_PORT: u8 = 1;

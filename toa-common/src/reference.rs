@@ -5,15 +5,15 @@
 
 use crate::{
     config::{
-        FLAG_COMPANIONS, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_ANOLIS_VTOA, FLAG_DIALECT_BYTEDANCE,
-        FLAG_DIALECT_TENCENT_VTOA, FLAG_PICK_LAST, FLAG_UOA_BYTEDANCE,
+        FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_ANOLIS_VTOA, FLAG_DIALECT_BYTEDANCE, FLAG_DIALECT_TENCENT_VTOA,
+        FLAG_PARTS, FLAG_PICK_LAST, FLAG_UOA_BYTEDANCE,
     },
     AgentConfig, ClientAddr, Parsed, AF_INET, AF_INET6, CLIENT_HAS_PORT, CLIENT_HAS_VIP, CLIENT_HAS_VPC,
 };
 
 /// The same rules, written the obvious way over a slice.
 pub fn reference(area: &[u8], cfg: &AgentConfig) -> Parsed {
-    if cfg.flags & FLAG_COMPANIONS != 0 {
+    if cfg.flags & FLAG_PARTS != 0 {
         return in_parts(area, cfg);
     }
     let (mut off, mut malformed, mut last) = (0usize, false, None);

@@ -101,11 +101,16 @@ unsafe fn answer_vtoa(opt: *mut bpf_sockopt, client: &ClientAddr, start: usize, 
         return;
     }
     let out = start as *mut [u8; 4];
-    let port = client.vip_port;
+    // A part without its flag holds nothing meaningful: zero, as the module answers.
+    let (vpc, vip, port) = match (client.flags & CLIENT_HAS_VPC != 0, client.flags & CLIENT_HAS_VIP != 0) {
+        (true, true) => (client.vpc_id, client.vip_addr, client.vip_port),
+        (true, false) => (client.vpc_id, [0; 4], [0; 2]),
+        (false, _) => ([0; 4], client.vip_addr, client.vip_port),
+    };
     // SAFETY: `start + 12 <= end` was checked: three 4-byte words of the caller's buffer.
     unsafe {
-        *out = client.vpc_id;
-        *out.add(1) = client.vip_addr;
+        *out = vpc;
+        *out.add(1) = vip;
         *out.add(2) = [port[0], port[1], 0, 0];
     }
     // SAFETY: optlen and retval are writable fields of the getsockopt context.

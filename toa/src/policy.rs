@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use toa_common::{
     config::{
         v4_mapped, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_ANOLIS_VTOA, FLAG_DIALECT_BYTEDANCE,
-        FLAG_DIALECT_TENCENT_VTOA, FLAG_PICK_LAST, FLAG_PORTS, FLAG_READ_SYN, FLAG_REWRITE_SOCKNAME,
+        FLAG_DIALECT_TENCENT_VTOA, FLAG_PARTS, FLAG_PICK_LAST, FLAG_PORTS, FLAG_READ_SYN, FLAG_REWRITE_SOCKNAME,
         FLAG_TRUST_REQUIRED, PORT_RANGES, TRUST_ENTRIES,
     },
     parse::{ANOLIS_TOA_V6_KIND, TENCENT_CLIENT_KIND},
@@ -215,6 +215,7 @@ impl Policy {
         flag(self.dialects.contains(&Dialect::AlibabaCdn), FLAG_DIALECT_ALIBABA_CDN);
         flag(self.dialects.contains(&Dialect::TencentVtoa), FLAG_DIALECT_TENCENT_VTOA);
         flag(self.dialects.contains(&Dialect::AnolisVtoa), FLAG_DIALECT_ANOLIS_VTOA);
+        flag(self.dialects.iter().any(|d| matches!(d, Dialect::TencentVtoa | Dialect::AnolisVtoa)), FLAG_PARTS);
         // Alibaba CDN's option lives in the SYN.
         flag(self.syn || self.dialects.contains(&Dialect::AlibabaCdn), FLAG_READ_SYN);
         flag(self.rewrite_sockname, FLAG_REWRITE_SOCKNAME);
