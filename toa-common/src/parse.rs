@@ -468,11 +468,11 @@ fn read_option<const LAYOUTS: u8>(area: &mut OptionArea, off: usize, kind: u8, l
         // No port in this layout: the kernel's stays.
         LAYOUT_ALIBABA_V4 => store(area, off, AF_INET, None, 3, None, keep),
         LAYOUT_ALIBABA_V6 => store(area, off, AF_INET6, None, 3, None, keep),
-        LAYOUT_UOA_BYTEDANCE_V4 if uoa => store(area, off, AF_INET, Some(4), 8, Some((6, 12)), 0),
+        LAYOUT_UOA_BYTEDANCE_V4 if uoa => store(area, off, AF_INET, Some(4), 8, Some((6, 12)), keep),
         // The virtual address is IPv6 here: more than a `ClientAddr` keeps.
-        LAYOUT_UOA_BYTEDANCE_V6 if uoa => store(area, off, AF_INET6, Some(4), 8, None, 0),
-        LAYOUT_UOA_BYTEDANCE_V2_V4 if uoa => store(area, off, AF_INET, Some(8), 12, None, 0),
-        LAYOUT_UOA_BYTEDANCE_V2_V6 if uoa => store(area, off, AF_INET6, Some(8), 12, None, 0),
+        LAYOUT_UOA_BYTEDANCE_V6 if uoa => store(area, off, AF_INET6, Some(4), 8, None, keep),
+        LAYOUT_UOA_BYTEDANCE_V2_V4 if uoa => store(area, off, AF_INET, Some(8), 12, None, keep),
+        LAYOUT_UOA_BYTEDANCE_V2_V6 if uoa => store(area, off, AF_INET6, Some(8), 12, None, keep),
         // The parts: kept with whichever client the area has (or gets).
         LAYOUT_VIP if parts => {
             store_vip(area, off, 2, 4);

@@ -92,7 +92,7 @@ fn in_parts(area: &[u8], cfg: &AgentConfig) -> Parsed {
                     if c.flags & CLIENT_HAS_VIP != 0 {
                         vip = Some((c.vip_port, c.vip_addr));
                     }
-                    if let Some(id) = vtoa_vpc(opt) {
+                    if let Some(id) = vtoa_vpc(opt).filter(|_| cfg.flags & FLAG_DIALECT_ANOLIS_VTOA != 0) {
                         vpc = Some(id);
                     }
                     client = c;
@@ -247,4 +247,37 @@ fn layout(opt: &[u8], cfg: &AgentConfig) -> Option<Option<ClientAddr>> {
         return Some(None);
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{find_toa, OptionArea};
+
+    fn same(options: &[u8], flags: u32, kinds: &[u8]) {
+        let mut cfg = AgentConfig::classic();
+        cfg.flags = flags;
+        for k in kinds {
+            cfg.enable_kind(*k);
+        }
+        assert_eq!(find_toa(&mut OptionArea::from_slice(options), &cfg), reference(options, &cfg), "{options:02x?}");
+    }
+
+    /// Two areas the fuzzer found while the VTOA dialects were added: a later client of another
+    /// layout keeps the parts read before it (here ByteDance's virtual address, under a dialect in
+    /// parts), and a 252/20 read with the classic layout (Alibaba's dialect off) has no VPC id.
+    #[test]
+    fn fuzzer_findings_stay_fixed() {
+        let bytedance_then_v2 = [
+            0x1f, 0x10, 0, 0, 0x25, 0, 0, 0, 0, 0, 0, 0, 1, 0xe7, 0x1e, 0xf7, 0x1d, 0x10, 0, 0, 0x25, 1, 0, 0, 0, 0, 0,
+            0, 1, 0, 1, 0x1f,
+        ];
+        let parts = FLAG_DIALECT_TENCENT_VTOA | FLAG_PARTS;
+        same(&bytedance_then_v2, parts | FLAG_PICK_LAST | FLAG_DIALECT_BYTEDANCE | FLAG_UOA_BYTEDANCE, &[30, 247]);
+        let classic_252 = [
+            6, 2, 0xfc, 0x14, 6, 0, 0, 0x1b, 0, 0x59, 0x59, 0x59, 0x59, 0x59, 0x59, 0x59, 0xfc, 0x59, 0x59, 0x59, 0xfc,
+            2,
+        ];
+        same(&classic_252, parts, &[0xfc]);
+    }
 }

@@ -7,7 +7,10 @@
 //! no TCP dialect, and ByteDance's UOA layouts (types 31, 30, 29; see `parse`) on.
 
 use crate::{
-    config::{AgentConfig, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_BYTEDANCE, FLAG_UOA_BYTEDANCE},
+    config::{
+        AgentConfig, FLAG_DIALECT_ALIBABA_CDN, FLAG_DIALECT_ANOLIS_VTOA, FLAG_DIALECT_BYTEDANCE,
+        FLAG_DIALECT_TENCENT_VTOA, FLAG_PARTS, FLAG_UOA_BYTEDANCE,
+    },
     ClientAddr,
 };
 
@@ -28,7 +31,11 @@ pub fn uoa_config(agent: &AgentConfig) -> AgentConfig {
     let mut cfg = *agent;
     cfg.kinds = [0; 32];
     cfg.kinds[(UOA_KIND >> 3) as usize] = 1 << (UOA_KIND & 7);
-    cfg.flags &= !(FLAG_DIALECT_BYTEDANCE | FLAG_DIALECT_ALIBABA_CDN);
+    cfg.flags &= !(FLAG_DIALECT_BYTEDANCE
+        | FLAG_DIALECT_ALIBABA_CDN
+        | FLAG_DIALECT_TENCENT_VTOA
+        | FLAG_DIALECT_ANOLIS_VTOA
+        | FLAG_PARTS);
     cfg.flags |= FLAG_UOA_BYTEDANCE;
     cfg
 }
@@ -319,7 +326,12 @@ mod tests {
     #[test]
     fn the_config_reads_kind_31_only_and_keeps_the_policy() {
         let mut agent = AgentConfig::classic();
-        agent.flags = FLAG_TRUST_REQUIRED | FLAG_PICK_LAST | FLAG_DIALECT_BYTEDANCE | FLAG_DIALECT_ALIBABA_CDN;
+        agent.flags = FLAG_TRUST_REQUIRED
+            | FLAG_PICK_LAST
+            | FLAG_DIALECT_BYTEDANCE
+            | FLAG_DIALECT_ALIBABA_CDN
+            | FLAG_DIALECT_TENCENT_VTOA
+            | FLAG_PARTS;
         let cfg = uoa_config(&agent);
         assert!(cfg.kind_enabled(UOA_KIND));
         assert_eq!((0..=255u8).filter(|k| cfg.kind_enabled(*k)).count(), 1);
