@@ -16,27 +16,12 @@ pub fn reference(area: &[u8], cfg: &AgentConfig) -> Parsed {
     if cfg.flags & FLAG_PARTS != 0 {
         return in_parts(area, cfg);
     }
-    let (mut off, mut malformed, mut last) = (0usize, false, None);
-    while off < area.len() {
-        let kind = area[off];
-        match kind {
-            0 => break,
-            1 => {
-                off += 1;
-                continue;
-            }
-            _ => {}
-        }
-        let Some(&len) = area.get(off + 1) else {
+    let (mut malformed, mut last) = (false, None);
+    for opt in options(area) {
+        let Ok(opt) = opt else {
             malformed = true;
             break;
         };
-        let len = usize::from(len);
-        if len < 2 || off + len > area.len() {
-            malformed = true;
-            break;
-        }
-        let opt = &area[off..off + len];
         match layout(opt, cfg) {
             Some(Some(client)) => {
                 if cfg.flags & FLAG_PICK_LAST == 0 {
@@ -47,7 +32,6 @@ pub fn reference(area: &[u8], cfg: &AgentConfig) -> Parsed {
             Some(None) => malformed = true,
             None => {}
         }
-        off += len;
     }
     match (last, malformed) {
         (Some(c), _) => Parsed::Found(c),
@@ -56,33 +40,44 @@ pub fn reference(area: &[u8], cfg: &AgentConfig) -> Parsed {
     }
 }
 
+/// The options of `area` in order (end-of-list ends it, no-ops are skipped); an `Err` for a
+/// broken list (a length byte missing, below 2 or past the area), after which nothing is read.
+fn options(area: &[u8]) -> impl Iterator<Item = Result<&[u8], ()>> {
+    let (mut off, mut done) = (0usize, false);
+    core::iter::from_fn(move || {
+        while !done && off < area.len() {
+            match area[off] {
+                0 => break,
+                1 => off += 1,
+                _ => {
+                    let len = area.get(off + 1).map(|l| usize::from(*l));
+                    let Some(len) = len.filter(|l| *l >= 2 && off + l <= area.len()) else {
+                        done = true;
+                        return Some(Err(()));
+                    };
+                    off += len;
+                    return Some(Ok(&area[off - len..off]));
+                }
+            }
+        }
+        done = true;
+        None
+    })
+}
+
 /// A dialect in parts (Tencent's, Alibaba's VTOA): every option of the area is read; the client
 /// is the last client option's, with the last virtual address and VPC id read anywhere in the
 /// area (a client option that carries one replaces it).
 fn in_parts(area: &[u8], cfg: &AgentConfig) -> Parsed {
-    let (mut off, mut malformed, mut found) = (0usize, false, false);
+    let (mut malformed, mut found) = (false, false);
     let mut vip: Option<([u8; 2], [u8; 4])> = None;
     let mut vpc: Option<[u8; 4]> = None;
     let mut client = ClientAddr::default();
-    while off < area.len() {
-        match area[off] {
-            0 => break,
-            1 => {
-                off += 1;
-                continue;
-            }
-            _ => {}
-        }
-        let Some(&len) = area.get(off + 1) else {
+    for opt in options(area) {
+        let Ok(opt) = opt else {
             malformed = true;
             break;
         };
-        let len = usize::from(len);
-        if len < 2 || off + len > area.len() {
-            malformed = true;
-            break;
-        }
-        let opt = &area[off..off + len];
         match part(opt, cfg) {
             Some(Part::Vip(port, addr)) => vip = Some((port, addr)),
             Some(Part::Vpc(id)) => vpc = Some(id),
@@ -102,7 +97,6 @@ fn in_parts(area: &[u8], cfg: &AgentConfig) -> Parsed {
                 None => {}
             },
         }
-        off += len;
     }
     if !found {
         return if malformed { Parsed::Malformed } else { Parsed::Absent };

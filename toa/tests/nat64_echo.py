@@ -3,7 +3,12 @@
 getsockopt(IPPROTO_IP, TOA_SO_GET_LOOKUP = 4096) into struct toa_nat64_peer
 { struct in6_addr saddr; uint16_t port; } (20 bytes). For each line it answers
 "lookup=[ADDR]:PORT peer=ADDR" (lookup=none when the kernel answers with an error).
-Usage: nat64_echo.py HOST PORT
+
+With --vtoa it asks instead what the applications of Alibaba's VTOA module ask (OceanBase,
+obproxy): getsockopt(IPPROTO_IP, VTOA_SO_GET_VS = 1345) into struct vtoa_get_vs { u32 vid;
+__be32 vaddr; __be16 vport; } (12 bytes; vid read as a native number, as they do), and answers
+"vid=N vip=ADDR:PORT peer=ADDR" ("vs=none" on an error).
+Usage: nat64_echo.py HOST PORT [--vtoa]
 """
 import ipaddress
 import socket
@@ -12,6 +17,7 @@ import sys
 import threading
 
 TOA_SO_GET_LOOKUP = 4096
+VTOA_SO_GET_VS = 1345
 
 
 def show(addr):
@@ -23,25 +29,35 @@ def lookup(conn):
     try:
         raw = conn.getsockopt(socket.IPPROTO_IP, TOA_SO_GET_LOOKUP, 20)
     except OSError:
-        return "none"
+        return "lookup=none"
     saddr, port = struct.unpack("!16sH", raw[:18])
     addr = ipaddress.IPv6Address(saddr)
     # Written ::ffff:a.b.c.d whatever Python's version prints.
     text = f"::ffff:{addr.ipv4_mapped}" if addr.ipv4_mapped else str(addr)
-    return f"[{text}]:{port}"
+    return f"lookup=[{text}]:{port}"
 
 
-def answer(conn):
+def vtoa(conn):
+    try:
+        raw = conn.getsockopt(socket.IPPROTO_IP, VTOA_SO_GET_VS, 12)
+    except OSError:
+        return "vs=none"
+    vid, vaddr, vport = struct.unpack("=I4sH2x", raw[:12])
+    return f"vid={vid} vip={socket.inet_ntoa(vaddr)}:{socket.ntohs(vport)}"
+
+
+def answer(conn, ask):
     with conn:
         try:
             for _ in conn.makefile("rb"):
-                conn.sendall(f"lookup={lookup(conn)} peer={show(conn.getpeername())}\n".encode())
+                conn.sendall(f"{ask(conn)} peer={show(conn.getpeername())}\n".encode())
         except OSError:
             pass
 
 
 def main():
     host, port = sys.argv[1], int(sys.argv[2])
+    ask = vtoa if "--vtoa" in sys.argv else lookup
     srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((host, port))
@@ -49,7 +65,7 @@ def main():
     print("listening on", show(srv.getsockname()), flush=True)
     while True:
         conn, _ = srv.accept()
-        threading.Thread(target=answer, args=(conn,), daemon=True).start()
+        threading.Thread(target=answer, args=(conn, ask), daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -240,7 +240,7 @@ fn vtoa_parts_in_getsockname_and_conns() {
 fn vtoa_lookup_from_python_and_rust() {
     let mut lab = Lab::new();
     lab.load_with(&["--dialect", "anolis-vtoa"]);
-    lab.script_server("vtoa_echo.py", SERVER_V4, 8080, &[]);
+    lab.script_server("nat64_echo.py", SERVER_V4, 8080, &["--vtoa"]);
     let mut cmd = std::process::Command::new(example_bin("client_addr"));
     cmd.args(["198.18.0.1:8081", "--vtoa"]);
     lab.start_server(cmd);
