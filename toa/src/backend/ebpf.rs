@@ -98,27 +98,12 @@ impl Agent {
         if self.has_pins() {
             let status = self.status()?;
             if status.cgroup.as_deref() == Some(cgroup.as_path()) {
-                // Same place: only the policy may change, in place, for new connections.
-                let changed = status.policy.as_ref() != Some(&policy.normalized());
-                // The converter first: it does nothing while the UDP path is off.
-                udp_opp::sync(&self.pin_dir, &policy.normalized().udp_opp_ifaces, false)?;
-                let restore = |old: &Option<Policy>| {
-                    // The old programs still run: give them back their settings.
-                    if let Some(old) = old {
-                        let _ = write_policy(&self.pin_dir, old);
-                        let _ = udp_opp::sync(&self.pin_dir, &old.udp_opp_ifaces, false);
-                    }
-                };
-                if policy.udp != self.udp_on() {
-                    let started = Instant::now();
-                    self.switch_udp(&cgroup, policy).inspect_err(|_| restore(&status.policy))?;
-                    let load_time_ms = Some(ms(started.elapsed()));
-                    return Ok(Loaded { changed: true, status: self.status()?, load_time_ms });
-                }
-                if changed {
-                    write_policy(&self.pin_dir, policy)?;
-                }
-                return Ok(Loaded { changed, status: self.status()?, load_time_ms: None });
+                // Same place: only the settings may change, in place, for new connections.
+                let started = Instant::now();
+                let reloads = policy.udp != self.udp_on();
+                let changed = self.reconfigure(&cgroup, status.policy.as_ref(), policy)?;
+                let load_time_ms = reloads.then(|| ms(started.elapsed()));
+                return Ok(Loaded { changed, status: self.status()?, load_time_ms });
             }
             if let Some(attached) = status.cgroup {
                 return Err(Error::LoadedElsewhere { attached, requested: cgroup });
@@ -129,7 +114,7 @@ impl Agent {
         self.remove_pins()?;
 
         let started = Instant::now();
-        let before: Vec<u32> = attached_ids(&cgroup);
+        let before = attached_ids(&cgroup);
         let result = attach(&cgroup, &self.pin_dir, Some(policy))
             .and_then(|(_ebpf, links)| self.pin_links(links, ""))
             .and_then(|()| udp_opp::sync(&self.pin_dir, &policy.normalized().udp_opp_ifaces, false));
@@ -137,10 +122,7 @@ impl Agent {
             // The maps were pinned while loading; the unpinned links detach when dropped, which
             // the kernel completes a little later: return once it has.
             let _ = self.remove_pins().and_then(|()| self.remove_dir());
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline && attached_ids(&cgroup).iter().any(|id| !before.contains(id)) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            wait_released(&cgroup, |id| !before.contains(id));
             return Err(e);
         }
         let elapsed = started.elapsed();
@@ -222,16 +204,31 @@ impl Agent {
         let _lock = DirLock::acquire(&self.pin_dir, false)?
             .ok_or_else(|| Error::NotLoaded { pin_dir: self.pin_dir.clone() })?;
         let old = read_policy(&self.pin_dir)?;
-        udp_opp::sync(&self.pin_dir, &policy.normalized().udp_opp_ifaces, false)?;
-        if policy.udp != self.udp_on() {
-            let status = self.status()?;
-            let cgroup = status.cgroup.ok_or_else(|| Error::NotLoaded { pin_dir: self.pin_dir.clone() })?;
-            return self.switch_udp(&cgroup, policy).inspect_err(|_| {
-                let _ = write_policy(&self.pin_dir, &old);
+        let cgroup = self.status()?.cgroup.ok_or_else(|| Error::NotLoaded { pin_dir: self.pin_dir.clone() })?;
+        self.reconfigure(&cgroup, Some(&old), policy).map(drop)
+    }
+
+    /// Gives the agent running on `cgroup` the settings of `new`: the converter's interfaces
+    /// first (it does nothing while the UDP path is off), then the UDP path on or off (its
+    /// programs replaced), or else the settings the programs read. On failure the old settings
+    /// are written back, since the old programs still run. Returns whether anything changed.
+    fn reconfigure(&self, cgroup: &Path, old: Option<&Policy>, new: &Policy) -> Result<bool, Error> {
+        let new = new.normalized();
+        let result = udp_opp::sync(&self.pin_dir, &new.udp_opp_ifaces, false).and_then(|()| {
+            if new.udp != self.udp_on() {
+                self.switch_udp(cgroup, &new).map(|()| true)
+            } else if old != Some(&new) {
+                write_policy(&self.pin_dir, &new).map(|()| true)
+            } else {
+                Ok(false)
+            }
+        });
+        result.inspect_err(|_| {
+            if let Some(old) = old {
+                let _ = write_policy(&self.pin_dir, old);
                 let _ = udp_opp::sync(&self.pin_dir, &old.udp_opp_ifaces, false);
-            });
-        }
-        write_policy(&self.pin_dir, policy)
+            }
+        })
     }
 
     /// Pins each link at its file name followed by `suffix`.
@@ -268,10 +265,7 @@ impl Agent {
         self.remove_dir()?;
         if let Some(Status { cgroup: Some(cgroup), programs, .. }) = before {
             let ours: Vec<u32> = programs.iter().map(|p| p.id).collect();
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while Instant::now() < deadline && still_attached(&cgroup, &ours) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            wait_released(&cgroup, |id| ours.contains(id));
         }
         system::kernel_log("TOA: toa unloaded");
         Ok(true)
@@ -371,22 +365,13 @@ fn per_cpu_sums<C: Copy>(path: &Path, counters: &[C], slot: fn(C) -> u32) -> Res
 /// writes `policy` (if given) before anything runs, and attaches its programs; the links are not
 /// pinned yet, so dropping them (on any error) detaches them.
 pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> Result<(Ebpf, Vec<NamedLink>), Error> {
-    programs::require_embedded()?;
     let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
     // Upgrades and relocations keep the UDP path as it is.
     let udp = match policy {
         Some(policy) => policy.udp,
         None => read_udp_config(pin_dir).is_ok_and(|c| c.enabled != 0),
     };
-    let mut loader = EbpfLoader::new();
-    for map in MAPS {
-        loader.map_pin_path(map.name, pin_dir.join(map.pin));
-    }
-    // A map already pinned keeps its size; these are made only when absent.
-    for map in UDP_SIZED_MAPS {
-        loader.map_max_entries(map.name, if udp { UDP_FLOWS } else { 1 });
-    }
-    let mut ebpf = loader.load(programs::AGENT).map_err(|e| load_err(&e))?;
+    let mut ebpf = load_on_pins(pin_dir, udp)?;
     if let Some(policy) = policy {
         write_policy(pin_dir, policy)?;
     }
@@ -437,17 +422,33 @@ pub(crate) fn attach(cgroup: &Path, pin_dir: &Path, policy: Option<&Policy>) -> 
     Ok((ebpf, links))
 }
 
+/// Loads the agent object on the maps pinned in `pin_dir`; those absent are made and pinned
+/// there, the UDP flow maps at their full size when `udp` is on and at one entry otherwise (a
+/// map already pinned keeps its size). No program is loaded into the kernel yet.
+pub(crate) fn load_on_pins(pin_dir: &Path, udp: bool) -> Result<Ebpf, Error> {
+    programs::require_embedded()?;
+    let mut loader = EbpfLoader::new();
+    for map in MAPS {
+        loader.map_pin_path(map.name, pin_dir.join(map.pin));
+    }
+    for map in UDP_SIZED_MAPS {
+        loader.map_max_entries(map.name, if udp { UDP_FLOWS } else { 1 });
+    }
+    loader.load(programs::AGENT).map_err(|e| Error::Load { detail: chain(&e) })
+}
+
 /// The programs on `cgroup` at any of the agent's hooks.
 fn attached_ids(cgroup: &Path) -> Vec<u32> {
     HOOKS.iter().flat_map(|h| link_info::cgroup_programs(cgroup, h.attach_type).unwrap_or_default()).collect()
 }
 
-/// Whether any of `ids` still runs on `cgroup`.
-fn still_attached(cgroup: &Path, ids: &[u32]) -> bool {
-    HOOKS.iter().any(|h| {
-        link_info::cgroup_programs(cgroup, h.attach_type)
-            .is_ok_and(|attached| attached.iter().any(|id| ids.contains(id)))
-    })
+/// Waits until no program that `is_ours` picks runs on `cgroup` (the kernel releases dropped
+/// or unpinned links asynchronously, a few milliseconds later), for at most two seconds.
+fn wait_released(cgroup: &Path, is_ours: impl Fn(&u32) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && attached_ids(cgroup).iter().any(&is_ours) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// The map pinned at `path`.

@@ -13,15 +13,13 @@ use aya::{
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError},
         Link as _, SchedClassifier, TcAttachType,
     },
-    EbpfLoader,
 };
 use toa_common::udp::{OppAttachment, OPP_IFACES_MAX};
 
-use super::ebpf::open_pinned;
+use super::ebpf::{self, open_pinned};
 use crate::{
     error::{chain, Error},
-    hooks::{MAPS, UDP_OPP, UDP_OPP_PROGRAM, UDP_SIZED_MAPS},
-    programs,
+    hooks::{UDP_OPP, UDP_OPP_PROGRAM},
 };
 
 /// The interfaces the converter is attached to (none when the map is not pinned).
@@ -47,17 +45,10 @@ pub(crate) fn sync(pin_dir: &Path, wanted: &[String], replace: bool) -> Result<(
     let missing: Vec<&String> = wanted.iter().filter(|w| !keep.iter().any(|a| name(a) == **w)).collect();
     let mut new_links = Vec::new();
     if !missing.is_empty() {
-        // The object on the pinned maps (counters, settings); only this program is loaded.
-        let mut loader = EbpfLoader::new();
-        for map in MAPS {
-            loader.map_pin_path(map.name, pin_dir.join(map.pin));
-        }
-        for map in UDP_SIZED_MAPS {
-            // Already pinned by the UDP path; the size only matters if they were not.
-            loader.map_max_entries(map.name, 1);
-        }
+        // The object on the pinned maps (counters, settings); only this program is loaded. The
+        // converter runs only beside the UDP path, whose maps are pinned already.
+        let mut ebpf = ebpf::load_on_pins(pin_dir, true)?;
         let load_err = |e: &dyn std::error::Error| Error::Load { detail: chain(e) };
-        let mut ebpf = loader.load(programs::AGENT).map_err(|e| load_err(&e))?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(UDP_OPP_PROGRAM)
             .ok_or_else(|| Error::Load { detail: format!("program {UDP_OPP_PROGRAM} missing from the object") })?
