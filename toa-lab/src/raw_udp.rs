@@ -3,7 +3,7 @@
 //! and port that receives the server's replies, as the balancer would.
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::Arc,
 };
@@ -34,6 +34,90 @@ fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+/// A UDP header and `payload`, with the checksum over the pseudo header of `from`'s family
+/// (`from` and `to` are of one family).
+fn udp_segment(from: SocketAddr, to: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let len = 8 + payload.len();
+    let mut udp =
+        [&from.port().to_be_bytes()[..], &to.port().to_be_bytes(), &(len as u16).to_be_bytes(), &[0, 0]].concat();
+    udp.extend_from_slice(payload);
+    let pseudo = match (from.ip(), to.ip()) {
+        (IpAddr::V4(f), IpAddr::V4(t)) => {
+            [&f.octets()[..], &t.octets(), &[0, 17], &(len as u16).to_be_bytes()].concat()
+        }
+        (IpAddr::V6(f), IpAddr::V6(t)) => {
+            [&f.octets()[..], &t.octets(), &(len as u32).to_be_bytes(), &[0, 0, 0, 17]].concat()
+        }
+        _ => panic!("{from} and {to} are of different families"),
+    };
+    // Zero means "no checksum" (IPv4) or is invalid (IPv6): its complement stands for it.
+    let sum = match checksum(&[pseudo, udp.clone()].concat()) {
+        0 => 0xffff,
+        s => s,
+    };
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    udp
+}
+
+/// Sends a whole IP `packet` (header included) through the raw socket `raw` to `to`.
+fn send_raw(raw: &OwnedFd, to: IpAddr, packet: &[u8]) -> io::Result<()> {
+    // SAFETY: both are plain data; zero is a valid value of each field.
+    let (mut v4, mut v6): (libc::sockaddr_in, libc::sockaddr_in6) = unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    let (dst, len) = match to {
+        IpAddr::V4(a) => {
+            v4.sin_family = libc::AF_INET as libc::sa_family_t;
+            v4.sin_addr.s_addr = u32::from_ne_bytes(a.octets());
+            ((&v4 as *const libc::sockaddr_in).cast::<libc::sockaddr>(), std::mem::size_of_val(&v4))
+        }
+        IpAddr::V6(a) => {
+            v6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            v6.sin6_addr.s6_addr = a.octets();
+            ((&v6 as *const libc::sockaddr_in6).cast::<libc::sockaddr>(), std::mem::size_of_val(&v6))
+        }
+    };
+    // SAFETY: the buffer and the address outlive the call.
+    let sent =
+        unsafe { libc::sendto(raw.as_raw_fd(), packet.as_ptr().cast(), packet.len(), 0, dst, len as libc::socklen_t) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A raw socket of `family` that sends whole IP packets, header included (IPPROTO_RAW).
+fn raw_socket(family: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the descriptor is owned below.
+    let fd = unsafe { libc::socket(family, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The UDP socket on a balancer's address that receives the server's replies.
+struct Replies(UdpSocket);
+
+impl Replies {
+    fn bind(addr: SocketAddr) -> io::Result<Self> {
+        let socket = UdpSocket::bind(addr)?;
+        socket.set_read_timeout(Some(DEADLINE))?;
+        Ok(Self(socket))
+    }
+
+    /// The next reply: who sent it and what it says (an error after `DEADLINE` without one).
+    fn recv(&self) -> io::Result<(SocketAddr, String)> {
+        let mut buf = [0u8; 2048];
+        let (n, from) = self.0.recv_from(&mut buf)?;
+        Ok((from, String::from_utf8_lossy(&buf[..n]).into_owned()))
+    }
+
+    /// The reply to `payload`, which was just sent (a panic after `DEADLINE` without one).
+    fn expect(&self, payload: &str) -> (SocketAddr, String) {
+        self.recv().unwrap_or_else(|e| panic!("no reply to {payload:?} within {DEADLINE:?}: {e}"))
+    }
+}
+
 /// An IPv4 datagram from `from` to `to` whose header carries `options` (padded with
 /// end-of-list bytes to whole words), with both checksums.
 pub fn datagram(from: SocketAddrV4, to: SocketAddrV4, options: &[u8], payload: &[u8]) -> Vec<u8> {
@@ -42,24 +126,8 @@ pub fn datagram(from: SocketAddrV4, to: SocketAddrV4, options: &[u8], payload: &
         opts.push(0);
     }
     assert!(opts.len() <= 40, "an IPv4 header has at most 40 bytes of options");
-    let udp_len = 8 + payload.len();
-    let mut udp = Vec::with_capacity(udp_len);
-    udp.extend_from_slice(&from.port().to_be_bytes());
-    udp.extend_from_slice(&to.port().to_be_bytes());
-    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(payload);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&from.ip().octets());
-    pseudo.extend_from_slice(&to.ip().octets());
-    pseudo.extend_from_slice(&[0, 17]);
-    pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    pseudo.extend_from_slice(&udp);
-    let sum = match checksum(&pseudo) {
-        0 => 0xffff,
-        s => s,
-    };
-    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    let udp = udp_segment(from.into(), to.into(), payload);
+    let udp_len = udp.len();
 
     let header_len = 20 + opts.len();
     let mut ip = vec![0x40 | (header_len / 4) as u8, 0];
@@ -105,31 +173,20 @@ pub fn opp_datagram(
 /// replies sent to it.
 pub struct Balancer {
     pub addr: SocketAddrV4,
-    replies: UdpSocket,
+    replies: Replies,
     raw: Arc<OwnedFd>,
 }
 
 impl Balancer {
     /// Binds `addr`; call it in the namespace that owns the address.
     pub fn bind(addr: SocketAddrV4) -> io::Result<Self> {
-        let replies = UdpSocket::bind(addr)?;
-        replies.set_read_timeout(Some(DEADLINE))?;
-        // SAFETY: plain socket(2); the descriptor is owned below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor nobody else owns.
-        let raw = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
-        Ok(Self { addr, replies, raw })
+        Ok(Self { addr, replies: Replies::bind(addr.into())?, raw: Arc::new(raw_socket(libc::AF_INET)?) })
     }
 
     /// Another port of the same balancer (sharing its raw socket).
     pub fn another(&self, port: u16) -> io::Result<Self> {
         let addr = SocketAddrV4::new(*self.addr.ip(), port);
-        let replies = UdpSocket::bind(addr)?;
-        replies.set_read_timeout(Some(DEADLINE))?;
-        Ok(Self { addr, replies, raw: Arc::clone(&self.raw) })
+        Ok(Self { addr, replies: Replies::bind(addr.into())?, raw: Arc::clone(&self.raw) })
     }
 
     /// Sends one datagram to `to` carrying `options` in its IPv4 header.
@@ -144,46 +201,24 @@ impl Balancer {
 
     /// Sends an IPv4 packet this balancer made (from its address) to `to`.
     pub fn send_packet(&self, to: SocketAddrV4, packet: &[u8]) -> io::Result<()> {
-        let dst = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(to.ip().octets()) },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: the buffer and the address outlive the call.
-        let sent = unsafe {
-            libc::sendto(
-                self.raw.as_raw_fd(),
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&dst as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        send_raw(&self.raw, IpAddr::V4(*to.ip()), packet)
     }
 
     /// The next reply: who sent it and what it says (an error after `DEADLINE` without one).
     pub fn recv(&self) -> io::Result<(SocketAddr, String)> {
-        let mut buf = [0u8; 2048];
-        let (n, from) = self.replies.recv_from(&mut buf)?;
-        Ok((from, String::from_utf8_lossy(&buf[..n]).into_owned()))
+        self.replies.recv()
     }
 
     /// [`Balancer::send_opp`] and waits for the reply.
     pub fn ask_opp(&self, to: SocketAddrV4, options: &[u8], payload: &str) -> (SocketAddr, String) {
         self.send_opp(to, options, payload.as_bytes()).expect("send a datagram");
-        self.recv().unwrap_or_else(|e| panic!("no reply to {payload:?} within {DEADLINE:?}: {e}"))
+        self.replies.expect(payload)
     }
 
     /// Sends and waits for the reply.
     pub fn ask(&self, to: SocketAddrV4, options: &[u8], payload: &str) -> (SocketAddr, String) {
         self.send(to, options, payload.as_bytes()).expect("send a datagram");
-        self.recv().unwrap_or_else(|e| panic!("no reply to {payload:?} within {DEADLINE:?}: {e}"))
+        self.replies.expect(payload)
     }
 }
 
@@ -191,24 +226,8 @@ impl Balancer {
 /// (`next` is the IPv6 header's next header then: 60 for Destination Options, 248 for DPVS's
 /// option protocol; 17 and nothing for plain UDP); the UDP checksum is IPv6's (mandatory).
 pub fn datagram6(from: SocketAddrV6, to: SocketAddrV6, next: u8, extension: &[u8], payload: &[u8]) -> Vec<u8> {
-    let udp_len = 8 + payload.len();
-    let mut udp = Vec::with_capacity(udp_len);
-    udp.extend_from_slice(&from.port().to_be_bytes());
-    udp.extend_from_slice(&to.port().to_be_bytes());
-    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(payload);
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&from.ip().octets());
-    pseudo.extend_from_slice(&to.ip().octets());
-    pseudo.extend_from_slice(&(udp_len as u32).to_be_bytes());
-    pseudo.extend_from_slice(&[0, 0, 0, 17]);
-    pseudo.extend_from_slice(&udp);
-    let sum = match checksum(&pseudo) {
-        0 => 0xffff,
-        s => s,
-    };
-    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    let udp = udp_segment(from.into(), to.into(), payload);
+    let udp_len = udp.len();
     let mut ip = vec![0x60, 0, 0, 0];
     ip.extend_from_slice(&((extension.len() + udp_len) as u16).to_be_bytes());
     ip.extend_from_slice(&[next, 64]);
@@ -223,8 +242,8 @@ pub fn datagram6(from: SocketAddrV6, to: SocketAddrV6, next: u8, extension: &[u8
 /// (type 31) holds the client's and the virtual ports and addresses, both IPv4 or both IPv6.
 pub fn bytedance_dstopts(client: SocketAddr, vip: SocketAddr) -> Vec<u8> {
     let octets = |a: SocketAddr| match a.ip() {
-        std::net::IpAddr::V4(v) => v.octets().to_vec(),
-        std::net::IpAddr::V6(v) => v.octets().to_vec(),
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
     };
     let data = [&client.port().to_be_bytes()[..], &vip.port().to_be_bytes(), &octets(client), &octets(vip)].concat();
     let total = 4 + data.len();
@@ -242,57 +261,25 @@ pub fn opp6(options: &[u8]) -> Vec<u8> {
 /// address and receives the replies sent to it.
 pub struct Balancer6 {
     pub addr: SocketAddrV6,
-    replies: UdpSocket,
+    replies: Replies,
     raw: OwnedFd,
 }
 
 impl Balancer6 {
     /// Binds `addr`; call it in the namespace that owns the address.
     pub fn bind(addr: SocketAddrV6) -> io::Result<Self> {
-        let replies = UdpSocket::bind(addr)?;
-        replies.set_read_timeout(Some(DEADLINE))?;
-        // SAFETY: plain socket(2); IPPROTO_RAW on IPv6 sends the packet as given, header included.
-        let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a new descriptor nobody else owns.
-        Ok(Self { addr, replies, raw: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Self { addr, replies: Replies::bind(addr.into())?, raw: raw_socket(libc::AF_INET6)? })
     }
 
     /// Sends a datagram to `to` with `extension` behind next header `next` ([`datagram6`]).
     pub fn send(&self, to: SocketAddrV6, next: u8, extension: &[u8], payload: &[u8]) -> io::Result<()> {
-        let packet = datagram6(self.addr, to, next, extension, payload);
-        // SAFETY: sockaddr_in6 is plain data.
-        let mut dst: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-        dst.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-        dst.sin6_addr.s6_addr = to.ip().octets();
-        // SAFETY: the buffer and the address outlive the call.
-        let sent = unsafe {
-            libc::sendto(
-                self.raw.as_raw_fd(),
-                packet.as_ptr().cast(),
-                packet.len(),
-                0,
-                (&dst as *const libc::sockaddr_in6).cast(),
-                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        send_raw(&self.raw, IpAddr::V6(*to.ip()), &datagram6(self.addr, to, next, extension, payload))
     }
 
     /// Sends and waits for the reply: who sent it and what it says.
     pub fn ask(&self, to: SocketAddrV6, next: u8, extension: &[u8], payload: &str) -> (SocketAddr, String) {
         self.send(to, next, extension, payload.as_bytes()).expect("send a datagram");
-        let mut buf = [0u8; 2048];
-        let (n, from) = self
-            .replies
-            .recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("no reply to {payload:?} within {DEADLINE:?}: {e}"));
-        (from, String::from_utf8_lossy(&buf[..n]).into_owned())
+        self.replies.expect(payload)
     }
 }
 
@@ -315,5 +302,23 @@ mod tests {
         assert_eq!(&p[20..28], &[31, 8, 0x10, 0x92, 203, 0, 113, 7]);
         // A 6-byte option is padded with end-of-list bytes.
         assert_eq!(&datagram(from, to, &[31, 6, 0, 0, 0, 0], b"")[20..28], &[31, 6, 0, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn udp_checksums_check_out_in_both_families() {
+        // A segment whose checksum is right sums to zero with its pseudo header.
+        let from = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 40000);
+        let to = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 5353);
+        let p = datagram(from, to, &[], b"odd");
+        let pseudo = [&p[12..20], &[0, 17], &11u16.to_be_bytes()[..]].concat();
+        assert_eq!(checksum(&[&pseudo[..], &p[20..]].concat()), 0);
+
+        let from: SocketAddrV6 = "[fd00::2]:40000".parse().unwrap();
+        let to: SocketAddrV6 = "[fd00::1]:5353".parse().unwrap();
+        let ext = opp6(&[]);
+        let p = datagram6(from, to, 248, &ext, b"odd");
+        assert_eq!(u16::from_be_bytes([p[4], p[5]]), 4 + 11, "payload length counts the extension");
+        let pseudo = [&p[8..40], &11u32.to_be_bytes()[..], &[0, 0, 0, 17]].concat();
+        assert_eq!(checksum(&[&pseudo[..], &p[44..]].concat()), 0);
     }
 }
