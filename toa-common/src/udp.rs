@@ -152,7 +152,9 @@ pub struct OppAttachment {
     pub handle: u32,
     /// The interface's name, NUL-padded.
     pub name: [u8; 16],
-    pub _pad: u32,
+    /// The id of the program the filter runs, for `toa status` (0 in the records of agents
+    /// before 3 December 2026, which left these bytes as padding).
+    pub program: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<OppAttachment>() == 40);

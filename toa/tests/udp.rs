@@ -507,6 +507,13 @@ fn converter_attached(lab: &Lab) -> bool {
     ingress_filters(lab).contains("direct-action")
 }
 
+/// The ids `toa status` lists for the converter.
+fn converter_ids(lab: &Lab) -> Vec<u64> {
+    let status = lab.status_json();
+    let programs = status["programs"].as_array().cloned().unwrap_or_default();
+    programs.iter().filter(|p| p["name"] == "toa_udp_opp").filter_map(|p| p["id"].as_u64()).collect()
+}
+
 /// DPVS's "option protocol" mode (IP protocol 248 in front of the UDP header): on the interface
 /// given to `--udp-opp-iface` each such datagram is turned into UDP and its client shown, the
 /// reply still goes to the balancer. Malformed ones are left as they came (the kernel drops
@@ -519,6 +526,10 @@ fn option_protocol_datagrams_on_the_named_interface() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(converter_attached(&lab), "{}", ingress_filters(&lab));
     assert_eq!(lab.status_json()["policy"]["udp_opp_ifaces"], serde_json::json!(["eth0"]));
+    // `toa status` lists the converter: the program the filter runs.
+    let ids = converter_ids(&lab);
+    assert_eq!(ids.len(), 1, "{}", lab.status_json());
+    assert!(ingress_filters(&lab).contains(&format!(" id {} ", ids[0])), "{}", ingress_filters(&lab));
     udp_server(&mut lab);
     let bad_uoa = vec![31, 6, 0x10, 0x92, 203, 0, 1, 1];
     let replies = with_balancer(&lab, 40000, move |b| {
@@ -555,6 +566,7 @@ fn option_protocol_datagrams_on_the_named_interface() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!converter_attached(&lab), "{}", ingress_filters(&lab));
     assert_eq!(lab.status_json()["policy"].get("udp_opp_ifaces"), None);
+    assert_eq!(converter_ids(&lab), Vec::<u64>::new());
     // And with it again; then unloaded from another network namespace (the host's): the filter
     // is found where it was attached and goes with everything else.
     assert!(load_in_server_ns(&lab, &["--udp", "--udp-opp-iface", "eth0"]).status.success());

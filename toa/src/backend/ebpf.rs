@@ -32,7 +32,7 @@ use crate::{
     backend::Mode,
     cgroup,
     error::{chain, Error},
-    hooks::{self, hooks_for, tcp_hooks, HookKind, HOOKS, MAPS, UDP_SIZED_MAPS},
+    hooks::{self, hooks_for, tcp_hooks, HookKind, HOOKS, MAPS, UDP_OPP_PROGRAM, UDP_SIZED_MAPS},
     link_info,
     lock::DirLock,
     policy::{trust_key, trust_net, Policy},
@@ -319,6 +319,12 @@ impl Agent {
                 id: facts.program_id,
                 verified_insns: info.and_then(|i| i.verified_instruction_count()),
             });
+        }
+        // The converter runs on interfaces, not the cgroup: tc filters, which the record names.
+        for id in udp_opp::programs(&self.pin_dir) {
+            let info = infos.iter().find(|i| i.id() == id);
+            let verified_insns = info.and_then(|i| i.verified_instruction_count());
+            status.programs.push(ProgramStatus { name: UDP_OPP_PROGRAM.to_owned(), id, verified_insns });
         }
         let policy = read_policy(&self.pin_dir)?;
         status.spoofable = policy.trust.is_empty();

@@ -22,6 +22,15 @@ use crate::{
     hooks::{UDP_OPP, UDP_OPP_PROGRAM},
 };
 
+/// The ids of the programs the recorded converters run (one each, unless one was attached by
+/// another load of `toa`; unknown in records of older agents, which are left out).
+pub(crate) fn programs(pin_dir: &Path) -> Vec<u32> {
+    let mut ids: Vec<u32> = read(pin_dir).unwrap_or_default().iter().map(|a| a.program).filter(|&id| id != 0).collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 /// The interfaces the converter is attached to (none when the map is not pinned).
 pub(crate) fn attached(pin_dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = read(pin_dir).unwrap_or_default().iter().map(name).collect();
@@ -111,8 +120,15 @@ fn attach(
         .map_err(|e| err(format!("attaching {UDP_OPP_PROGRAM} failed: {}", chain(&e))))?;
     let link = program.take_link(id).map_err(|e| err(chain(&e)))?;
     let (priority, handle) = (link.priority().map_err(|e| err(chain(&e)))?, link.handle().map_err(|e| err(chain(&e)))?);
-    let mut record =
-        OppAttachment { netns, ifindex: index, priority: priority.into(), handle: handle.into(), ..Default::default() };
+    let program = program.info().map(|i| i.id()).unwrap_or(0);
+    let mut record = OppAttachment {
+        netns,
+        ifindex: index,
+        priority: priority.into(),
+        handle: handle.into(),
+        program,
+        ..Default::default()
+    };
     record.name[..iface.len()].copy_from_slice(iface.as_bytes());
     Ok((record, link))
 }
