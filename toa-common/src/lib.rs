@@ -29,6 +29,16 @@ pub const TOA_SO_GET_LOOKUP: i32 = 4096;
 pub const VTOA_SO_GET_VS: i32 = 1345;
 /// Size of `struct vtoa_get_vs`.
 pub const VTOA_VS_LEN: usize = 12;
+/// The same lookup as OceanBase's servers ask it: `struct vtoa_get_vs4rds { u16 protocol; __be32
+/// caddr; __be16 cport; __be32 daddr; __be16 dport; struct vtoa_vs entrytable; }`, which the
+/// caller fills with its `getpeername()` and `getsockname()` and the module completes with the
+/// `vtoa_vs` at its end (the call must give exactly [`VTOA_VS4RDS_LEN`] bytes).
+pub const VTOA_SO_GET_VS4RDS: i32 = 1346;
+/// Size of `struct vtoa_get_vs4rds` with its one `vtoa_vs` (20 + 12 bytes, C layout).
+pub const VTOA_VS4RDS_LEN: usize = 32;
+/// ByteDance's VNI lookup (its TOA module's header): `getsockopt(fd, IPPROTO_IP, TOA_SO_GET_VNI,
+/// &vni, &len)` gives the client's VPC (VNI) as a native unsigned int, `len` at least 4.
+pub const TOA_SO_GET_VNI: i32 = 2064;
 
 /// `IPPROTO_TCP`.
 pub const IPPROTO_TCP: u8 = 6;

@@ -8,7 +8,17 @@ With --vtoa it asks instead what the applications of Alibaba's VTOA module ask (
 obproxy): getsockopt(IPPROTO_IP, VTOA_SO_GET_VS = 1345) into struct vtoa_get_vs { u32 vid;
 __be32 vaddr; __be16 vport; } (12 bytes; vid read as a native number, as they do), and answers
 "vid=N vip=ADDR:PORT peer=ADDR" ("vs=none" on an error).
-Usage: nat64_echo.py HOST PORT [--vtoa]
+
+With --vs4rds it asks as OceanBase's servers do: VTOA_SO_GET_VS4RDS = 1346 into struct
+vtoa_get_vs4rds { u16 protocol; __be32 caddr; __be16 cport; __be32 daddr; __be16 dport;
+struct vtoa_vs entrytable; } (exactly 32 bytes; the caller's own fields are what it got from
+getpeername and getsockname), and answers "proto=N caddr=ADDR:PORT daddr=ADDR:PORT vid=N
+vip=ADDR:PORT badlen=none|answered peer=ADDR" (badlen: the same call with 36 bytes, which the
+module refuses).
+
+With --vni it asks ByteDance's TOA_SO_GET_VNI = 2064 (a native unsigned int) and answers
+"vni=N peer=ADDR" ("vni=none" on an error).
+Usage: nat64_echo.py HOST PORT [--vtoa | --vs4rds | --vni]
 """
 import ipaddress
 import socket
@@ -18,6 +28,8 @@ import threading
 
 TOA_SO_GET_LOOKUP = 4096
 VTOA_SO_GET_VS = 1345
+VTOA_SO_GET_VS4RDS = 1346
+TOA_SO_GET_VNI = 2064
 
 
 def show(addr):
@@ -46,6 +58,35 @@ def vtoa(conn):
     return f"vid={vid} vip={socket.inet_ntoa(vaddr)}:{socket.ntohs(vport)}"
 
 
+def ipv4(raw, port):
+    return f"{socket.inet_ntoa(raw)}:{socket.ntohs(port)}"
+
+
+def vs4rds(conn):
+    try:
+        raw = conn.getsockopt(socket.IPPROTO_IP, VTOA_SO_GET_VS4RDS, 32)
+    except OSError:
+        return "rds=none"
+    proto, caddr, cport, daddr, dport, vid, vaddr, vport = struct.unpack("=H2x4sH2x4sH2xI4sH2x", raw)
+    try:
+        conn.getsockopt(socket.IPPROTO_IP, VTOA_SO_GET_VS4RDS, 36)
+        badlen = "answered"
+    except OSError:
+        badlen = "none"
+    return (
+        f"proto={proto} caddr={ipv4(caddr, cport)} daddr={ipv4(daddr, dport)} "
+        f"vid={vid} vip={ipv4(vaddr, vport)} badlen={badlen}"
+    )
+
+
+def vni(conn):
+    try:
+        raw = conn.getsockopt(socket.IPPROTO_IP, TOA_SO_GET_VNI, 4)
+    except OSError:
+        return "vni=none"
+    return f"vni={struct.unpack('=I', raw)[0]}"
+
+
 def answer(conn, ask):
     with conn:
         try:
@@ -57,7 +98,8 @@ def answer(conn, ask):
 
 def main():
     host, port = sys.argv[1], int(sys.argv[2])
-    ask = vtoa if "--vtoa" in sys.argv else lookup
+    asks = {"--vtoa": vtoa, "--vs4rds": vs4rds, "--vni": vni}
+    ask = next((asks[a] for a in sys.argv[3:] if a in asks), lookup)
     srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((host, port))

@@ -257,6 +257,43 @@ fn vtoa_lookup_from_python_and_rust() {
     assert_eq!(out, format!("client={CLIENT} vs=none peer={CLIENT}\n"));
 }
 
+/// eBPF mode: the other lookups applications make, from Python callers: OceanBase's
+/// `VTOA_SO_GET_VS4RDS` (its own fields given back as its getpeername/getsockname answered them,
+/// the virtual server after them; any length but 32 refused) and ByteDance's `TOA_SO_GET_VNI`
+/// (the VPC id as a number), from Alibaba's and Tencent's layouts; without the parts the kernel's
+/// error stays.
+#[test]
+fn vs4rds_and_vni_lookups() {
+    let mut lab = Lab::new();
+    lab.load_with(&["--dialect", "anolis-vtoa", "--dialect", "tencent-vtoa"]);
+    lab.script_server("nat64_echo.py", SERVER_V4, 8080, &["--vs4rds"]);
+    lab.script_server("nat64_echo.py", SERVER_V4, 8081, &["--vni"]);
+    let alibaba = hex(&[252, 20, 0x10, 0x92, 203, 0, 113, 7, 0, 1, 0xe2, 0x40, 192, 0, 2, 10, 0x01, 0xbb, 0, 0]);
+    let native = u32::from_ne_bytes([0, 1, 0xe2, 0x40]);
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", std::slice::from_ref(&alibaba), &[]);
+    let expected = format!(
+        "proto=6 caddr={CLIENT} daddr=198.18.0.1:8080 vid={native} vip=192.0.2.10:443 badlen=none peer={CLIENT}\n"
+    );
+    assert_eq!(out, expected);
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8081", &[alibaba], &[]);
+    assert_eq!(out, format!("vni=123456 peer={CLIENT}\n"));
+    // Tencent's VPC id alone (201/6) beside its client (200/8).
+    let tencent = [hex(&[201, 6, 0, 0, 0x30, 0x39]), option4(200)];
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8081", &tencent, &[]);
+    assert_eq!(out, format!("vni=12345 peer={CLIENT}\n"));
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &tencent, &[]);
+    let expected = format!(
+        "proto=6 caddr={CLIENT} daddr=198.18.0.1:8080 vid={} vip=0.0.0.0:0 badlen=none peer={CLIENT}\n",
+        u32::from_ne_bytes([0, 0, 0x30, 0x39])
+    );
+    assert_eq!(out, expected);
+    // No parts: the kernel's error.
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[option4(254)], &[]);
+    assert_eq!(out, format!("rds=none peer={CLIENT}\n"));
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8081", &[option4(254)], &[]);
+    assert_eq!(out, format!("vni=none peer={CLIENT}\n"));
+}
+
 fn syn_options_classic_and_alibaba_cdn(mode: Mode) {
     let mut lab = Lab::with_mode(mode);
     // The listener must be created after loading: SYNs are saved from listen() on.
