@@ -136,8 +136,12 @@ fn pick_first_or_last(mode: Mode) {
     let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[inner.clone(), outer.clone()], &[]);
     assert_eq!(out, answer("198.51.100.9:80", "198.51.100.9:80"), "counters: {}", lab.stats());
     lab.load_with(&["--pick", "last"]);
-    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[inner, outer], &[]);
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[inner.clone(), outer.clone()], &[]);
     assert_eq!(out, answer(CLIENT, CLIENT), "counters: {}", lab.stats());
+    // Huawei's anti-DDoS stacks up to three; its client is the last (here the third).
+    let third = hex(&[254, 8, 0x00, 0x51, 198, 51, 100, 10]);
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8080", &[inner, outer, third], &[]);
+    assert_eq!(out, answer("198.51.100.10:81", "198.51.100.10:81"), "counters: {}", lab.stats());
 }
 
 #[test]
@@ -292,6 +296,24 @@ fn vs4rds_and_vni_lookups() {
     assert_eq!(out, format!("rds=none peer={CLIENT}\n"));
     let (out, _) = probe_raw(&lab, "198.18.0.1:8081", &[option4(254)], &[]);
     assert_eq!(out, format!("vni=none peer={CLIENT}\n"));
+
+    // Alibaba's other layouts: the 254 + 250 pair has a virtual address and no VPC id; 249/40
+    // an IPv6 client with a 3-byte VPC id (from the raw client: the kernel's option writer has
+    // no room for 40 bytes), which VS4RDS, an IPv4-only struct, does not answer.
+    lab.script_server("nat64_echo.py", SERVER_V4, 8082, &["--vtoa"]);
+    lab.script_server("nat64_echo.py", "::", 8083, &["--vni"]);
+    lab.script_server("nat64_echo.py", "::", 8084, &["--vs4rds"]);
+    let pair = [option4(254), hex(&[250, 8, 0x01, 0xbb, 192, 0, 2, 10])];
+    let (out, _) = probe_raw(&lab, "198.18.0.1:8082", &pair, &[]);
+    assert_eq!(out, format!("vid=0 vip=192.0.2.10:443 peer={CLIENT}\n"));
+    let mut v6vtoa = vec![249, 40, 0x10, 0x92];
+    v6vtoa.extend("2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v6vtoa.extend([0x01, 0xe2, 0x40, 0]);
+    v6vtoa.extend("fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    let (_, out) = lab.raw_exchange(8083, 40000, &v6vtoa);
+    assert_eq!(out, format!("vni=123456 peer={CLIENT6}\n"));
+    let (_, out) = lab.raw_exchange(8084, 40001, &v6vtoa);
+    assert_eq!(out, format!("rds=none peer={CLIENT6}\n"));
 }
 
 fn syn_options_classic_and_alibaba_cdn(mode: Mode) {
