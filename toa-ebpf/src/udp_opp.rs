@@ -33,8 +33,22 @@ const NOP: u8 = 1;
 
 #[classifier]
 pub fn toa_udp_opp(ctx: TcContext) -> i32 {
+    let protocol = u16::from_be(ctx.skb.protocol() as u16);
+    // Every packet of the interface comes here, and nearly none is protocol 248: tell from the
+    // linear data first, with no helper call and no map lookup (a header that is not there yet
+    // goes the longer way).
+    let protocol_at = match protocol {
+        ETH_P_IP => ETH_HLEN + 9,
+        ETH_P_IPV6 => ETH_HLEN + 6,
+        _ => return TC_ACT_OK as i32,
+    };
+    let (data, end) = (ctx.data(), ctx.data_end());
+    // SAFETY: the byte is inside the packet's linear data (checked against data_end).
+    if data + protocol_at < end && unsafe { *((data + protocol_at) as *const u8) } != IPPROTO_OPT {
+        return TC_ACT_OK as i32;
+    }
     if udp_config().is_some() {
-        let converted = match u16::from_be(ctx.skb.protocol() as u16) {
+        let converted = match protocol {
             ETH_P_IP => convert(&ctx),
             ETH_P_IPV6 => convert_ipv6(&ctx),
             _ => None,
