@@ -6,7 +6,9 @@
 //! network namespace, client threads in another, joined by a veth pair. Every figure is a ratio
 //! to a baseline measured in the same run, interleaved A B A B …, with the spread over repeats.
 //! The real-application arm (`real_app`) runs Debian's nginx and wrk as separate processes in
-//! the same namespaces and cgroup. `TOA_BENCH_ONLY=agent_cpu|real_app|udp|faults` runs one part.
+//! the same namespaces and cgroup. `TOA_BENCH_ONLY=agent_cpu|real_app|udp|faults` runs one part;
+//! `TOA_BENCH_ONLY=real_app_ebpf TOA_BENCH_PAIRS=N` only the eBPF rate comparison of the
+//! real-application arm, with N pairs (to narrow its confidence interval).
 //!
 //! `--quick` (or TOA_BENCH_QUICK=1) runs every measurement briefly: the CI smoke run, no
 //! thresholds. Results: a table on stdout, `target/bench/results.json`, `target/bench/*.svg`.
@@ -79,6 +81,7 @@ fn main() {
         // One part, for development.
         Ok("agent_cpu") => return drop(bench.agent_cpu(&s)),
         Ok("real_app") => return drop(real_app::real_app(&bench, &s)),
+        Ok("real_app_ebpf") => return drop(real_app::ebpf_rate(&bench, &s)),
         Ok("udp") => return drop(udp::udp_cost(&bench, &s)),
         _ => {}
     }

@@ -248,23 +248,52 @@ fn serial_clients() -> toa_common::probe::ProbeConfig {
     cfg
 }
 
+/// Seconds per run and pairs of runs: 8 pairs unless `TOA_BENCH_PAIRS` says otherwise.
+fn shape(s: &Settings) -> (u64, usize) {
+    let pairs = std::env::var("TOA_BENCH_PAIRS").ok().and_then(|p| p.parse().ok());
+    if s.quick {
+        (1, pairs.unwrap_or(2))
+    } else {
+        (5, pairs.unwrap_or(8))
+    }
+}
+
+/// eBPF mode against no agent, the same nginx: the rate and CPU comparison.
+fn compare_ebpf(bench: &Bench<'_>, plain: &Nginx, secs: u64, pairs: usize) -> Value {
+    let baseline = || {
+        bench.set_agent(false);
+        let r = run(bench, plain, secs, None);
+        assert_eq!(r.log.with_client + r.log.wrong, 0, "without an agent every line shows the real address: {r:?}");
+        r
+    };
+    compare_runs("eBPF mode vs no agent", pairs, baseline, || {
+        bench.set_agent(true);
+        run(bench, plain, secs, None)
+    })
+}
+
+/// Only the eBPF rate comparison (`TOA_BENCH_ONLY=real_app_ebpf`, with `TOA_BENCH_PAIRS`).
+pub(super) fn ebpf_rate(bench: &Bench<'_>, s: &Settings) -> Value {
+    let (secs, pairs) = shape(s);
+    println!("\nreal application, eBPF mode only: nginx, wrk -t1 -c16 with Connection: close ({pairs} pairs of {secs} s)");
+    bench.writer.lock().unwrap().set(serial_clients()).expect("configure the writer");
+    let plain = Nginx::start(bench, PLAIN_PORT, None);
+    let ebpf = compare_ebpf(bench, &plain, secs, pairs);
+    bench.set_agent(false);
+    drop(plain);
+    bench.writer.lock().unwrap().set(toa_config(true)).expect("configure the writer");
+    ebpf
+}
+
 pub(super) fn real_app(bench: &Bench<'_>, s: &Settings) -> Value {
     println!("\nreal application: nginx, wrk -t1 -c16 with Connection: close, a client of its own on every connection");
-    let (secs, pairs, long_secs) = if s.quick { (1, 2, 2) } else { (5, 8, 60) };
+    let (secs, pairs) = shape(s);
+    let long_secs = if s.quick { 2 } else { 60 };
     bench.writer.lock().unwrap().set(serial_clients()).expect("configure the writer");
     let plain = Nginx::start(bench, PLAIN_PORT, None);
 
     // eBPF mode: the same nginx, agent unloaded / loaded.
-    let baseline = || {
-        bench.set_agent(false);
-        let r = run(bench, &plain, secs, None);
-        assert_eq!(r.log.with_client + r.log.wrong, 0, "without an agent every line shows the real address: {r:?}");
-        r
-    };
-    let ebpf = compare_runs("eBPF mode vs no agent", pairs, baseline, || {
-        bench.set_agent(true);
-        run(bench, &plain, secs, None)
-    });
+    let ebpf = compare_ebpf(bench, &plain, secs, pairs);
     // Where the agent's time goes on these connections: one more run, with the kernel's BPF
     // statistics on (they cost time of their own, so not during the rate runs).
     bench.set_agent(true);
