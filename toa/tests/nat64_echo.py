@@ -37,10 +37,21 @@ def show(addr):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def lookup(conn):
+def get(conn, option, length):
+    """The bytes getsockopt(IPPROTO_IP, option) gives in a buffer of length, None on an error."""
     try:
-        raw = conn.getsockopt(socket.IPPROTO_IP, TOA_SO_GET_LOOKUP, 20)
+        return conn.getsockopt(socket.IPPROTO_IP, option, length)
     except OSError:
+        return None
+
+
+def ipv4(raw, port):
+    return f"{socket.inet_ntoa(raw)}:{socket.ntohs(port)}"
+
+
+def lookup(conn):
+    raw = get(conn, TOA_SO_GET_LOOKUP, 20)
+    if raw is None:
         return "lookup=none"
     saddr, port = struct.unpack("!16sH", raw[:18])
     addr = ipaddress.IPv6Address(saddr)
@@ -50,29 +61,19 @@ def lookup(conn):
 
 
 def vtoa(conn):
-    try:
-        raw = conn.getsockopt(socket.IPPROTO_IP, VTOA_SO_GET_VS, 12)
-    except OSError:
+    raw = get(conn, VTOA_SO_GET_VS, 12)
+    if raw is None:
         return "vs=none"
     vid, vaddr, vport = struct.unpack("=I4sH2x", raw[:12])
-    return f"vid={vid} vip={socket.inet_ntoa(vaddr)}:{socket.ntohs(vport)}"
-
-
-def ipv4(raw, port):
-    return f"{socket.inet_ntoa(raw)}:{socket.ntohs(port)}"
+    return f"vid={vid} vip={ipv4(vaddr, vport)}"
 
 
 def vs4rds(conn):
-    try:
-        raw = conn.getsockopt(socket.IPPROTO_IP, VTOA_SO_GET_VS4RDS, 32)
-    except OSError:
+    raw = get(conn, VTOA_SO_GET_VS4RDS, 32)
+    if raw is None:
         return "rds=none"
     proto, caddr, cport, daddr, dport, vid, vaddr, vport = struct.unpack("=H2x4sH2x4sH2xI4sH2x", raw)
-    try:
-        conn.getsockopt(socket.IPPROTO_IP, VTOA_SO_GET_VS4RDS, 36)
-        badlen = "answered"
-    except OSError:
-        badlen = "none"
+    badlen = "none" if get(conn, VTOA_SO_GET_VS4RDS, 36) is None else "answered"
     return (
         f"proto={proto} caddr={ipv4(caddr, cport)} daddr={ipv4(daddr, dport)} "
         f"vid={vid} vip={ipv4(vaddr, vport)} badlen={badlen}"
@@ -80,11 +81,8 @@ def vs4rds(conn):
 
 
 def vni(conn):
-    try:
-        raw = conn.getsockopt(socket.IPPROTO_IP, TOA_SO_GET_VNI, 4)
-    except OSError:
-        return "vni=none"
-    return f"vni={struct.unpack('=I', raw)[0]}"
+    raw = get(conn, TOA_SO_GET_VNI, 4)
+    return "vni=none" if raw is None else f"vni={struct.unpack('=I', raw)[0]}"
 
 
 def answer(conn, ask):

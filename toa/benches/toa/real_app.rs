@@ -275,7 +275,9 @@ fn compare_ebpf(bench: &Bench<'_>, plain: &Nginx, secs: u64, pairs: usize) -> Va
 /// Only the eBPF rate comparison (`TOA_BENCH_ONLY=real_app_ebpf`, with `TOA_BENCH_PAIRS`).
 pub(super) fn ebpf_rate(bench: &Bench<'_>, s: &Settings) -> Value {
     let (secs, pairs) = shape(s);
-    println!("\nreal application, eBPF mode only: nginx, wrk -t1 -c16 with Connection: close ({pairs} pairs of {secs} s)");
+    println!(
+        "\nreal application, eBPF mode only: nginx, wrk -t1 -c16 with Connection: close ({pairs} pairs of {secs} s)"
+    );
     bench.writer.lock().unwrap().set(serial_clients()).expect("configure the writer");
     let plain = Nginx::start(bench, PLAIN_PORT, None);
     let ebpf = compare_ebpf(bench, &plain, secs, pairs);
