@@ -306,6 +306,11 @@ impl Agent {
             return Ok(status);
         }
         let infos: Vec<_> = aya::programs::loaded_programs().filter_map(Result::ok).collect();
+        let program = |name: &str, id: u32| ProgramStatus {
+            name: name.to_owned(),
+            id,
+            verified_insns: infos.iter().find(|i| i.id() == id).and_then(|i| i.verified_instruction_count()),
+        };
         for hook in hooks_for(self.udp_on()) {
             let path = self.pin_dir.join(hook.pin);
             let facts = link_info::pinned_link(&path)
@@ -313,19 +318,10 @@ impl Agent {
             if status.cgroup.is_none() {
                 status.cgroup = facts.cgroup_id.and_then(cgroup::path_of_id);
             }
-            let info = infos.iter().find(|i| i.id() == facts.program_id);
-            status.programs.push(ProgramStatus {
-                name: hook.program.to_owned(),
-                id: facts.program_id,
-                verified_insns: info.and_then(|i| i.verified_instruction_count()),
-            });
+            status.programs.push(program(hook.program, facts.program_id));
         }
         // The converter runs on interfaces, not the cgroup: tc filters, which the record names.
-        for id in udp_opp::programs(&self.pin_dir) {
-            let info = infos.iter().find(|i| i.id() == id);
-            let verified_insns = info.and_then(|i| i.verified_instruction_count());
-            status.programs.push(ProgramStatus { name: UDP_OPP_PROGRAM.to_owned(), id, verified_insns });
-        }
+        status.programs.extend(udp_opp::programs(&self.pin_dir).into_iter().map(|id| program(UDP_OPP_PROGRAM, id)));
         let policy = read_policy(&self.pin_dir)?;
         status.spoofable = policy.trust.is_empty();
         status.policy = Some(policy);
